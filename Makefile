@@ -1,0 +1,30 @@
+# One virtual environment, made on first use; every target goes through it.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test lint pretrain bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(PY) -m pytest
+
+pretrain: setup
+	$(PY) scripts/bench_optim.py --quick
+
+bench: setup
+	$(PY) scripts/bench_optim.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,57 @@
+"""Config-driven optimizer registry with an exact, sync-free LARS.
+
+Usable alone by other projects::
+
+    from optim import build_optimizer
+    optimizer = build_optimizer({"name": "lars", "lr": 0.3, "exclude_from_layer_adaptation":
+                                 ["@norm", "@bias"]}, model)
+"""
+
+from . import builtin as _builtin  # noqa: F401  (registers lars, sgd, adamw, lamb)
+from .configs import (
+    AdamWConfig,
+    BuiltinOptimizerConfig,
+    LAMBConfig,
+    LARSConfig,
+    OptimizerConfig,
+    ParamGroupRule,
+    SGDConfig,
+)
+from .errors import ConfigError
+from .lars import LARS, lars
+from .param_rules import ParamRow, name_parameters, render_param_table, resolve_params
+from .registry import (
+    OptimizerEntry,
+    build_optimizer,
+    get_optimizer_config,
+    list_optimizers,
+    parse_optimizer_config,
+    register_optimizer,
+)
+from .schedules import scale_lr, set_lr, warmup_cosine
+
+__all__ = [
+    "LARS",
+    "AdamWConfig",
+    "BuiltinOptimizerConfig",
+    "ConfigError",
+    "LAMBConfig",
+    "LARSConfig",
+    "OptimizerConfig",
+    "OptimizerEntry",
+    "ParamGroupRule",
+    "ParamRow",
+    "SGDConfig",
+    "build_optimizer",
+    "get_optimizer_config",
+    "lars",
+    "list_optimizers",
+    "name_parameters",
+    "parse_optimizer_config",
+    "register_optimizer",
+    "render_param_table",
+    "resolve_params",
+    "scale_lr",
+    "set_lr",
+    "warmup_cosine",
+]

@@ -1,0 +1,402 @@
+"""LARS: layer-wise adaptive rate scaling (You et al., 2017, arXiv:1708.03888).
+
+The default behaviour reproduces the original minerva LARS: the paper's trust ratio, the learning
+rate inside the momentum buffer, and weight decay on every parameter. Unlike the original, the
+ratio is computed on the device with ``torch.where``, so ``step()`` never waits for the GPU.
+
+Each step splits a param group into buckets of parameters that share device, dtype, "adapted" and
+"decayed"; every bucket runs one of three interchangeable implementations:
+
+* single-tensor: a Python loop over parameters (the reference shape of the algorithm);
+* multi-tensor: ``torch._foreach_*`` kernels, a constant number of ops whatever the bucket size;
+* fused: the multi-tensor code compiled by ``torch.compile`` into a few kernels, so each parameter
+  crosses memory as few times as the equations allow.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer, ParamsT
+
+__all__ = ["LARS", "lars"]
+
+# Measured by scripts/bench_optim.py: the multi-tensor path is also the faster one on CPU.
+_FOREACH_BY_DEFAULT = {"cuda": True, "cpu": True}
+
+
+class LARS(Optimizer):
+    """Layer-wise Adaptive Rate Scaling with momentum, exact to the original minerva LARS.
+
+    For every parameter ``p`` with gradient ``g`` (DESIGN.md, "LARS semantics")::
+
+        r   = eta * ||p|| / (||g|| + weight_decay * ||p|| + epsilon)   (1 if not adapted,
+                                                                        ||p|| == 0 or denom == 0)
+        d   = g + weight_decay * p                                     (0 decay if excluded)
+        buf = momentum * buf + lr * r * d
+        p  -= buf
+
+    Args:
+        params: parameters or param groups. A group may set ``layer_adaptation=False`` to exclude
+            all its parameters from adaptation.
+        lr: learning rate (it sits inside the momentum buffer, as in the original).
+        momentum: momentum factor in [0, 1).
+        weight_decay: L2 coefficient, also part of the trust-ratio denominator.
+        eta: trust coefficient.
+        epsilon: added to the trust-ratio denominator.
+        exclude_from_layer_adaptation: exact ``param.param_name`` values that keep ratio 1.
+        exclude_from_weight_decay: exact ``param.param_name`` values that get no decay term.
+        trust_clip: LARC clipping, effective lr = min(lr, r) instead of lr * r.
+        nesterov: Nesterov momentum.
+        foreach: multi-tensor path; ``None`` picks the faster path for the device.
+        fused: compile the whole update with ``torch.compile`` (needs a working compiler).
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-6,
+        eta: float = 0.001,
+        epsilon: float = 1e-8,
+        exclude_from_layer_adaptation: Iterable[str] | None = None,
+        *,
+        exclude_from_weight_decay: Iterable[str] | None = None,
+        trust_clip: bool = False,
+        nesterov: bool = False,
+        foreach: bool | None = None,
+        fused: bool = False,
+    ) -> None:
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"Invalid momentum: {momentum} (must be in [0, 1))")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay: {weight_decay} (must be >= 0)")
+        if eta <= 0.0:
+            raise ValueError(f"Invalid eta: {eta} (must be > 0)")
+        if epsilon < 0.0:
+            raise ValueError(f"Invalid epsilon: {epsilon} (must be >= 0)")
+        if nesterov and momentum <= 0.0:
+            raise ValueError("Nesterov momentum requires momentum > 0")
+        if fused and foreach:
+            raise ValueError("`fused` and `foreach` cannot both be True")
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            eta=eta,
+            epsilon=epsilon,
+            trust_clip=trust_clip,
+            nesterov=nesterov,
+            layer_adaptation=True,
+        )
+        super().__init__(params, defaults)
+        self.exclude_set = set(exclude_from_layer_adaptation or ())
+        self.exclude_from_weight_decay = set(exclude_from_weight_decay or ())
+        self.foreach = foreach
+        self.fused = fused
+        # GradScaler hands over `grad_scale` and `found_inf` instead of unscaling and checking
+        # for overflow itself, which would cost a host sync per step.
+        self._step_supports_amp_scaling = True
+        self._last_ratios: list[_BucketRatios] = []
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; returns the closure's loss if a closure is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
+        found_inf: Tensor | None = getattr(self, "found_inf", None)
+        last_ratios = []
+        for group_index, group in enumerate(self.param_groups):
+            for key, bucket in self._gather_buckets(group_index, group).items():
+                _, _, adapt, decay = key
+                ratios = lars(
+                    bucket.params,
+                    bucket.grads,
+                    bucket.bufs,
+                    lr=group["lr"],
+                    momentum=group["momentum"],
+                    weight_decay=group["weight_decay"],
+                    apply_weight_decay=decay,
+                    eta=group["eta"],
+                    epsilon=group["epsilon"],
+                    adapt=adapt,
+                    trust_clip=group["trust_clip"],
+                    nesterov=group["nesterov"],
+                    foreach=self.foreach,
+                    fused=self.fused,
+                    grad_scale=grad_scale,
+                    found_inf=found_inf,
+                )
+                last_ratios.append(_BucketRatios(bucket.names, ratios, bucket.params[0].device))
+        self._last_ratios = last_ratios
+        return loss
+
+    def _gather_buckets(self, group_index: int, group: dict[str, Any]) -> dict[tuple, _Bucket]:
+        """Gather parameters with gradients into buckets keyed by (device, dtype, adapt, decay)."""
+        buckets: dict[tuple, _Bucket] = {}
+        for index, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    f"LARS does not support sparse gradients "
+                    f"(parameter {getattr(p, 'param_name', index)!r})"
+                )
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            name = getattr(p, "param_name", None) or f"group{group_index}.param{index}"
+            adapt = group["layer_adaptation"] and name not in self.exclude_set
+            decay = name not in self.exclude_from_weight_decay
+            key = (p.device, p.dtype, adapt, decay)
+            if key not in buckets:
+                buckets[key] = _Bucket([], [], [], [])
+            bucket = buckets[key]
+            bucket.names.append(name)
+            bucket.params.append(p)
+            bucket.grads.append(p.grad)
+            bucket.bufs.append(state["momentum_buffer"])
+        return buckets
+
+    def trust_ratios(self, adapted_only: bool = False) -> dict[str, Tensor]:
+        """The ratio applied in the last step, per ``param_name``, as 0-d tensors on device.
+
+        Parameters not adapted report 1.0 (left out with ``adapted_only=True``). With
+        ``trust_clip`` the applied ratio is min(r / lr, 1). Reading them costs no host sync.
+        """
+        ratios: dict[str, Tensor] = {}
+        for bucket in self._last_ratios:
+            if bucket.ratios is not None:
+                ratios.update(zip(bucket.names, bucket.ratios.unbind()))
+            elif not adapted_only:
+                one = torch.ones((), device=bucket.device)
+                ratios.update(dict.fromkeys(bucket.names, one))
+        return ratios
+
+
+class _Bucket(NamedTuple):
+    names: list[str]
+    params: list[Tensor]
+    grads: list[Tensor]
+    bufs: list[Tensor]
+
+
+@dataclass
+class _BucketRatios:
+    names: list[str]
+    ratios: Tensor | None
+    device: torch.device
+
+
+def lars(
+    params: list[Tensor],
+    grads: list[Tensor],
+    bufs: list[Tensor],
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    apply_weight_decay: bool,
+    eta: float,
+    epsilon: float,
+    adapt: bool,
+    trust_clip: bool,
+    nesterov: bool,
+    foreach: bool | None = None,
+    fused: bool = False,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> Tensor | None:
+    """Functional LARS update of one bucket (same device and dtype) in place.
+
+    Returns the applied trust ratios stacked in a 1-d float32 tensor (float64 for float64
+    parameters), or None when the bucket is not adapted. ``grad_scale`` divides the gradients; a
+    nonzero ``found_inf`` leaves parameters and momentum untouched. Neither needs a host sync.
+    """
+    if not params:
+        return None
+    kwargs = dict(
+        momentum=momentum,
+        weight_decay=weight_decay,
+        apply_weight_decay=apply_weight_decay,
+        eta=eta,
+        epsilon=epsilon,
+        adapt=adapt,
+        trust_clip=trust_clip,
+        nesterov=nesterov,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+    )
+    if fused:
+        lr_tensor = torch.full((), lr, dtype=torch.float32, device=params[0].device)
+        return _compiled_multi_tensor_lars()(params, grads, bufs, lr=lr_tensor, **kwargs)
+    if foreach is None:
+        foreach = _FOREACH_BY_DEFAULT.get(params[0].device.type, False)
+    impl = _multi_tensor_lars if foreach else _single_tensor_lars
+    return impl(params, grads, bufs, lr=lr, **kwargs)
+
+
+def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Norms of fp16/bf16 tensors are taken in float32; float64 keeps its precision."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _trust_ratio(
+    w_norm: Tensor, g_norm: Tensor, weight_decay: float, eta: float, epsilon: float
+) -> Tensor:
+    """The paper's ratio, 1 where the weight norm or the denominator is zero (on device)."""
+    denom = g_norm + weight_decay * w_norm + epsilon if weight_decay else g_norm + epsilon
+    ratio = eta * w_norm / denom
+    # Norms and weight decay are >= 0, so min(w, denom) > 0 holds exactly when both are > 0.
+    return torch.where(torch.minimum(w_norm, denom) > 0, ratio, 1.0)
+
+
+def _applied_ratio(ratio: Tensor, lr: float | Tensor, trust_clip: bool) -> Tensor:
+    """LARC clipping turns lr * r into min(lr, r): the applied ratio is min(r / lr, 1)."""
+    return torch.clamp(ratio / lr, max=1.0) if trust_clip else ratio
+
+
+class _Overflow(NamedTuple):
+    """What a GradScaler overflow changes: the gradient is dropped, momentum and step are held."""
+
+    keep: Tensor  # 0-d bool: False when the gradients overflowed
+    step_mask: Tensor  # 0-d, 1 or 0, multiplies the step
+    momentum: Tensor  # 0-d, the momentum factor or 1, so that the buffer stays as it was
+
+
+def _overflow(found_inf: Tensor | None, momentum: float, like: Tensor) -> _Overflow | None:
+    if found_inf is None:
+        return None
+    keep = found_inf.to(like.device) == 0
+    mask = keep.to(like.dtype)
+    held = torch.where(keep, torch.full((), momentum, dtype=like.dtype, device=like.device), 1.0)
+    return _Overflow(keep, mask, held)
+
+
+def _single_tensor_lars(
+    params: list[Tensor],
+    grads: list[Tensor],
+    bufs: list[Tensor],
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    weight_decay: float,
+    apply_weight_decay: bool,
+    eta: float,
+    epsilon: float,
+    adapt: bool,
+    trust_clip: bool,
+    nesterov: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> Tensor | None:
+    overflow = _overflow(found_inf, momentum, params[0])
+    decay = weight_decay if apply_weight_decay else 0.0
+    ratios = []
+    for p, g, buf in zip(params, grads, bufs):
+        if grad_scale is not None:
+            g = g / grad_scale
+        if overflow is not None:
+            # An overflowed gradient holds inf or nan, which no multiplication can zero out.
+            g = torch.where(overflow.keep, g, 0.0)
+        step_size: float | Tensor = lr
+        if adapt:
+            norm_dtype = _norm_dtype(p.dtype)
+            w_norm = torch.linalg.vector_norm(p, dtype=norm_dtype)
+            g_norm = torch.linalg.vector_norm(g, dtype=norm_dtype)
+            ratio = _trust_ratio(w_norm, g_norm, weight_decay, eta, epsilon)
+            ratio = _applied_ratio(ratio, lr, trust_clip)
+            ratios.append(ratio)
+            step_size = ratio * lr
+        if overflow is not None:
+            step_size = overflow.step_mask * step_size
+        d = g.add(p, alpha=decay) if decay else g
+        buf.mul_(momentum if overflow is None else overflow.momentum)
+        if isinstance(step_size, Tensor):
+            buf.addcmul_(d, step_size)
+        else:
+            buf.add_(d, alpha=step_size)
+        update = (d * step_size).add_(buf, alpha=momentum) if nesterov else buf
+        p.sub_(update if overflow is None else update * overflow.step_mask)
+    return torch.stack(ratios) if adapt else None
+
+
+def _multi_tensor_lars(
+    params: list[Tensor],
+    grads: list[Tensor],
+    bufs: list[Tensor],
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    weight_decay: float,
+    apply_weight_decay: bool,
+    eta: float,
+    epsilon: float,
+    adapt: bool,
+    trust_clip: bool,
+    nesterov: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> Tensor | None:
+    overflow = _overflow(found_inf, momentum, params[0])
+    decay = weight_decay if apply_weight_decay else 0.0
+    if grad_scale is not None:
+        grads = torch._foreach_div(grads, grad_scale.to(params[0].device))
+    if overflow is not None:
+        grads = [torch.where(overflow.keep, g, 0.0) for g in grads]
+    ratios = None
+    step_size: float | Tensor | list[Tensor] = lr
+    if adapt:
+        norm_dtype = _norm_dtype(params[0].dtype)
+        w_norms = torch.stack(torch._foreach_norm(params, 2, dtype=norm_dtype))
+        g_norms = torch.stack(torch._foreach_norm(grads, 2, dtype=norm_dtype))
+        ratios = _trust_ratio(w_norms, g_norms, weight_decay, eta, epsilon)
+        ratios = _applied_ratio(ratios, lr, trust_clip)
+        step_size = ratios * lr
+    if overflow is not None:
+        step_size = overflow.step_mask * step_size
+    if isinstance(step_size, Tensor) and step_size.dim() == 1:
+        step_size = step_size.unbind()
+    torch._foreach_mul_(bufs, momentum if overflow is None else overflow.momentum)
+    # d = g + decay * p, scaled by the step size: fresh tensors, p.grad stays as it was.
+    if isinstance(step_size, float):
+        d = torch._foreach_add(grads, params, alpha=decay) if decay else grads
+        torch._foreach_add_(bufs, d, alpha=step_size)
+        scaled_d = torch._foreach_mul(d, step_size) if nesterov else None
+    else:
+        if decay:
+            scaled_d = torch._foreach_add(grads, params, alpha=decay)
+            torch._foreach_mul_(scaled_d, step_size)
+        else:
+            scaled_d = torch._foreach_mul(grads, step_size)
+        torch._foreach_add_(bufs, scaled_d)
+    if nesterov:
+        torch._foreach_add_(scaled_d, bufs, alpha=momentum)
+        update = scaled_d
+    else:
+        update = bufs
+    if overflow is not None:
+        update = torch._foreach_mul(update, overflow.step_mask)
+    torch._foreach_sub_(params, update)
+    return ratios
+
+
+@functools.cache
+def _compiled_multi_tensor_lars() -> Callable[..., Tensor | None]:
+    """The multi-tensor update compiled once per process.
+
+    Dynamo keeps one graph per bucket structure (list lengths, shapes, flags); the learning rate
+    travels as a tensor, so a schedule never triggers a recompile.
+    """
+    return torch.compile(_multi_tensor_lars, fullgraph=True, dynamic=False)

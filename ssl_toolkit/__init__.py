@@ -1,0 +1,1 @@
+"""Self-supervised pretraining: data, methods, trainer, logging and evaluation."""

@@ -1,0 +1,91 @@
+"""Deterministic cost of a step: aten ops and host syncs, counted on CPU.
+
+A host sync per parameter is the original LARS's main cost on GPU (a Python ``if`` on a norm);
+the multi-tensor path must dispatch a fixed number of ops whatever the number of parameters.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from optim import LARS, build_optimizer
+from optim.op_count import count_ops
+
+OP_BOUND = 20
+
+
+def _with_grads(model: nn.Module) -> nn.Module:
+    gen = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+    return model
+
+
+@pytest.fixture(scope="module")
+def resnets() -> dict[str, nn.Module]:
+    return {
+        "resnet18": _with_grads(torchvision.models.resnet18()),
+        "resnet50": _with_grads(torchvision.models.resnet50()),
+    }
+
+
+def _steady_state_count(opt: torch.optim.Optimizer):
+    opt.step()  # the first step also creates the momentum buffers
+    return count_ops(opt.step)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"exclude_from_layer_adaptation": ["@norm", "@bias"]},
+        {"exclude_from_weight_decay": ["@norm"], "trust_clip": True},
+        {"nesterov": True, "weight_decay": 0.0},
+    ],
+    ids=["seed", "excluded", "trust-clip", "nesterov"],
+)
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
+def test_no_host_sync(resnets: dict[str, nn.Module], options: dict, foreach: bool) -> None:
+    opt = build_optimizer(
+        {"name": "lars", "lr": 0.1, "foreach": foreach, **options}, resnets["resnet18"]
+    )
+    assert _steady_state_count(opt).syncs == 0
+    assert count_ops(opt.trust_ratios).syncs == 0
+
+
+def test_foreach_op_count_is_bounded_and_independent_of_model_size(
+    resnets: dict[str, nn.Module],
+) -> None:
+    counts = {}
+    for name, model in resnets.items():
+        opt = LARS(model.parameters(), lr=0.1, foreach=True)
+        counts[name] = _steady_state_count(opt)
+    assert counts["resnet18"].by_op == counts["resnet50"].by_op
+    assert counts["resnet50"].ops <= OP_BOUND
+
+
+def test_foreach_op_count_with_exclusions_does_not_grow(resnets: dict[str, nn.Module]) -> None:
+    cfg = {
+        "name": "lars",
+        "lr": 0.1,
+        "exclude_from_layer_adaptation": ["@norm", "@bias"],
+        "exclude_from_weight_decay": ["@norm", "@bias"],
+        "foreach": True,
+    }
+    counts = [_steady_state_count(build_optimizer(cfg, m)).ops for m in resnets.values()]
+    assert counts[0] == counts[1]
+
+
+def test_original_style_step_syncs_per_parameter() -> None:
+    """The counter sees what it must: a Python ``if`` on a norm is one sync per parameter."""
+    params = [torch.randn(3) for _ in range(4)]
+
+    def seed_like() -> None:
+        for p in params:
+            if torch.norm(p) > 0:
+                p.mul_(0.5)
+
+    assert count_ops(seed_like).syncs == 4
