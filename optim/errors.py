@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
@@ -23,19 +24,40 @@ def closest(word: str, candidates: Iterable[str], n: int = 1) -> list[str]:
     return difflib.get_close_matches(word, list(candidates), n=n, cutoff=0.0)
 
 
-def _fields_at(model: type[BaseModel], loc: Sequence[str | int]) -> list[str]:
-    """Field names of the (nested) model that owns the key at ``loc``."""
-    for part in loc[:-1]:
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The Pydantic models inside an annotation (through Optional, Union, list, Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in getattr(annotation, "__args__", ()) for m in _models_in(arg)]
+
+
+def _tag(model: type[BaseModel]) -> Any:
+    field = model.model_fields.get("name")
+    return field.default if field is not None else None
+
+
+def _walk(
+    model: type[BaseModel], loc: Sequence[str | int]
+) -> tuple[list[str | int], list[type[BaseModel]]]:
+    """Follow ``loc`` through nested models: the key as a user writes it, and the models there.
+
+    Discriminated unions put their tag in ``loc`` (``method.byol.tau``): the tag picks the
+    member and is left out of the key (``method.tau``).
+    """
+    key: list[str | int] = []
+    candidates = [model]
+    for part in loc:
         if isinstance(part, int):
+            key.append(part)
             continue
-        field = model.model_fields.get(part)
-        annotation = getattr(field, "annotation", None)
-        inner = [annotation, *getattr(annotation, "__args__", ())]
-        nested = [t for t in inner if isinstance(t, type) and issubclass(t, BaseModel)]
-        if not nested:
-            return []
-        model = nested[0]
-    return list(model.model_fields)
+        tagged = [m for m in candidates if _tag(m) == part]
+        if tagged and part not in candidates[0].model_fields:
+            candidates = tagged
+            continue
+        key.append(part)
+        field = candidates[0].model_fields.get(part) if candidates else None
+        candidates = _models_in(field.annotation) if field is not None else []
+    return key, candidates
 
 
 def _dotted(prefix: str, loc: Sequence[str | int]) -> str:
@@ -53,14 +75,20 @@ def from_validation_error(
     problems = []
     for item in error.errors():
         loc = item["loc"]
-        key = _dotted(prefix, loc)
-        if item["type"] == "extra_forbidden":
-            allowed = _fields_at(model, loc)
+        key = _dotted(prefix, _walk(model, loc)[0])
+        nested = item.get("ctx", {}).get("error")
+        if isinstance(nested, ConfigError):
+            problems.extend(nested.problems)
+        elif item["type"] == "extra_forbidden":
+            owners = _walk(model, loc[:-1])[1]
+            allowed = list(owners[0].model_fields) if owners else []
             hint = closest(str(loc[-1]), allowed)
             guess = f"did you mean '{hint[0]}'? " if hint else ""
             problems.append(f"{key}: unknown key; {guess}allowed keys: {', '.join(allowed)}")
         elif item["type"] == "missing":
             problems.append(f"{key}: required value is missing")
+        elif item["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            problems.append(f"{key}.name: {item['msg']}")
         else:
             problems.append(f"{key}: {item['msg']} (got {item['input']!r})")
     return ConfigError(problems)
