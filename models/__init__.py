@@ -1,1 +1,6 @@
-"""Backbones and projection / prediction heads."""
+"""Backbones and MLP heads for self-supervised pretraining (independent of ``ssl_toolkit``)."""
+
+from models.backbones import build_backbone, list_backbones
+from models.heads import PredictionHead, ProjectionHead
+
+__all__ = ["PredictionHead", "ProjectionHead", "build_backbone", "list_backbones"]

@@ -1,0 +1,106 @@
+"""Backbones: image encoders that map (B, 3, H, W) images to (B, D) features.
+
+Self-supervised methods attach their own heads, so every backbone is returned without its
+classifier and carries ``num_features = D`` for sizing those heads. Weights are always randomly
+initialised: pretraining from scratch is the point, and nothing is downloaded at run time.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+
+import torch.nn as nn
+import torchvision.models as tvm
+
+TIMM_PREFIX = "timm/"
+
+_TORCHVISION: dict[str, Callable[..., nn.Module]] = {
+    "resnet18": tvm.resnet18,
+    "resnet34": tvm.resnet34,
+    "resnet50": tvm.resnet50,
+    "resnet101": tvm.resnet101,
+    "wide_resnet50_2": tvm.wide_resnet50_2,
+}
+
+
+def list_backbones(include_timm: bool = False) -> list[str]:
+    """Names accepted by :func:`build_backbone`.
+
+    The torchvision names are always listed; ``include_timm=True`` adds every timm architecture
+    as ``timm/<name>`` (over a thousand, hence off by default).
+    """
+    names = sorted(_TORCHVISION)
+    if include_timm:
+        import timm
+
+        names += [TIMM_PREFIX + name for name in timm.list_models()]
+    return names
+
+
+def build_backbone(name: str, *, cifar_stem: bool = False, **kwargs: object) -> nn.Module:
+    """Build a randomly initialised backbone whose forward returns pooled (B, D) features.
+
+    ``name`` is a torchvision ResNet (``resnet18``, ``resnet34``, ``resnet50``, ``resnet101``,
+    ``wide_resnet50_2``) or any timm architecture as ``timm/<name>``. ``cifar_stem=True`` swaps
+    the 7x7 stride-2 stem convolution and max-pool for one 3x3 stride-1 convolution, the usual
+    choice for 32-px images where the ImageNet stem would discard most of the resolution; it is
+    supported for ResNets only. Extra ``kwargs`` go to the model constructor. The returned module
+    has ``num_features`` set to D. Unknown names raise ``ValueError`` listing close names.
+    """
+    if name.startswith(TIMM_PREFIX):
+        model = _build_timm(name.removeprefix(TIMM_PREFIX), **kwargs)
+    elif name in _TORCHVISION:
+        model = _TORCHVISION[name](weights=None, **kwargs)
+        model.num_features = model.fc.in_features
+        model.fc = nn.Identity()
+    else:
+        raise ValueError(_unknown_name_message(name))
+    if cifar_stem:
+        _use_cifar_stem(model, name)
+    return model
+
+
+def _build_timm(arch: str, **kwargs: object) -> nn.Module:
+    import timm
+
+    if not timm.is_model(arch):
+        raise ValueError(_unknown_name_message(TIMM_PREFIX + arch))
+    model = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
+    if not isinstance(getattr(model, "num_features", None), int):
+        raise ValueError(f"timm model {arch!r} does not report num_features")
+    return model
+
+
+def _use_cifar_stem(model: nn.Module, name: str) -> None:
+    """Replace a ResNet stem (conv1 + maxpool) by a 3x3 stride-1 convolution, in place."""
+    bn1 = getattr(model, "bn1", None)
+    if not (hasattr(model, "conv1") and hasattr(model, "maxpool") and isinstance(bn1, nn.Module)):
+        raise ValueError(
+            f"cifar_stem=True is only supported for ResNet-style backbones "
+            f"(conv1, bn1, maxpool); {name!r} has no such stem"
+        )
+    stem_channels = bn1.num_features
+    conv = nn.Conv2d(3, stem_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    model.conv1 = conv
+    model.maxpool = nn.Identity()
+
+
+def _unknown_name_message(name: str) -> str:
+    if name.startswith(TIMM_PREFIX):
+        import timm
+
+        arch = name.removeprefix(TIMM_PREFIX)
+        close = [TIMM_PREFIX + n for n in difflib.get_close_matches(arch, timm.list_models(), 5)]
+    else:
+        close = difflib.get_close_matches(name, list(_TORCHVISION), 5)
+        import timm
+
+        if timm.is_model(name):
+            close.insert(0, TIMM_PREFIX + name)
+    hint = f" Close names: {', '.join(close)}." if close else ""
+    return (
+        f"Unknown backbone {name!r}.{hint} Valid names: {', '.join(sorted(_TORCHVISION))}, "
+        f"or any timm model as '{TIMM_PREFIX}<name>'."
+    )

@@ -1,0 +1,171 @@
+"""Benchmark two-view augmentation: batched tensor ops vs. a per-image torchvision pipeline.
+
+Both sides produce two SimCLR views of each image of a synthetic in-memory uint8 dataset, in
+the same run:
+
+- batched: ``TensorBatchLoader`` + ``SimCLRAugment`` on whole batches, on CPU with each
+  of ``--threads`` torch intra-op thread counts (default 1 and torch's default), and on CUDA
+  when present;
+- per-image: ``torchvision.transforms.v2`` (RandomResizedCrop, RandomHorizontalFlip,
+  RandomApply(ColorJitter, p=0.8), RandomGrayscale, GaussianBlur at >= 96 px, ToDtype,
+  Normalize) applied twice per item in a DataLoader with 2 worker processes.
+
+Throughput is source images per second (each yielding two views), the median over timed
+windows after warm-up. When other processes compete for the cores, torch's OpenMP threads
+spin-wait and every parallel op can stall for a scheduler time slice; hence the single-thread
+row, and ``OMP_WAIT_POLICY=PASSIVE`` avoids the stall. Usage:
+``python scripts/bench_data.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from ssl_toolkit.data import InMemoryImageDataset, SimCLRAugment, TensorBatchLoader
+from ssl_toolkit.data.augment import IMAGENET_MEAN, IMAGENET_STD
+
+
+class TwoViewDataset(Dataset):
+    """Per-image baseline: each item is two independently transformed views of one image."""
+
+    def __init__(self, images: torch.Tensor, transform: Callable) -> None:
+        self.images = images
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.images[index]
+        return self.transform(image), self.transform(image)
+
+
+def torchvision_pipeline(size: int) -> v2.Compose:
+    """The per-image equivalent of ``SimCLRAugment()`` at ``size`` pixels."""
+    steps = [
+        v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomApply([v2.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+    ]
+    if size >= 96:
+        kernel = int(0.1 * size) // 2 * 2 + 1
+        steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return v2.Compose(steps)
+
+
+def bench_batched(
+    images: torch.Tensor, batch_size: int, repeats: int, device: str, threads: int
+) -> float:
+    """Median images/s of loader + augmentation on ``device``, one batch per measurement."""
+    torch.set_num_threads(threads)
+    dataset = InMemoryImageDataset(images.to(device), torch.zeros(len(images), dtype=torch.long))
+    loader = TensorBatchLoader(dataset, batch_size, generator=torch.Generator().manual_seed(0))
+    augment = SimCLRAugment(generator=torch.Generator().manual_seed(1))
+
+    def synchronize() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    batches = iter(_forever(loader))
+    for _ in range(3):
+        augment(next(batches)[0])
+    times = []
+    for _ in range(repeats):
+        synchronize()
+        start = time.perf_counter()
+        views = augment(next(batches)[0])
+        synchronize()
+        times.append(time.perf_counter() - start)
+        del views
+    return batch_size / statistics.median(times)
+
+
+def bench_torchvision(images: torch.Tensor, batch_size: int, windows: int, workers: int) -> float:
+    """Median images/s of the per-image pipeline over windows of ``workers`` batches."""
+    dataset = TwoViewDataset(images, torchvision_pipeline(images.shape[-1]))
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        persistent_workers=True,
+        generator=torch.Generator().manual_seed(0),
+    )
+    batches = iter(_forever(loader))
+    for _ in range(2 * workers + 1):  # start-up and the batches prefetched meanwhile
+        next(batches)
+    times = []
+    for _ in range(windows):
+        start = time.perf_counter()
+        for _ in range(workers):
+            next(batches)
+        times.append(time.perf_counter() - start)
+    return workers * batch_size / statistics.median(times)
+
+
+def _forever(loader):
+    while True:
+        yield from loader
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (< 1 minute)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 96])
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (baseline)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=sorted({1, torch.get_num_threads()}),
+        help="torch intra-op thread counts to run the batched CPU pipeline with",
+    )
+    args = parser.parse_args()
+    repeats, windows = (5, 3) if args.quick else (20, 8)
+    runs = [("cpu", threads) for threads in args.threads]
+    if torch.cuda.is_available():
+        runs.append(("cuda", max(args.threads)))
+
+    policy = os.environ.get("OMP_WAIT_POLICY", "unset")
+    table = Table(
+        title=f"Two-view SimCLR augmentation, batch {args.batch_size}, OMP_WAIT_POLICY={policy}"
+    )
+    for column in ("size", "pipeline", "device", "threads", "images/s (median)", "speed-up"):
+        table.add_column(column, justify="left" if column == "pipeline" else "right", no_wrap=True)
+    speedups = []
+    for size in args.sizes:
+        generator = torch.Generator().manual_seed(size)
+        n = args.batch_size * (2 * args.workers + 1 + windows * args.workers)
+        shape = (n, 3, size, size)
+        images = torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8)
+        baseline = bench_torchvision(images, args.batch_size, windows, args.workers)
+        pipeline = f"torchvision v2 per image, {args.workers} workers"
+        table.add_row(str(size), pipeline, "cpu", "1 each", f"{baseline:,.0f}", "1.0x")
+        for device, threads in runs:
+            rate = bench_batched(images, args.batch_size, repeats, device, threads)
+            speedup = f"{rate / baseline:.1f}x"
+            speedups.append(f"{size} px {device} {threads} thread(s) {speedup}")
+            table.add_row(
+                str(size), "batched SimCLRAugment", device, str(threads), f"{rate:,.0f}", speedup
+            )
+    console = Console(width=120)
+    console.print(table)
+    console.print("speed-up over per-image torchvision: " + ", ".join(speedups), highlight=False)
+
+
+if __name__ == "__main__":
+    main()

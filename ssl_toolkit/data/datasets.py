@@ -1,0 +1,226 @@
+"""Datasets for pretraining and evaluation, selected by name with :func:`build_dataset`.
+
+Datasets that fit in memory (digits, synthetic, CIFAR, STL-10) are held as one uint8 tensor of
+shape (N, 3, H, W) plus a label tensor, so that batches are one indexing op
+(:class:`~ssl_toolkit.data.loader.TensorBatchLoader`) and augmentation runs batched afterwards.
+Image folders are decoded in DataLoader workers to fixed-size uint8 tensors instead.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+DATASET_NAMES = ("digits", "synthetic", "cifar10", "cifar100", "stl10", "imagefolder")
+
+
+class DatasetNotFoundError(ValueError):
+    """The dataset's files are not under ``data.root`` and downloading was not requested."""
+
+
+class InMemoryImageDataset(Dataset):
+    """Images as one uint8 (N, 3, H, W) tensor ``images`` with int64 labels ``targets``.
+
+    Items are ``(image, label)``; unlabeled samples (STL-10's unlabeled split) have label -1.
+    """
+
+    def __init__(self, images: Tensor, targets: Tensor, classes: list[str] | None = None) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(
+                f"images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}"
+            )
+        if targets.shape != (images.shape[0],):
+            raise ValueError(f"targets must have shape ({images.shape[0]},), got {targets.shape}")
+        self.images = images
+        self.targets = targets.long()
+        self.classes = classes if classes is not None else _class_names(self.targets)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.images[index], int(self.targets[index])
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (labels -1 of unlabeled samples do not count)."""
+        return len(self.classes)
+
+
+def build_dataset(
+    name: str,
+    *,
+    root: str | Path | None = None,
+    train: bool = True,
+    download: bool = False,
+    **kwargs: Any,
+) -> Dataset:
+    """Build the dataset ``name``, returning ``(image, label)`` items.
+
+    - ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 images, offline),
+      upscaled bilinearly to ``image_size`` (default 32) RGB; a fixed stratified split gives 80%
+      of each class for ``train=True`` and the rest otherwise.
+    - ``synthetic``: random images, for tests; kwargs ``length`` (256), ``image_size`` (32),
+      ``num_classes`` (10), ``seed`` (0; the test split uses ``seed + 1``).
+    - ``cifar10`` / ``cifar100``: torchvision's files under ``root``.
+    - ``stl10``: ``split`` "train+unlabeled" when ``train`` (pretraining) else "test"; pass
+      ``split=`` to choose another.
+    - ``imagefolder``: one sub-folder per class under ``root`` (``train/`` or ``val/`` if
+      present); images are decoded in DataLoader workers, resized and centre-cropped to
+      ``image_size`` (default 224) so that they batch into one uint8 tensor.
+
+    Missing files raise :class:`DatasetNotFoundError` (unless ``download=True``, for the
+    torchvision datasets); an unknown name raises ``ValueError`` listing the valid names.
+    """
+    builders = {
+        "digits": _digits,
+        "synthetic": _synthetic,
+        "cifar10": _cifar,
+        "cifar100": _cifar,
+        "stl10": _stl10,
+        "imagefolder": _imagefolder,
+    }
+    if name not in builders:
+        raise ValueError(f"Unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    builder = builders[name]
+    accepted = inspect.signature(builder).parameters
+    common = {"name": name, "root": root, "train": train, "download": download}
+    options = sorted(set(accepted) - set(common))
+    unknown = sorted(set(kwargs) - set(options))
+    if unknown:
+        raise ValueError(
+            f"Unknown option(s) {', '.join(unknown)} for dataset {name!r}; "
+            f"valid options: {', '.join(options) or 'none'}"
+        )
+    return builder(**{k: v for k, v in common.items() if k in accepted}, **kwargs)
+
+
+def _digits(*, train: bool, image_size: int = 32) -> InMemoryImageDataset:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = torch.from_numpy(digits.images).float().div_(16.0).unsqueeze(1)
+    pixels = F.interpolate(pixels, size=(image_size, image_size), mode="bilinear")
+    images = pixels.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8).expand(-1, 3, -1, -1)
+    targets = torch.from_numpy(digits.target).long()
+    index = _stratified_split(targets, train_fraction=0.8, seed=0)[0 if train else 1]
+    classes = [str(c) for c in digits.target_names]
+    return InMemoryImageDataset(images[index].contiguous(), targets[index], classes)
+
+
+def _stratified_split(targets: Tensor, train_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Sorted (train, test) indices holding ``round(train_fraction * n_c)`` of each class c."""
+    generator = torch.Generator().manual_seed(seed)
+    train, test = [], []
+    for label in targets.unique(sorted=True).tolist():
+        members = (targets == label).nonzero().squeeze(1)
+        members = members[torch.randperm(members.numel(), generator=generator)]
+        n_train = round(train_fraction * members.numel())
+        train.append(members[:n_train])
+        test.append(members[n_train:])
+    return torch.cat(train).sort().values, torch.cat(test).sort().values
+
+
+def _synthetic(
+    *,
+    train: bool,
+    length: int = 256,
+    image_size: int = 32,
+    num_classes: int = 10,
+    seed: int = 0,
+) -> InMemoryImageDataset:
+    generator = torch.Generator().manual_seed(seed if train else seed + 1)
+    images = torch.randint(
+        0, 256, (length, 3, image_size, image_size), generator=generator, dtype=torch.uint8
+    )
+    targets = torch.randint(0, num_classes, (length,), generator=generator)
+    return InMemoryImageDataset(images, targets, [str(c) for c in range(num_classes)])
+
+
+def _cifar(
+    *, name: str, root: str | Path | None, train: bool, download: bool
+) -> InMemoryImageDataset:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR10 if name == "cifar10" else CIFAR100
+    ds = _open_torchvision(name, root, download, lambda r: cls(r, train=train, download=download))
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+    return InMemoryImageDataset(images, torch.as_tensor(ds.targets), list(ds.classes))
+
+
+def _stl10(
+    *,
+    name: str,
+    root: str | Path | None,
+    train: bool,
+    download: bool,
+    split: str | None = None,
+) -> InMemoryImageDataset:
+    from torchvision.datasets import STL10
+
+    split = split or ("train+unlabeled" if train else "test")
+    ds = _open_torchvision(name, root, download, lambda r: STL10(r, split=split, download=download))
+    images = torch.from_numpy(np.ascontiguousarray(ds.data))
+    return InMemoryImageDataset(images, torch.from_numpy(ds.labels), list(ds.classes))
+
+
+def _open_torchvision(
+    name: str, root: str | Path | None, download: bool, open_fn: Callable[[str], Any]
+) -> Any:
+    """Call ``open_fn(root)``, turning torchvision's "not found" error into a helpful one."""
+    if root is None:
+        raise DatasetNotFoundError(_not_found_message(name, None))
+    try:
+        return open_fn(str(root))
+    except RuntimeError as err:
+        if download:
+            raise
+        raise DatasetNotFoundError(_not_found_message(name, root)) from err
+
+
+def _not_found_message(name: str, root: str | Path | None) -> str:
+    if root is None:
+        return (
+            f"Dataset {name!r} needs data.root: set data.root=PATH to a folder holding the "
+            f"{name} files (or to an empty folder together with data.download=true)."
+        )
+    return (
+        f"Dataset {name!r} not found under data.root={str(root)!r}. Set data.download=true to "
+        f"download it there, or place the {name} files under {str(root)!r}."
+    )
+
+
+def _imagefolder(*, root: str | Path | None, train: bool, image_size: int = 224) -> Dataset:
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import v2
+
+    if root is None or not Path(root).is_dir():
+        raise DatasetNotFoundError(
+            f"Dataset 'imagefolder' not found: data.root={root!r} is not a folder. Set data.root "
+            "to a folder with one sub-folder of images per class (optionally split into "
+            "train/ and val/)."
+        )
+    split_dir = Path(root) / ("train" if train else "val")
+    folder = split_dir if split_dir.is_dir() else Path(root)
+    transform = v2.Compose([v2.Resize(image_size), v2.CenterCrop(image_size), v2.PILToTensor()])
+    try:
+        return ImageFolder(str(folder), transform=transform)
+    except FileNotFoundError as err:
+        raise DatasetNotFoundError(
+            f"Dataset 'imagefolder' has no images under data.root={str(folder)!r}: expected "
+            f"one sub-folder of images per class ({err})."
+        ) from err
+
+
+def _class_names(targets: Tensor) -> list[str]:
+    labelled = targets[targets >= 0]
+    count = int(labelled.max()) + 1 if labelled.numel() else 0
+    return [str(c) for c in range(count)]

@@ -1,0 +1,148 @@
+"""Batched image operations with one parameter per sample, for float images in [0, 1].
+
+Every function takes a (B, 3, H, W) float batch and per-sample parameters of shape (B,), and runs
+as a handful of tensor ops on the batch's device: no Python loop over samples, so augmenting a
+batch costs about as much as augmenting one large image. The formulas follow
+``torchvision.transforms.v2.functional`` (which takes one factor per call), so results match it
+sample by sample.
+
+Colour operations work in place (trailing underscore) on a batch the caller owns: on CPU the
+cost of this code is dominated by memory traffic and by fresh allocations of whole batches,
+not by arithmetic. For the same reason per-sample selections use ``lerp_`` with 0/1 weights,
+which is exact and several times cheaper than ``torch.where`` with a broadcast boolean mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# ITU-R 601-2 luma weights.
+_LUMA = (0.299, 0.587, 0.114)
+# HSV -> RGB: channel n of the output uses k = (n + 6 h) mod 6 with n = 5, 3, 1 for R, G, B.
+_HSV_OFFSETS = (5.0, 3.0, 1.0)
+
+
+def _per_sample(values: Tensor, like: Tensor) -> Tensor:
+    """A (B,) tensor as (B, 1, 1, 1) in ``like``'s dtype, to broadcast over an image batch."""
+    return values.to(dtype=like.dtype).view(-1, 1, 1, 1)
+
+
+def grayscale(x: Tensor) -> Tensor:
+    """Luma 0.299 R + 0.587 G + 0.114 B, as a (B, 1, H, W) tensor."""
+    r, g, b = x.unbind(1)
+    return (r * _LUMA[0]).add_(g, alpha=_LUMA[1]).add_(b, alpha=_LUMA[2]).unsqueeze(1)
+
+
+def to_grayscale_(x: Tensor, apply: Tensor) -> Tensor:
+    """In place: replace the samples where ``apply`` is set by their luma, on all 3 channels."""
+    return x.lerp_(grayscale(x).expand_as(x), _per_sample(apply, x))
+
+
+def resized_crop(x: Tensor, boxes: Tensor, flip: Tensor, out_size: tuple[int, int]) -> Tensor:
+    """Crop a box per sample, optionally mirror it, and resize it to ``out_size``, bilinearly.
+
+    ``boxes`` is (B, 4) as (x0, y0, width, height) in input pixels (fractional values allowed);
+    ``flip`` is a (B,) bool. Crop, flip and resize are one ``grid_sample``; the flip is the sign
+    of the horizontal scale. Boxes are axis-aligned, so the sampling grid is an outer sum of a
+    per-sample column ramp and row ramp (no ``affine_grid`` matrix product).
+    """
+    height, width = x.shape[-2:]
+    out_h, out_w = out_size
+    x0, y0, w, h = boxes.to(device=x.device, dtype=x.dtype).unbind(1)
+    sign = 1.0 - 2.0 * flip.to(device=x.device, dtype=x.dtype)
+    # Output pixel centres in [-1, 1], then mapped into the box, in grid_sample's coordinates.
+    cols = torch.linspace(1 / out_w - 1, 1 - 1 / out_w, out_w, device=x.device, dtype=x.dtype)
+    rows = torch.linspace(1 / out_h - 1, 1 - 1 / out_h, out_h, device=x.device, dtype=x.dtype)
+    grid_x = cols * (sign * w / width).view(-1, 1) + ((2 * x0 + w) / width - 1).view(-1, 1)
+    grid_y = rows * (h / height).view(-1, 1) + ((2 * y0 + h) / height - 1).view(-1, 1)
+    grid = torch.stack(
+        [grid_x.unsqueeze(1).expand(-1, out_h, -1), grid_y.unsqueeze(2).expand(-1, -1, out_w)],
+        dim=-1,
+    )
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def adjust_brightness_(x: Tensor, factor: Tensor) -> Tensor:
+    """In place: scale intensities by ``factor`` per sample (0 gives black, 1 the input)."""
+    return x.mul_(_per_sample(factor, x)).clamp_(0.0, 1.0)
+
+
+def adjust_contrast_(x: Tensor, factor: Tensor) -> Tensor:
+    """In place: blend each sample with its mean grey level (0: flat grey, 1: the input)."""
+    mean = (x.mean(dim=(2, 3)) @ x.new_tensor(_LUMA)).view(-1, 1, 1, 1)
+    return x.lerp_(mean.expand_as(x), 1.0 - _per_sample(factor, x)).clamp_(0.0, 1.0)
+
+
+def adjust_saturation_(x: Tensor, factor: Tensor) -> Tensor:
+    """In place: blend each sample with its grayscale version (0: grey, 1: the input)."""
+    return x.lerp_(grayscale(x).expand_as(x), 1.0 - _per_sample(factor, x)).clamp_(0.0, 1.0)
+
+
+def adjust_hue_(x: Tensor, shift: Tensor) -> Tensor:
+    """In place: rotate the hue by ``shift`` (turns, in [-0.5, 0.5]) per sample, through HSV.
+
+    Value (max) and chroma (max - min) are kept; only the hue changes. The hue is computed in
+    sixths of a turn, ``h6``, from whichever channel is the maximum, and converted back with
+    the closed form ``max - chroma * clamp(min(k, 4 - k), 0, 1)``, ``k = (n + h6) mod 6``, for
+    n = 5, 3, 1 (R, G, B). Ties between maximal channels give the same hue either way. Samples
+    with a zero shift are left exactly unchanged (the HSV round trip is exact only to rounding).
+    """
+    r, g, b = x.unbind(1)
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    chroma = maxc - torch.minimum(torch.minimum(r, g), b)
+    is_r = (maxc == r).to(x.dtype)
+    is_g = (maxc == g).to(x.dtype).mul_(1.0 - is_r)
+    # h6 * chroma when blue, red or green is the maximum; grey pixels get 0 from each.
+    from_b = (r - g).add_(chroma, alpha=4.0)
+    from_r = (g - b).sub_(from_b).mul_(is_r)
+    from_g = (b - r).add_(chroma, alpha=2.0).sub_(from_b).mul_(is_g)
+    h6 = from_b.add_(from_r).add_(from_g).div_(chroma.clamp(min=1e-12))
+    h6.add_(shift.to(dtype=x.dtype).view(-1, 1, 1), alpha=6.0)
+    k = h6.unsqueeze(1) + x.new_tensor(_HSV_OFFSETS).view(1, 3, 1, 1)
+    wraps = torch.mul(k, 1.0 / 6.0).floor_()
+    k.sub_(wraps.mul_(6.0))
+    ramp = torch.minimum(k, torch.sub(4.0, k, out=wraps), out=k).clamp_(0.0, 1.0)
+    rgb = ramp.mul_(chroma.unsqueeze(1)).neg_().add_(maxc.unsqueeze(1))
+    return x.lerp_(rgb, _per_sample(shift != 0, x))
+
+
+def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
+    """Separable Gaussian blur with one ``sigma`` per sample and reflect padding.
+
+    ``kernel_size`` must be odd and is shared by the batch (SimCLR uses 10% of the image side).
+    Samples and channels are folded into the channel dimension of one depthwise convolution,
+    so every (sample, channel) pair gets its own kernel in a single call per direction.
+    """
+    if kernel_size % 2 != 1:
+        raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+    batch, channels, height, width = x.shape
+    radius = kernel_size // 2
+    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    sigma = sigma.to(device=x.device, dtype=x.dtype).view(-1, 1)
+    kernels = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernels = (kernels / kernels.sum(dim=1, keepdim=True)).repeat_interleave(channels, dim=0)
+    groups = batch * channels
+    padded = F.pad(x, (radius, radius, radius, radius), mode="reflect")
+    padded = padded.view(1, groups, height + 2 * radius, width + 2 * radius)
+    rows = F.conv2d(padded, kernels.view(groups, 1, 1, kernel_size), groups=groups)
+    out = F.conv2d(rows, kernels.view(groups, 1, kernel_size, 1), groups=groups)
+    return out.view(batch, channels, height, width)
+
+
+def solarize_(x: Tensor, apply: Tensor, threshold: float) -> Tensor:
+    """In place: invert pixels at or above ``threshold`` in the samples where ``apply`` is set."""
+    invert = (x >= threshold).to(x.dtype).mul_(_per_sample(apply, x))
+    return x.addcmul_(invert, torch.mul(x, -2.0).add_(1.0))
+
+
+def normalize(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """Standardise each channel: ``(x - mean) / std`` with (3,) ``mean`` and ``std``."""
+    return normalize_(x.clone(), mean, std)
+
+
+def normalize_(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """In place: standardise each channel, ``(x - mean) / std`` with (3,) ``mean`` and ``std``."""
+    mean = mean.to(device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    return x.sub_(mean).div_(std.to(device=x.device, dtype=x.dtype).view(1, -1, 1, 1))

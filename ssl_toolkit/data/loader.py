@@ -1,0 +1,207 @@
+"""Batch iteration with an explicit random generator, sharding, and exact mid-epoch resume.
+
+:class:`EpochBatchSampler` decides which indices form each batch: one permutation per epoch
+drawn from a ``torch.Generator``, sliced by rank for distributed training. Its state (epoch,
+position in the epoch, generator state at the start of the epoch) is enough to replay the rest
+of an epoch. :class:`TensorBatchLoader` uses it to cut batches out of an in-memory uint8 tensor
+with one indexing op, with no worker processes and no per-item Python work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+
+class EpochBatchSampler:
+    """Yield batches of dataset indices (int64 tensors), one shuffled pass per epoch.
+
+    Every rank must be given a generator in the same state (e.g. the same seed): all ranks then
+    draw the same permutation and rank r takes positions r, r + world_size, ... of it. The
+    permutation is first cut to a multiple of ``world_size`` so that ranks see equal counts;
+    with ``world_size=1`` nothing is cut. ``drop_last`` drops the last incomplete batch.
+
+    Iterating yields the rest of the current epoch, then moves to the next one; breaking out
+    and iterating again continues where it stopped. ``state_dict()`` / ``load_state_dict()``
+    save and restore (epoch, position, generator state) to resume exactly mid-epoch.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        generator: torch.Generator | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, {world_size=}")
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.position = 0
+        self._epoch_start_state: Tensor | None = None
+        self._indices: Tensor | None = None
+        if len(self) == 0:
+            raise ValueError(
+                f"no complete batch: {self.shard_size} samples on this rank, {batch_size=}, "
+                f"{drop_last=}"
+            )
+
+    @property
+    def shard_size(self) -> int:
+        """Number of samples this rank sees per epoch."""
+        return self.num_samples // self.world_size
+
+    def __len__(self) -> int:
+        """Number of batches per epoch on this rank."""
+        if self.drop_last:
+            return self.shard_size // self.batch_size
+        return -(-self.shard_size // self.batch_size)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        # Drawing the permutation first also advances a restored generator past this epoch.
+        indices = self._epoch_indices()
+        if self.position >= len(self):
+            self._next_epoch()
+            indices = self._epoch_indices()
+        while self.position < len(self):
+            start = self.position * self.batch_size
+            self.position += 1
+            yield indices[start : start + self.batch_size]
+        self._next_epoch()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Epoch, batches already yielded in it, and the generator state at its start."""
+        generator_state = (
+            self._epoch_start_state if self._indices is not None else self.generator.get_state()
+        )
+        return {"epoch": self.epoch, "position": self.position, "generator": generator_state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; the next iteration continues that epoch exactly."""
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+        self.generator.set_state(state["generator"])
+        self._epoch_start_state = None
+        self._indices = None
+
+    def _epoch_indices(self) -> Tensor:
+        if self._indices is None:
+            self._epoch_start_state = self.generator.get_state()
+            if self.shuffle:
+                order = torch.randperm(
+                    self.num_samples, generator=self.generator, device=self.generator.device
+                ).cpu()
+            else:
+                order = torch.arange(self.num_samples)
+            total = self.shard_size * self.world_size
+            self._indices = order[self.rank : total : self.world_size]
+        return self._indices
+
+    def _next_epoch(self) -> None:
+        self.epoch += 1
+        self.position = 0
+        self._indices = None
+
+
+class TensorBatchLoader:
+    """Iterate ``(images, labels)`` batches of an in-memory dataset by tensor indexing.
+
+    ``dataset`` needs ``images`` (N, ...) and ``targets`` (N,) tensors, as the in-memory datasets
+    of :func:`~ssl_toolkit.data.datasets.build_dataset` have; batches stay on the tensors'
+    device and dtype (uint8 images), ready for batched augmentation. Order, sharding and
+    resume follow :class:`EpochBatchSampler`; ``state_dict()`` / ``load_state_dict()``
+    delegate to it.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        generator: torch.Generator | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.dataset = dataset
+        self.images: Tensor = dataset.images
+        self.targets: Tensor = dataset.targets
+        self.batch_sampler = EpochBatchSampler(
+            self.images.shape[0],
+            batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            generator=generator,
+            rank=rank,
+            world_size=world_size,
+        )
+
+    @property
+    def epoch(self) -> int:
+        """Index of the current epoch (starts at 0)."""
+        return self.batch_sampler.epoch
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for index in self.batch_sampler:
+            index = index.to(self.images.device)
+            yield self.images.index_select(0, index), self.targets.index_select(0, index)
+
+    def state_dict(self) -> dict[str, Any]:
+        """See :meth:`EpochBatchSampler.state_dict`."""
+        return self.batch_sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """See :meth:`EpochBatchSampler.load_state_dict`."""
+        self.batch_sampler.load_state_dict(state)
+
+
+def build_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool = True,
+    drop_last: bool = True,
+    generator: torch.Generator | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 2,
+) -> TensorBatchLoader | DataLoader:
+    """Pick the batch iterator for a dataset from :func:`build_dataset`.
+
+    In-memory datasets get a :class:`TensorBatchLoader`. Others (image folders) get a
+    ``DataLoader`` that decodes in ``num_workers`` processes and collates fixed-size uint8
+    images, with the same :class:`EpochBatchSampler` as ``batch_sampler``. Its sampler runs
+    ahead of the consumer by the prefetched batches, so after ``batch_sampler.state_dict()`` a
+    resume is exact only at an epoch boundary.
+    """
+    kwargs = {"shuffle": shuffle, "drop_last": drop_last, "generator": generator}
+    kwargs |= {"rank": rank, "world_size": world_size}
+    if hasattr(dataset, "images") and hasattr(dataset, "targets"):
+        return TensorBatchLoader(dataset, batch_size, **kwargs)
+    sampler = EpochBatchSampler(len(dataset), batch_size, **kwargs)
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )
