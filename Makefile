@@ -21,7 +21,7 @@ test: lint
 	$(PY) -m pytest
 
 pretrain: setup
-	$(PY) scripts/bench_optim.py --quick
+	$(PY) scripts/pretrain.py --config simclr_lars.yaml
 
 bench: setup
 	$(PY) scripts/bench_optim.py

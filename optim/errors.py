@@ -87,6 +87,8 @@ def from_validation_error(
             problems.append(f"{key}: unknown key; {guess}allowed keys: {', '.join(allowed)}")
         elif item["type"] == "missing":
             problems.append(f"{key}: required value is missing")
+        elif item["type"] == "value_error":
+            problems.append(f"{key}: {nested}")
         elif item["type"] in ("union_tag_invalid", "union_tag_not_found"):
             problems.append(f"{key}.name: {item['msg']}")
         else:

@@ -1,0 +1,118 @@
+"""Benchmark a SimCLR training step on CPU and show where the time goes.
+
+Same run, same ResNet-18 SimCLR model at 32 px on the digits data, batch 128:
+
+- this trainer: in-memory batches, batched ``SimCLRAugment``, this LARS (multi-tensor), and
+  the trust ratios moved to the host in one transfer (done every step here, every
+  ``logging.trust_ratio_every`` steps in training);
+- baseline: a per-image ``torchvision.transforms.v2`` pipeline in a 2-worker DataLoader, the
+  model stepped by timm's ``Lars``.
+
+Columns are medians over the timed steps: data (batch + augmentation), forward + backward,
+optimizer step, logging, and images/s of the whole step.
+
+    python scripts/bench_train.py [--steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable, Iterator
+
+import timm.optim
+import torch
+from bench_data import TwoViewDataset, torchvision_pipeline
+from rich.console import Console
+from rich.table import Table
+from torch.utils.data import DataLoader
+
+from ssl_toolkit.config import load_config
+from ssl_toolkit.trainer import Trainer
+from ssl_toolkit.wandb_logger import trust_ratio_metrics
+
+PHASES = ("data", "forward+backward", "optimizer", "logging")
+
+
+def time_steps(
+    next_views: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    log: Callable[[], object],
+    steps: int,
+) -> dict[str, float]:
+    """Median milliseconds of each phase over ``steps`` steps (after one warm-up step)."""
+    samples: dict[str, list[float]] = {phase: [] for phase in PHASES}
+    for step in range(steps + 1):
+        t0 = time.perf_counter()
+        view_a, view_b = next_views()
+        t1 = time.perf_counter()
+        model(view_a, view_b).backward()
+        t2 = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        log()
+        t4 = time.perf_counter()
+        if step:
+            for phase, ms in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                samples[phase].append(ms * 1e3)
+    return {phase: statistics.median(values) for phase, values in samples.items()}
+
+
+def forever(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    while True:
+        yield from loader
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per row")
+    args = parser.parse_args()
+    cfg = load_config(
+        "simclr_lars",
+        ["logging.wandb.mode=disabled", "trainer.device=cpu", "trainer.output_dir=runs/bench"],
+    )
+    trainer = Trainer(cfg, logger=object())
+    batches = trainer._micro_batches()
+    ours = time_steps(
+        lambda: trainer.augment(next(batches)),
+        trainer.method,
+        trainer.optimizer,
+        lambda: trust_ratio_metrics(trainer.optimizer.trust_ratios(adapted_only=True)),
+        args.steps,
+    )
+
+    baseline_model = copy.deepcopy(trainer.method)
+    lars = timm.optim.Lars(
+        baseline_model.parameters(), lr=0.15, momentum=0.9, weight_decay=1e-6, trust_coeff=1e-3
+    )
+    loader = DataLoader(
+        TwoViewDataset(trainer.train_set.images, torchvision_pipeline(cfg.data.image_size)),
+        batch_size=cfg.data.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=2,
+        persistent_workers=True,
+    )
+    views = forever(loader)
+    baseline = time_steps(lambda: next(views), baseline_model, lars, lambda: None, args.steps)
+
+    table = Table(title=f"SimCLR ResNet-18, 32 px, batch {cfg.data.batch_size}, CPU, ms per step")
+    table.add_column("pipeline")
+    for column in (*PHASES, "images/s"):
+        table.add_column(column, justify="right")
+    speeds = {}
+    for name, phases in (("this trainer", ours), ("torchvision per-image + timm Lars", baseline)):
+        speeds[name] = cfg.data.batch_size / (sum(phases.values()) / 1e3)
+        table.add_row(name, *(f"{phases[p]:.1f}" for p in PHASES), f"{speeds[name]:.0f}")
+    console = Console(width=120)
+    console.print(table)
+    ratio = speeds["this trainer"] / speeds["torchvision per-image + timm Lars"]
+    console.print(f"this trainer / baseline images/s: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Crash-safe checkpoint files and the random-generator state that makes a resume reproducible.
+
+Checkpoints are written to a temporary file in the target directory and renamed over the old
+one, so a crash mid-write never leaves a truncated ``last.pt``. They are read with
+``torch.load(weights_only=True)``, which refuses arbitrary pickled objects; everything saved must
+therefore be tensors, numbers, strings, ``None`` and containers of those. The RNG helpers follow
+that rule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "CheckpointError",
+    "capture_rng_state",
+    "load_checkpoint",
+    "restore_rng_state",
+    "save_checkpoint",
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated, corrupt, or holds objects unsafe to load."""
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Persist a rename on POSIX file systems; a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _describe(exc: Exception) -> str:
+    """One line saying why ``torch.load`` failed (its own messages span several paragraphs)."""
+    text = " ".join(str(exc).split())
+    unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if unsafe:
+        return f"it references {unsafe.group(1)}, which weights_only loading refuses"
+    first_sentence = text.split(". ")[0] if text else "unexpected end of file"
+    return f"it is corrupt or truncated ({type(exc).__name__}: {first_sentence})"
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Atomically write ``state`` to ``path`` with ``torch.save``, creating parent directories.
+
+    The data goes to a temporary file in the same directory, is flushed and fsynced, then
+    ``os.replace`` swaps it in. On any failure the temporary file is removed and an existing
+    checkpoint at ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_directory(path.parent)
+
+
+def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
+
+    Raises :class:`CheckpointError` naming the file if it does not exist, cannot be read as a
+    torch checkpoint (truncated, corrupt, not a checkpoint), contains objects that
+    ``weights_only`` loading refuses, or is not a dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {_describe(exc)}") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
+    return state
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Snapshot this process's global random generators in a ``weights_only``-loadable form.
+
+    Returned keys:
+
+    - ``"torch"``: CPU generator state, a uint8 tensor (``torch.get_rng_state()``).
+    - ``"cuda"``: list of uint8 tensors, one per visible CUDA device, or ``None`` without CUDA.
+    - ``"numpy"``: numpy's legacy global MT19937 generator as ``{"keys": int64 tensor (624,),
+      "pos": int, "has_gauss": int, "cached_gaussian": float}``.
+    - ``"python"``: ``random.getstate()``, a tuple ``(version, tuple of 625 ints, gauss_next)``.
+
+    Only the calling process's generators are captured; in a multi-process run each rank has
+    its own.
+    """
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "python": random.getstate(),
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restore generators captured by :func:`capture_rng_state` (also after save/load).
+
+    CUDA states are restored for the devices present in both the snapshot and this machine.
+    """
+    torch.set_rng_state(state["torch"].cpu())
+    cuda_states = state.get("cuda")
+    if cuda_states is not None and torch.cuda.is_available():
+        for index, cuda_state in enumerate(cuda_states[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state.cpu(), device=index)
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            np_state["keys"].cpu().numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))

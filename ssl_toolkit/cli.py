@@ -1,0 +1,111 @@
+"""``pretrain``: the command line of a pretraining run.
+
+    python scripts/pretrain.py --config simclr_lars [--dry-run] [--resume auto|PATH] [key=value ...]
+
+Exit codes: 0 success, 2 any config, usage, data or checkpoint error (one message naming the
+key or file, no traceback), 1 a failure while training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+
+from optim import ConfigError, name_parameters, render_param_table, resolve_params
+from ssl_toolkit.checkpoint import CheckpointError
+from ssl_toolkit.config import ExperimentConfig, load_config
+from ssl_toolkit.data import DatasetNotFoundError
+from ssl_toolkit.distributed import DeviceUnavailableError, cleanup_distributed
+
+__all__ = ["main"]
+
+USAGE_ERRORS = (ConfigError, CheckpointError, DatasetNotFoundError, DeviceUnavailableError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pretrain",
+        description="Self-supervised pretraining (SimCLR, BYOL) from a YAML config.",
+        epilog="Overrides are dotted keys with YAML values, e.g. optim.lr=0.5 "
+        "trainer.max_steps=100 'optim.exclude_from_layer_adaptation=[@norm,@bias]'.",
+    )
+    parser.add_argument(
+        "--config", required=True, help="a YAML path, or a bare name looked up in configs/"
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config and the parameter-rule table, then exit",
+    )
+    parser.add_argument(
+        "--resume",
+        metavar="auto|PATH",
+        help="continue from a checkpoint; 'auto' uses <output_dir>/checkpoints/last.pt if present",
+    )
+    parser.add_argument("overrides", nargs="*", metavar="dotted.key=value")
+    return parser
+
+
+def _resume_path(resume: str | None, cfg: ExperimentConfig, console: Console) -> Path | None:
+    from ssl_toolkit.trainer import last_checkpoint
+
+    if resume is None:
+        return None
+    if resume == "auto":
+        path = last_checkpoint(cfg)
+        if path.is_file():
+            return path
+        console.print(f"--resume auto: no checkpoint at {path}, starting from scratch")
+        return None
+    path = Path(resume)
+    if not path.is_file():
+        raise CheckpointError(f"--resume: checkpoint {path} does not exist")
+    return path
+
+
+def dry_run(cfg: ExperimentConfig, console: Console) -> None:
+    """Print the resolved config and which rule each parameter matched."""
+    from ssl_toolkit.trainer import build_method
+
+    console.print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="", markup=False)
+    module = build_method(cfg).trainable_module()
+    name_parameters(module)
+    console.print(render_param_table(resolve_params(module, cfg.optim)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code."""
+    args = _parser().parse_args(argv)
+    out, err = Console(), Console(stderr=True)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            dry_run(cfg, Console(width=160))
+            return 0
+        from ssl_toolkit.trainer import Trainer
+
+        Trainer(cfg, resume=_resume_path(args.resume, cfg, err), console=err).fit()
+        cleanup_distributed(sync=True)
+        out.print(f"run directory: {cfg.trainer.output_dir}")
+        return 0
+    except USAGE_ERRORS as error:
+        for line in str(error).splitlines():
+            err.print(f"error: {line}", markup=False, highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+    except Exception:
+        err.print_exception(max_frames=5)
+        err.print("error: training failed (see above)")
+        return 1
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

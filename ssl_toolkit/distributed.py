@@ -1,0 +1,137 @@
+"""Process placement: which device this process uses, its rank, and who writes files.
+
+Everything rank-dependent (device choice, process-group init, "only the main rank writes the
+checkpoint, config and W&B run") is decided here once, from the environment variables that
+``torchrun`` sets, so the rest of the toolkit only reads a :class:`DistContext`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "DeviceUnavailableError",
+    "DistContext",
+    "all_reduce_mean",
+    "cleanup_distributed",
+    "setup_distributed",
+]
+
+_DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+class DeviceUnavailableError(RuntimeError):
+    """The requested device does not exist on this machine (e.g. ``cuda`` without CUDA)."""
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process runs and which part of the job it is.
+
+    ``rank`` is the global rank, ``local_rank`` the rank on this node (it selects the GPU), and
+    ``device`` the device that models and batches go to. A single-process run is
+    ``DistContext(0, 1, 0, device)``.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """True on the one process that writes files (checkpoints, config, W&B) and prints."""
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        """True when several processes train together and collectives are needed."""
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    """Read an integer environment variable set by torchrun, with a clear error if malformed."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def _resolve_device(device: str, local_rank: int) -> torch.device:
+    """Map the ``trainer.device`` setting to a concrete device for this process."""
+    if device not in _DEVICE_CHOICES:
+        raise ValueError(f"device must be one of {', '.join(_DEVICE_CHOICES)}, got {device!r}")
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise DeviceUnavailableError(
+            "device 'cuda' was requested but CUDA is not available on this machine "
+            "(use device 'auto' or 'cpu')"
+        )
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise DeviceUnavailableError(
+            f"LOCAL_RANK={local_rank} needs GPU {local_rank} but only {count} GPU(s) are visible"
+        )
+    return torch.device("cuda", local_rank)
+
+
+def setup_distributed(device: str = "auto") -> DistContext:
+    """Decide this process's device and rank, and join the process group when there are peers.
+
+    Reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (defaults 0, 1, 0, i.e. a plain
+    ``python`` run). ``device`` is ``"auto"`` (``cuda:LOCAL_RANK`` if CUDA is available, else
+    CPU), ``"cpu"`` or ``"cuda"`` (raises :class:`DeviceUnavailableError` without CUDA). The
+    default process group (NCCL on CUDA, gloo on CPU, rendezvous from ``MASTER_ADDR`` /
+    ``MASTER_PORT``) is initialised only when ``WORLD_SIZE > 1`` and not already initialised.
+    """
+    rank = _env_int("RANK", 0)
+    world_size = _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"inconsistent RANK={rank} / WORLD_SIZE={world_size}")
+    resolved = _resolve_device(device, local_rank)
+    if resolved.type == "cuda":
+        torch.cuda.set_device(resolved)
+    if world_size > 1 and not dist.is_initialized():
+        if resolved.type == "cuda":
+            dist.init_process_group("nccl", rank=rank, world_size=world_size, device_id=resolved)
+        else:
+            dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=resolved)
+
+
+def cleanup_distributed(*, sync: bool = False) -> None:
+    """Leave the process group if one was joined; a no-op in single-process runs.
+
+    Safe in ``finally`` blocks: by default it does not wait for the other ranks, which may be
+    gone after an error. At the normal end of a run pass ``sync=True`` so all ranks first meet
+    at a barrier and no rank tears down its connections while a peer is still using them.
+    """
+    if dist.is_available() and dist.is_initialized():
+        if sync:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(t: Tensor) -> Tensor:
+    """Mean of a floating-point tensor over all ranks, as a new tensor (``t`` is untouched).
+
+    Used for logging values that each rank computes on its own shard (loss, throughput). Returns
+    ``t`` itself when not running distributed.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    if not t.is_floating_point():
+        raise TypeError(f"all_reduce_mean needs a floating-point tensor, got {t.dtype}")
+    out = t.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.div_(dist.get_world_size())

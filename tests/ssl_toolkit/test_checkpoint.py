@@ -1,0 +1,152 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from ssl_toolkit.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+
+_EXECUTED = []
+
+
+def _side_effect():
+    _EXECUTED.append(True)
+    return "pwned"
+
+
+class _Unsafe:
+    def __reduce__(self):
+        return (_side_effect, ())
+
+
+def test_round_trip_creates_parent_dirs(tmp_path):
+    path = tmp_path / "run" / "checkpoints" / "last.pt"
+    state = {"step": 7, "model": {"w": torch.arange(6.0).reshape(2, 3)}, "names": ["a", "b"]}
+    save_checkpoint(path, state)
+    loaded = load_checkpoint(path)
+    assert loaded["step"] == 7 and loaded["names"] == ["a", "b"]
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"])
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]
+
+
+def test_failed_save_keeps_previous_checkpoint_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"step": 1})
+    real_save = torch.save
+
+    def failing_save(obj, f, *args, **kwargs):
+        real_save({"step": 2, "partial": torch.zeros(1000)}, f)  # bytes hit the temp file...
+        raise OSError("disk full")  # ...then the write fails
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {"step": 2})
+    assert load_checkpoint(path) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_save_replaces_existing_checkpoint(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"step": 1})
+    save_checkpoint(path, {"step": 2})
+    assert load_checkpoint(path) == {"step": 2}
+
+
+def test_unsafe_pickle_is_refused_without_running_it(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"payload": _Unsafe()}, path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert (
+        str(path) in message
+        and "test_checkpoint._side_effect" in message
+        and "weights_only" in message
+    )
+    assert "\n" not in message
+    assert _EXECUTED == []
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"not a checkpoint at all", b"PK\x03\x04 truncated zip"], ids=repr
+)
+def test_garbage_file_raises_checkpoint_error_naming_path(tmp_path, content):
+    path = tmp_path / "last.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="corrupt or truncated") as info:
+        load_checkpoint(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_truncated_checkpoint_and_missing_file_and_non_dict(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"w": torch.randn(100)})
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+    save_checkpoint(path, [1, 2])
+    with pytest.raises(CheckpointError, match="expected a dict"):
+        load_checkpoint(path)
+    assert issubclass(CheckpointError, ValueError)
+
+
+def _draws() -> tuple:
+    return (
+        torch.rand(4).tolist(),
+        torch.randint(0, 1000, (3,)).tolist(),
+        np.random.rand(3).tolist(),
+        float(np.random.standard_normal()),
+        random.random(),
+        random.gauss(0.0, 1.0),
+    )
+
+
+def _only_safe_types(obj) -> bool:
+    if isinstance(obj, dict):
+        return all(isinstance(k, str) and _only_safe_types(v) for k, v in obj.items())
+    if isinstance(obj, list | tuple):
+        return all(_only_safe_types(v) for v in obj)
+    return obj is None or isinstance(obj, torch.Tensor | int | float)
+
+
+def test_rng_state_round_trip_through_checkpoint(tmp_path):
+    torch.manual_seed(123)
+    np.random.seed(123)
+    random.seed(123)
+    # Leave cached Gaussians pending in numpy and Python, the easily forgotten parts of the state.
+    np.random.standard_normal()
+    random.gauss(0.0, 1.0)
+    state = capture_rng_state()
+    assert _only_safe_types(state)
+    expected = _draws()
+
+    path = tmp_path / "rng.pt"
+    save_checkpoint(path, {"rng": state})
+    loaded = load_checkpoint(path)["rng"]
+    _draws()  # advance every generator
+    restore_rng_state(loaded)
+    assert _draws() == expected
+    restore_rng_state(loaded)
+    assert _draws() == expected
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_rng_state_round_trip(tmp_path):
+    torch.cuda.manual_seed_all(7)
+    state = capture_rng_state()
+    assert len(state["cuda"]) == torch.cuda.device_count()
+    expected = torch.rand(5, device="cuda").tolist()
+    save_checkpoint(tmp_path / "rng.pt", {"rng": state})
+    loaded = load_checkpoint(tmp_path / "rng.pt", map_location="cuda")["rng"]
+    torch.rand(5, device="cuda")
+    restore_rng_state(loaded)
+    assert torch.rand(5, device="cuda").tolist() == expected

@@ -1,0 +1,140 @@
+"""The pretraining command line: exit codes, messages without tracebacks, dry run, resume."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssl_toolkit.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = [
+    "model.backbone=timm/test_resnet",
+    "data.name=synthetic",
+    "data.batch_size=32",
+    "method.projector={hidden_dim: 32, out_dim: 16}",
+    "logging.wandb.mode=disabled",
+    "trainer.device=cpu",
+    "trainer.max_steps=2",
+    "eval.knn_k=5",
+]
+
+
+def run_cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config", "simclr_lars", "optim.lr=-1"], "optim.lr: Input should be greater than"),
+        (["--config", "simclr_lars", "optim.momentun=0.9"], "optim.momentun: unknown key"),
+        (["--config", "nope"], "--config: no file 'nope'"),
+        (
+            ["--config", "simclr_lars", "data.name=cifar10", "data.root=/nonexistent/cifar"],
+            "data.root",
+        ),
+        (["--config", "simclr_lars", "--resume", "/nonexistent/last.pt"], "/nonexistent/last.pt"),
+    ],
+)
+def test_bad_input_exits_2_with_one_clear_message(capsys, args: list[str], message: str) -> None:
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+    assert err.startswith("error: ")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_exits_2(capsys, tmp_path: Path) -> None:
+    code, _, err = run_cli(
+        capsys, "--config", "simclr_lars", "trainer.device=cuda", f"trainer.output_dir={tmp_path}"
+    )
+    assert code == 2 and "cuda" in err.lower() and "Traceback" not in err
+
+
+def test_corrupt_checkpoint_exits_2_naming_the_file(capsys, tmp_path: Path) -> None:
+    ckpt = tmp_path / "last.pt"
+    ckpt.write_bytes(b"not a checkpoint")
+    code, _, err = run_cli(
+        capsys,
+        "--config",
+        "simclr_lars",
+        *TINY,
+        f"trainer.output_dir={tmp_path / 'run'}",
+        "--resume",
+        str(ckpt),
+    )
+    assert code == 2
+    assert str(ckpt) in err and "Traceback" not in err
+
+
+def test_checkpoint_of_another_model_exits_2(capsys, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert run_cli(capsys, "--config", "simclr_lars", *TINY, f"trainer.output_dir={run}")[0] == 0
+    code, _, err = run_cli(
+        capsys,
+        "--config",
+        "simclr_lars",
+        *TINY,
+        "method.projector.out_dim=8",
+        f"trainer.output_dir={run}",
+        "--resume",
+        "auto",
+    )
+    assert code == 2
+    assert "does not match this config" in err
+
+
+def test_dry_run_prints_config_and_every_parameter_rule(capsys) -> None:
+    code, out, _ = run_cli(capsys, "--config", "simclr_lars", "--dry-run")
+    assert code == 0
+    assert "optim:" in out and "name: lars" in out
+    assert "backbone.layer1.0.bn1.weight" in out
+    assert "projector.layers.0.weight" in out
+    assert "no adaptation: @norm" in out
+
+
+def test_run_then_resume_auto_continues(capsys, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    code, out, _ = run_cli(capsys, "--config", "simclr_lars", *TINY, f"trainer.output_dir={run}")
+    assert code == 0 and f"run directory: {run}" in out
+    assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.pt").is_file()
+    code, _, err = run_cli(
+        capsys,
+        "--config",
+        "simclr_lars",
+        *TINY,
+        "trainer.max_steps=3",
+        f"trainer.output_dir={run}",
+        "--resume",
+        "auto",
+    )
+    assert code == 0
+    assert "resumed from" in err and "at step 2" in err
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 3
+
+
+def test_script_exit_code_and_usage_error() -> None:
+    """The real script: argparse usage errors exit 2 too."""
+    script = ROOT / "scripts" / "pretrain.py"
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert proc.returncode == 2
+    assert "--config" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, str(script), "--config", "simclr_lars", "optim.eta=0"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: optim.eta: Input should be greater than 0 (got 0)"

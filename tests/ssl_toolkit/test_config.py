@@ -1,0 +1,115 @@
+"""The experiment config: YAML files, dotted overrides and errors that name their keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from optim import ConfigError, LARSConfig
+from ssl_toolkit.config import CONFIG_DIR, ExperimentConfig, apply_overrides, load_config
+
+SHIPPED = sorted(CONFIG_DIR.rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(CONFIG_DIR)) for p in SHIPPED])
+def test_every_shipped_config_validates(path: Path) -> None:
+    cfg = load_config(str(path))
+    assert isinstance(cfg.optim, LARSConfig)
+    assert cfg.optim.exclude_from_layer_adaptation == ["@norm", "@bias"]
+
+
+def test_recipes_carry_the_papers_hyperparameters() -> None:
+    simclr = load_config("imagenet/simclr")
+    assert (simclr.optim.lr, simclr.optim.weight_decay, simclr.method.temperature) == (
+        0.3,
+        1e-6,
+        0.1,
+    )
+    assert simclr.schedule.warmup_epochs == 10
+    byol = load_config("imagenet/byol")
+    assert (byol.optim.lr, byol.optim.weight_decay, byol.method.tau_base) == (0.2, 1.5e-6, 0.996)
+    assert (byol.method.projector.hidden_dim, byol.method.projector.out_dim) == (4096, 256)
+    assert (byol.method.predictor.hidden_dim, byol.method.predictor.out_dim) == (4096, 256)
+
+
+def test_bare_names_are_looked_up_in_configs() -> None:
+    assert load_config("simclr_lars").method.name == "simclr"
+    assert load_config("simclr_lars.yaml").method.name == "simclr"
+    assert load_config("byol_lars").method.name == "byol"
+
+
+def test_overrides_are_parsed_as_yaml() -> None:
+    cfg = load_config(
+        "simclr_lars",
+        [
+            "optim.lr=0.5",
+            "optim.exclude_from_layer_adaptation=[@norm]",
+            "trainer.max_steps=7",
+            "optim.exclude_from_weight_decay=[@norm,@bias]",
+            "logging.wandb.tags=[a, b]",
+            "optim.trust_clip=true",
+        ],
+    )
+    assert cfg.optim.lr == 0.5
+    assert cfg.optim.exclude_from_layer_adaptation == ["@norm"]
+    assert cfg.optim.exclude_from_weight_decay == ["@norm", "@bias"]
+    assert cfg.trainer.max_steps == 7
+    assert cfg.logging.wandb.tags == ["a", "b"]
+    assert cfg.optim.trust_clip is True
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("optim.lr=-1", "optim.lr: Input should be greater than or equal to 0 (got -1)"),
+        ("trainer.precision=fp8", "trainer.precision: Input should be 'fp32', 'bf16' or 'fp16'"),
+        ("trainer.epochs=many", "trainer.epochs: Input should be a valid integer"),
+        ("trainer.epoch=3", "trainer.epoch: unknown key; did you mean 'epochs'?"),
+        ("method.temprature=0.1", "method.temprature: unknown key; did you mean 'temperature'?"),
+        ("method.name=mocov3", "method.name: Input tag 'mocov3'"),
+        ("data.name=imagenet", "data.name: Input should be 'digits', 'synthetic'"),
+        ("logging.wandb.mode=cloud", "logging.wandb.mode: Input should be 'offline', 'online'"),
+        ("optim.name=lasr", "optim.name: unknown optimizer 'lasr'; did you mean 'lars'?"),
+        ("optim.lr.value=1", "optim.lr.value: optim.lr is a value (0.3), not a section"),
+        ("optim.lr", "optim.lr: an override must look like dotted.key=value"),
+        ("optim.lr=[1", "optim.lr: cannot parse '[1' as YAML"),
+        ("bogus.key=1", "bogus: unknown key; did you mean"),
+    ],
+)
+def test_bad_overrides_name_their_key(override: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config("simclr_lars", [override])
+    assert expected in str(info.value)
+    assert len(info.value.problems) == 1
+
+
+def test_byol_tau_must_rise() -> None:
+    with pytest.raises(ConfigError, match="method: tau_final must be >= tau_base"):
+        load_config("byol_lars", ["method.tau_base=0.999", "method.tau_final=0.99"])
+
+
+def test_unknown_config_file_lists_known_ones() -> None:
+    with pytest.raises(ConfigError, match=r"--config: no file 'simclr_lasr'.*simclr_lars\.yaml"):
+        load_config("simclr_lasr")
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  name: lars\n  lr: [0.1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: line \d+, column \d+ invalid YAML"):
+        load_config(str(bad))
+
+
+def test_yaml_tags_are_not_executed(tmp_path: Path) -> None:
+    bad = tmp_path / "evil.yaml"
+    bad.write_text("optim: !!python/object/apply:os.system ['echo hi']\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(str(bad))
+
+
+def test_resolved_config_round_trips() -> None:
+    cfg = load_config("byol_lars")
+    again = ExperimentConfig.from_dict(cfg.to_dict())
+    assert again == cfg
+    assert apply_overrides({}, ["a.b.c=1"]) == {"a": {"b": {"c": 1}}}

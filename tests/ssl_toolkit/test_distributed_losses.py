@@ -1,0 +1,177 @@
+"""Two gloo ranks, each with half the batch, must reproduce one process on the joined batch."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import ssl_toolkit.losses as losses
+from ssl_toolkit.distributed import (
+    DeviceUnavailableError,
+    DistContext,
+    all_reduce_mean,
+    cleanup_distributed,
+    setup_distributed,
+)
+from ssl_toolkit.methods import SimCLR
+
+WORLD = 2
+PER_RANK = 3
+TEMPERATURE = 0.2
+
+
+def _model() -> SimCLR:
+    # No batch norm: per-rank statistics would legitimately differ from the joined batch.
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8))
+    return SimCLR(backbone, nn.Linear(8, 4), temperature=TEMPERATURE).double()
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return (
+        torch.randn(WORLD * PER_RANK, 6, dtype=torch.float64, generator=g),
+        torch.randn(WORLD * PER_RANK, 6, dtype=torch.float64, generator=g),
+    )
+
+
+class _SliceOnlyGather(torch.autograd.Function):
+    """The known bug: gather, but backward keeps this rank's slice without summing over ranks."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        chunks = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(chunks, tensor.contiguous())
+        ctx.rows, ctx.rank = tensor.shape[0], dist.get_rank()
+        return torch.cat(chunks)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def _loss_and_grads(ddp: nn.Module, rank: int) -> dict:
+    view_a, view_b = _batch()
+    rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    ddp.zero_grad(set_to_none=True)
+    loss = ddp(view_a[rows], view_b[rows])
+    loss.backward()
+    return {
+        "loss": all_reduce_mean(loss.detach()).item(),
+        "grads": {n: p.grad.clone() for n, p in ddp.module.named_parameters()},
+    }
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    ctx = setup_distributed("cpu")
+    try:
+        ddp = nn.parallel.DistributedDataParallel(_model())
+        result = {
+            "ctx": (ctx.rank, ctx.world_size, ctx.local_rank, str(ctx.device), ctx.is_main),
+            "backend": dist.get_backend(),
+            "mean": all_reduce_mean(torch.tensor([rank + 1.0, 10.0 * rank])),
+            "correct": _loss_and_grads(ddp, rank),
+        }
+        losses._gather_with_grad = _SliceOnlyGather.apply
+        result["slice_only"] = _loss_and_grads(ddp, rank)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    except BaseException:
+        cleanup_distributed()
+        raise
+    cleanup_distributed(sync=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("ddp")
+    # spawn, not fork: other tests may have left threads (e.g. W&B's) running in this process.
+    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    model = _model()
+    view_a, view_b = _batch()
+    loss = model(view_a, view_b)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_setup_distributed_reads_torchrun_env_and_uses_gloo(rank_results):
+    for rank, result in enumerate(rank_results):
+        assert result["ctx"] == (rank, WORLD, rank, "cpu", rank == 0)
+        assert result["backend"] == "gloo"
+        torch.testing.assert_close(result["mean"], torch.tensor([1.5, 5.0]))
+
+
+def test_two_ranks_reproduce_loss_and_gradients_of_joined_batch(rank_results, single_process):
+    ref_loss, ref_grads = single_process
+    for result in rank_results:
+        assert result["correct"]["loss"] == pytest.approx(ref_loss, rel=1e-12)
+        assert result["correct"]["grads"].keys() == ref_grads.keys()
+        for name, grad in result["correct"]["grads"].items():
+            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_slice_only_gather_bug_is_detected(rank_results, single_process):
+    """The comparison above is sensitive: the known bug changes gradients, not the loss."""
+    ref_loss, ref_grads = single_process
+    for result in rank_results:
+        assert result["slice_only"]["loss"] == pytest.approx(ref_loss, rel=1e-12)
+        weight = "projector.weight"
+        assert not torch.allclose(result["slice_only"]["grads"][weight], ref_grads[weight])
+
+
+def test_single_process_context_and_helpers(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    ctx = setup_distributed("cpu")
+    assert ctx == DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    assert ctx.is_main and not ctx.is_distributed
+    assert not dist.is_initialized()
+    t = torch.tensor([2.0])
+    assert all_reduce_mean(t) is t
+    cleanup_distributed()  # no process group: must be a no-op
+
+
+def test_device_choice_errors(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ValueError, match="device must be one of"):
+        setup_distributed("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert setup_distributed("auto").device == torch.device("cpu")
+    with pytest.raises(DeviceUnavailableError, match="CUDA is not available"):
+        setup_distributed("cuda")
+    monkeypatch.setenv("RANK", "x")
+    with pytest.raises(ValueError, match="RANK='x'"):
+        setup_distributed("cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_device_follows_local_rank(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert setup_distributed("auto").device == torch.device("cuda", 0)
+    assert setup_distributed("cuda").device == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", str(torch.cuda.device_count()))
+    with pytest.raises(DeviceUnavailableError, match="LOCAL_RANK"):
+        setup_distributed("cuda")

@@ -1,0 +1,183 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ssl_toolkit.evaluation import _stratified_subset, extract_features, knn_top1, linear_probe
+from ssl_toolkit.methods import SimCLR
+
+# Train points on the unit circle (and beyond); cosine similarity to the query (1, 0) is
+# 1, 0.8, 0.6, 0 and -1.
+TRAIN = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [0.0, 2.0], [-3.0, 0.0]])
+TRAIN_LABELS = torch.tensor([0, 1, 1, 0, 1])
+QUERY = torch.tensor([[1.0, 0.0]])
+
+
+@pytest.mark.parametrize("temperature", [0.1, 1.0])
+def test_knn_hand_computed_weights(temperature):
+    # k=3 neighbours: (sim 1, class 0), (0.8, class 1), (0.6, class 1).
+    class0 = math.exp(1.0 / temperature)
+    class1 = math.exp(0.8 / temperature) + math.exp(0.6 / temperature)
+    predicted = 0 if class0 > class1 else 1  # T=0.1: 22026 vs 3384 -> 0; T=1: 2.72 vs 4.05 -> 1
+    for label in (0, 1):
+        acc = knn_top1(
+            TRAIN,
+            TRAIN_LABELS,
+            QUERY,
+            torch.tensor([label]),
+            k=3,
+            temperature=temperature,
+            num_classes=2,
+        )
+        assert acc == (1.0 if label == predicted else 0.0)
+
+
+def test_knn_weighting_differs_from_majority_vote():
+    # A plain majority of the 3 neighbours says class 1; the weighted vote at T=0.1 says 0.
+    acc = knn_top1(TRAIN, TRAIN_LABELS, QUERY, torch.tensor([0]), k=3, num_classes=2)
+    assert acc == 1.0
+    # k larger than the training set is clamped: all 5 vote, T=1 makes class 1 win
+    # (e^0.8 + e^0.6 + e^-1 = 4.42 > e^1 + e^0 = 3.72).
+    assert knn_top1(
+        TRAIN, TRAIN_LABELS, QUERY, torch.tensor([1]), k=50, temperature=1.0, num_classes=2
+    ) == (1.0 if math.exp(0.8) + math.exp(0.6) + math.exp(-1) > math.exp(1) + 1 else 0.0)
+
+
+def _knn_loop(train, train_labels, test, test_labels, k, temperature, num_classes):
+    def cos(u, v):
+        return sum(a * b for a, b in zip(u, v, strict=True)) / (
+            math.sqrt(sum(a * a for a in u)) * math.sqrt(sum(b * b for b in v))
+        )
+
+    train_rows, test_rows = train.tolist(), test.tolist()
+    correct = 0
+    for q, label in zip(test_rows, test_labels.tolist(), strict=True):
+        sims = sorted(
+            ((cos(q, t), c) for t, c in zip(train_rows, train_labels.tolist(), strict=True))
+        )[-k:]
+        votes = [0.0] * num_classes
+        for s, c in sims:
+            votes[c] += math.exp(s / temperature)
+        correct += max(range(num_classes), key=lambda c: (votes[c], -c)) == label
+    return correct / len(test_rows)
+
+
+@pytest.mark.parametrize("k,temperature,chunk", [(1, 0.1, 1024), (5, 0.07, 7), (20, 0.5, 3)])
+def test_knn_matches_python_loop_on_random_data(k, temperature, chunk):
+    g = torch.Generator().manual_seed(k)
+    train, test = torch.randn(60, 5, generator=g), torch.randn(37, 5, generator=g)
+    train_labels = torch.randint(0, 4, (60,), generator=g)
+    # Test labels agree with the loop's own predictions half of the time.
+    test_labels = torch.randint(0, 4, (37,), generator=g)
+    expected = _knn_loop(train, train_labels, test, test_labels, k, temperature, 4)
+    got = knn_top1(
+        train,
+        train_labels,
+        test,
+        test_labels,
+        k=k,
+        temperature=temperature,
+        num_classes=4,
+        chunk_size=chunk,
+    )
+    assert got == pytest.approx(expected, abs=1e-12)
+    assert 0.0 <= got <= 1.0
+
+
+def _clusters(per_class: int, seed: int, num_classes: int = 3, dim: int = 16):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.eye(num_classes, dim) * 4
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    feats = centers[labels] + 0.5 * torch.randn(len(labels), dim, generator=g)
+    return feats, labels
+
+
+def test_linear_probe_separates_clusters_and_is_deterministic():
+    train, train_labels = _clusters(40, seed=0)
+    test, test_labels = _clusters(20, seed=1)
+    acc = linear_probe(train, train_labels, test, test_labels, num_classes=3, epochs=30)
+    assert acc == 1.0
+    # On noisy, overlapping data the result depends on the seed only, not on global RNG state.
+    noisy_train, noisy_test = torch.randn(90, 16), torch.randn(60, 16)
+    noisy_labels, noisy_test_labels = torch.randint(0, 3, (90,)), torch.randint(0, 3, (60,))
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        runs.append(
+            linear_probe(
+                noisy_train,
+                noisy_labels,
+                noisy_test,
+                noisy_test_labels,
+                num_classes=3,
+                epochs=5,
+                labels_per_class=10,
+                seed=3,
+            )
+        )
+    assert runs[0] == runs[1]
+
+
+def test_linear_probe_few_labels():
+    train, train_labels = _clusters(40, seed=0)
+    test, test_labels = _clusters(20, seed=1)
+    acc = linear_probe(
+        train, train_labels, test, test_labels, num_classes=3, epochs=50, labels_per_class=2
+    )
+    assert acc == 1.0
+    with pytest.raises(ValueError, match="class 2 has only 35 samples"):
+        linear_probe(
+            train[:-5], train_labels[:-5], test, test_labels, num_classes=3, labels_per_class=36
+        )
+
+
+def test_stratified_subset_takes_exactly_k_distinct_samples_per_class():
+    labels = torch.tensor([0] * 7 + [1] * 5 + [2] * 9)
+    chosen = _stratified_subset(labels, 3, torch.Generator().manual_seed(0))
+    assert len(set(chosen.tolist())) == 9
+    assert torch.bincount(labels[chosen]).tolist() == [3, 3, 3]
+    again = _stratified_subset(labels, 3, torch.Generator().manual_seed(0))
+    assert torch.equal(chosen, again)
+
+
+def test_extract_features_normalises_in_eval_mode_and_restores_mode():
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6))
+    encoder.train()
+    running_mean = encoder[1].running_mean.clone()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(5, 4, generator=g), torch.arange(5)) for _ in range(3)]
+    feats, labels = extract_features(encoder, batches, transform=lambda x: 2 * x)
+    assert feats.shape == (15, 6) and labels.tolist() == list(range(5)) * 3
+    torch.testing.assert_close(feats.norm(dim=1), torch.ones(15))
+    encoder.eval()
+    with torch.no_grad():
+        expected = nn.functional.normalize(encoder(2 * torch.cat([b for b, _ in batches])), dim=1)
+    torch.testing.assert_close(feats, expected)
+    encoder.train()
+    assert torch.equal(encoder[1].running_mean, running_mean)
+
+
+def test_features_from_extract_features_feed_knn_and_probe():
+    train, train_labels = _clusters(30, seed=0)
+    test, test_labels = _clusters(10, seed=1)
+    encoder = nn.Identity()
+    train_f, train_l = extract_features(encoder, [(train, train_labels)])
+    test_f, test_l = extract_features(encoder, [(test, test_labels)])
+    assert linear_probe(train_f, train_l, test_f, test_l, num_classes=3) == 1.0
+    with torch.inference_mode():  # features computed by a caller under inference_mode
+        train_f, test_f = train_f.clone(), test_f.clone()
+    assert train_f.is_inference()
+    assert linear_probe(train_f, train_l, test_f, test_l, num_classes=3) == 1.0
+    assert knn_top1(train_f, train_l, test_f, test_l, num_classes=3) == 1.0
+
+
+def test_extract_features_with_bound_method_of_model():
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.BatchNorm1d(5))
+    model = SimCLR(backbone, nn.Linear(5, 3), temperature=0.1).train()
+    batches = [(torch.randn(4, 3, 2, 2), torch.zeros(4, dtype=torch.long))]
+    feats, _ = extract_features(model.embed, batches, None, device="cpu")
+    assert model.training and feats.shape == (4, 5)
+    assert backbone[2].num_batches_tracked.item() == 0

@@ -1,0 +1,197 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssl_toolkit.losses import nt_xent
+from ssl_toolkit.methods import BYOL, SimCLR, cosine_tau
+
+
+def _backbone() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 8),
+    )
+
+
+def _head(in_dim: int, out_dim: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(in_dim, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, out_dim))
+
+
+def _views(n: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 8, 8, generator=g), torch.randn(n, 3, 8, 8, generator=g)
+
+
+def _byol() -> BYOL:
+    torch.manual_seed(0)
+    return BYOL(_backbone(), _head(8, 4), _head(4, 4))
+
+
+def test_simclr_loss_is_scalar_with_gradients_into_backbone():
+    torch.manual_seed(0)
+    model = SimCLR(_backbone(), _head(8, 4), temperature=0.2)
+    calls = []
+    model.backbone.register_forward_hook(lambda m, inp, out: calls.append(inp[0].shape[0]))
+    view_a, view_b = _views()
+    loss = model(view_a, view_b)
+    assert calls == [12], "both views must go through the backbone in one forward"
+    assert loss.ndim == 0 and loss.requires_grad
+    loss.backward()
+    for name, p in model.backbone.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_simclr_loss_equals_nt_xent_of_projections():
+    torch.manual_seed(0)
+    model = SimCLR(_backbone(), _head(8, 4), temperature=0.2).eval()
+    view_a, view_b = _views()
+    with torch.no_grad():
+        expected = nt_xent(
+            model.projector(model.backbone(view_a)), model.projector(model.backbone(view_b)), 0.2
+        )
+        assert model(view_a, view_b).item() == pytest.approx(expected.item(), rel=1e-6)
+        assert model.embed(view_a).shape == (6, 8)
+    assert model.trainable_module() is model
+    with pytest.raises(ValueError, match="temperature"):
+        SimCLR(_backbone(), _head(8, 4), temperature=0)
+
+
+def test_byol_target_is_frozen_copy_in_state_dict_but_not_trainable():
+    model = _byol()
+    names = {n for n, _ in model.named_parameters()}
+    trainable = dict(model.trainable_module().named_parameters())
+    assert set(trainable) == {n for n in names if not n.startswith("target.")}
+    assert {n.split(".")[0] for n in trainable} == {"backbone", "projector", "predictor"}
+    own = dict(model.named_parameters())
+    assert all(trainable[n] is own[n] for n in trainable)
+    target = {n: p for n, p in own.items() if n.startswith("target.")}
+    assert set(target) == {f"target.{n}" for n in trainable if not n.startswith("predictor.")}
+    assert all(not p.requires_grad for p in target.values())
+    state = model.state_dict()
+    assert "target.backbone.1.running_mean" in state
+    for name, p in target.items():
+        online = own[name.removeprefix("target.")]
+        assert torch.equal(p, online) and p.data_ptr() != online.data_ptr()
+
+
+def test_byol_backward_reaches_online_only_and_loss_is_symmetric_formula():
+    model = _byol()
+    view_a, view_b = _views()
+    loss = model(view_a, view_b)
+    loss.backward()
+    for name, p in model.named_parameters():
+        if name.startswith("target."):
+            assert p.grad is None, name
+        else:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+    # Independent recomputation in eval mode (fixed batch-norm statistics).
+    model.eval()
+    with torch.no_grad():
+        got = model(view_a, view_b).item()
+
+        def predict(x):
+            return model.predictor(model.projector(model.backbone(x)))
+
+        def project_target(x):
+            return model.target["projector"](model.target["backbone"](x))
+
+        p_a, p_b = predict(view_a), predict(view_b)
+        z_a, z_b = project_target(view_a), project_target(view_b)
+        expected = (2 - 2 * F.cosine_similarity(p_a, z_b)).mean() + (
+            2 - 2 * F.cosine_similarity(p_b, z_a)
+        ).mean()
+    assert got == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_byol_update_target_is_ema_for_params_and_copy_for_buffers():
+    model = _byol()
+    with torch.no_grad():
+        for p in model.trainable_module().parameters():
+            p.add_(torch.randn_like(p))
+    model(*_views())  # train-mode forward changes the online running statistics
+    online = {n: p.detach().clone() for n, p in model.named_parameters() if "target" not in n}
+    before = {
+        n.removeprefix("target."): p.detach().clone()
+        for n, p in model.named_parameters()
+        if n.startswith("target.")
+    }
+    tau = 0.9
+    model.update_target(tau)
+    for name, p in model.named_parameters():
+        if name.startswith("target."):
+            key = name.removeprefix("target.")
+            torch.testing.assert_close(p, tau * before[key] + (1 - tau) * online[key])
+    buffers = dict(model.named_buffers())
+    for name, b in buffers.items():
+        if name.startswith("target."):
+            assert torch.equal(b, buffers[name.removeprefix("target.")]), name
+    assert buffers["target.backbone.1.num_batches_tracked"].item() == 1
+
+
+def test_byol_update_target_endpoints():
+    model = _byol()
+    with torch.no_grad():
+        for p in model.trainable_module().parameters():
+            p.add_(1.0)
+    frozen = {n: p.clone() for n, p in model.target.named_parameters()}
+    model.update_target(1.0)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.target.named_parameters())
+    model.update_target(0.0)
+    assert torch.equal(model.target["projector"][0].weight, model.projector[0].weight)
+    with pytest.raises(ValueError, match="tau"):
+        model.update_target(1.5)
+
+
+def test_byol_optimizer_step_leaves_target_alone_and_embed_uses_online_backbone():
+    model = _byol()
+    opt = torch.optim.SGD(model.trainable_module().parameters(), lr=0.1)
+    target_before = {n: p.clone() for n, p in model.target.named_parameters()}
+    model(*_views()).backward()
+    opt.step()
+    assert all(torch.equal(p, target_before[n]) for n, p in model.target.named_parameters())
+    assert not torch.equal(model.backbone[0].weight, model.target["backbone"][0].weight)
+    x = _views()[0]
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.embed(x), model.backbone(x))
+
+
+def test_cosine_tau_schedule():
+    assert cosine_tau(0, 100, 0.996, 1.0) == pytest.approx(0.996)
+    assert cosine_tau(100, 100, 0.996, 1.0) == pytest.approx(1.0)
+    assert cosine_tau(50, 100, 0.99, 1.0) == pytest.approx(0.995)
+    step = 30
+    expected = 1.0 - (1.0 - 0.99) * (math.cos(math.pi * step / 100) + 1) / 2
+    assert cosine_tau(step, 100, 0.99, 1.0) == pytest.approx(expected)
+    values = [cosine_tau(s, 100, 0.99, 1.0) for s in range(101)]
+    assert values == sorted(values)
+    assert cosine_tau(-5, 100, 0.99) == pytest.approx(0.99)
+    assert cosine_tau(500, 100, 0.99) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="total_steps"):
+        cosine_tau(0, 0, 0.99, 1.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_byol_step_and_ema_on_cuda_under_autocast():
+    model = _byol().cuda()
+    view_a, view_b = (v.cuda() for v in _views())
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(view_a, view_b)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    with torch.no_grad():
+        for p in model.trainable_module().parameters():
+            p.add_(1.0)
+    before = model.target["projector"][0].weight.clone()
+    online = model.projector[0].weight.clone()
+    model.update_target(0.75)
+    torch.testing.assert_close(model.target["projector"][0].weight, 0.75 * before + 0.25 * online)
