@@ -71,7 +71,7 @@ def test_overrides_are_parsed_as_yaml() -> None:
         ("data.name=imagenet", "data.name: Input should be 'digits', 'synthetic'"),
         ("logging.wandb.mode=cloud", "logging.wandb.mode: Input should be 'offline', 'online'"),
         ("optim.name=lasr", "optim.name: unknown optimizer 'lasr'; did you mean 'lars'?"),
-        ("optim.lr.value=1", "optim.lr.value: optim.lr is a value (0.3), not a section"),
+        ("optim.lr.value=1", "optim.lr.value: optim.lr is a value ("),
         ("optim.lr", "optim.lr: an override must look like dotted.key=value"),
         ("optim.lr=[1", "optim.lr: cannot parse '[1' as YAML"),
         ("bogus.key=1", "bogus: unknown key; did you mean"),
