@@ -2,8 +2,8 @@
 
 Wall-clock time on a shared machine is noisy; the number of aten ops an optimizer step
 dispatches and the number of device-to-host reads it makes are not. A host sync is any op whose
-result Python must see: ``.item()``, ``bool(tensor)`` (``if`` on a tensor), ``.tolist()`` or an
-op with a data-dependent output shape.
+result Python must see: reading a value (``item``, ``tolist``), the truth value of a tensor (a
+Python ``if`` on it), or an op with a data-dependent output shape.
 """
 
 from __future__ import annotations
