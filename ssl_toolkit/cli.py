@@ -20,6 +20,7 @@ from ssl_toolkit.checkpoint import CheckpointError
 from ssl_toolkit.config import ExperimentConfig, load_config
 from ssl_toolkit.data import DatasetNotFoundError
 from ssl_toolkit.distributed import DeviceUnavailableError, cleanup_distributed
+from ssl_toolkit.trainer import Trainer, build_method, last_checkpoint
 
 __all__ = ["main"]
 
@@ -51,8 +52,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _resume_path(resume: str | None, cfg: ExperimentConfig, console: Console) -> Path | None:
-    from ssl_toolkit.trainer import last_checkpoint
-
     if resume is None:
         return None
     if resume == "auto":
@@ -69,8 +68,6 @@ def _resume_path(resume: str | None, cfg: ExperimentConfig, console: Console) ->
 
 def dry_run(cfg: ExperimentConfig, console: Console) -> None:
     """Print the resolved config and which rule each parameter matched."""
-    from ssl_toolkit.trainer import build_method
-
     console.print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="", markup=False)
     module = build_method(cfg).trainable_module()
     name_parameters(module)
@@ -86,8 +83,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             dry_run(cfg, Console(width=160))
             return 0
-        from ssl_toolkit.trainer import Trainer
-
         Trainer(cfg, resume=_resume_path(args.resume, cfg, err), console=err).fit()
         cleanup_distributed(sync=True)
         out.print(f"run directory: {cfg.trainer.output_dir}")
