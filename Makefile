@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint pretrain bench clean
+.PHONY: setup test lint pretrain bench docs clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,9 @@ pretrain: setup
 
 bench: setup
 	$(PY) scripts/bench_optim.py
+
+docs: setup
+	$(PY) -m ssl_toolkit.config_reference README.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

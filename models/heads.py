@@ -17,8 +17,9 @@ class ProjectionHead(nn.Module):
     Covers the SimCLR projector (``ProjectionHead(2048, 2048, 128)``), the BYOL projector
     (``ProjectionHead(2048, 4096, 256)``) and SimCLR v2's deeper variant with a BatchNorm on the
     output (``num_layers=3, last_batch_norm=True``). Linear layers followed by a BatchNorm have no
-    bias, since the BatchNorm shift makes it redundant. ``num_layers=1`` is a single Linear map
-    and ignores ``hidden_dim``.
+    bias, since the BatchNorm shift makes it redundant; ``last_bias=False`` drops the output bias
+    too (Barlow Twins, whose loss standardises the output). ``num_layers=1`` is a single Linear
+    map and ignores ``hidden_dim``.
     """
 
     def __init__(
@@ -29,6 +30,7 @@ class ProjectionHead(nn.Module):
         num_layers: int = 2,
         batch_norm: bool = True,
         last_batch_norm: bool = False,
+        last_bias: bool = True,
     ) -> None:
         super().__init__()
         if num_layers < 1:
@@ -41,7 +43,7 @@ class ProjectionHead(nn.Module):
                 layers.append(nn.BatchNorm1d(hidden_dim))
             layers.append(nn.ReLU(inplace=True))
             dim = hidden_dim
-        layers.append(nn.Linear(dim, out_dim, bias=not last_batch_norm))
+        layers.append(nn.Linear(dim, out_dim, bias=last_bias and not last_batch_norm))
         if last_batch_norm:
             layers.append(nn.BatchNorm1d(out_dim))
         self.layers = nn.Sequential(*layers)

@@ -21,7 +21,6 @@ from .errors import ConfigError
 from .lars import LARS, lars
 from .param_rules import ParamRow, name_parameters, render_param_table, resolve_params
 from .registry import (
-    OptimizerEntry,
     build_optimizer,
     get_optimizer_config,
     list_optimizers,
@@ -38,7 +37,6 @@ __all__ = [
     "LAMBConfig",
     "LARSConfig",
     "OptimizerConfig",
-    "OptimizerEntry",
     "ParamGroupRule",
     "ParamRow",
     "SGDConfig",

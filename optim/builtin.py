@@ -20,7 +20,7 @@ def _decay_groups(config: OptimizerConfig, model: nn.Module) -> list[dict[str, o
     return group_params(model, rows, config.lr, key=lambda row: {"weight_decay": row.weight_decay})
 
 
-@register_optimizer("lars", LARSConfig, description="LARS, exact to the original minerva LARS")
+@register_optimizer("lars", LARSConfig)
 def build_lars(config: LARSConfig, model: nn.Module) -> LARS:
     """LARS with the config's rules.
 
@@ -54,7 +54,7 @@ def build_lars(config: LARSConfig, model: nn.Module) -> LARS:
     )
 
 
-@register_optimizer("sgd", SGDConfig, description="torch.optim.SGD")
+@register_optimizer("sgd", SGDConfig)
 def build_sgd(config: SGDConfig, model: nn.Module) -> torch.optim.SGD:
     """SGD with momentum and the config's rules."""
     return torch.optim.SGD(
@@ -67,7 +67,7 @@ def build_sgd(config: SGDConfig, model: nn.Module) -> torch.optim.SGD:
     )
 
 
-@register_optimizer("adamw", AdamWConfig, description="torch.optim.AdamW")
+@register_optimizer("adamw", AdamWConfig)
 def build_adamw(config: AdamWConfig, model: nn.Module) -> torch.optim.AdamW:
     """AdamW with the config's rules."""
     return torch.optim.AdamW(
@@ -79,7 +79,7 @@ def build_adamw(config: AdamWConfig, model: nn.Module) -> torch.optim.AdamW:
     )
 
 
-@register_optimizer("lamb", LAMBConfig, description="timm's LAMB")
+@register_optimizer("lamb", LAMBConfig)
 def build_lamb(config: LAMBConfig, model: nn.Module) -> Lamb:
     """LAMB with the config's rules."""
     return Lamb(

@@ -21,15 +21,26 @@ __all__ = [
 
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 
+# Descriptions of keys that several optimizers share.
+WEIGHT_DECAY = "weight decay λ"
+MOMENTUM = "momentum μ"
+NESTEROV = "Nesterov momentum (needs momentum > 0)"
+FOREACH = "multi-tensor path; null: the faster path for the device"
+TRUST_CLIP = "LARC: effective lr = min(lr, trust ratio)"
+BETAS = "Adam's moment decays"
+EPS = "added to Adam's denominator"
+
 
 class ParamGroupRule(BaseModel):
     """Settings for the parameters matched by ``match``; the first matching rule wins."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    match: list[str] = Field(min_length=1)
-    lr_scale: float = Field(1.0, ge=0.0)
-    weight_decay: float | None = Field(None, ge=0.0)
+    match: list[str] = Field(min_length=1, description="patterns of the parameters it applies to")
+    lr_scale: float = Field(1.0, ge=0.0, description="multiplies the scheduled lr")
+    weight_decay: float | None = Field(
+        None, ge=0.0, description="replaces the optimizer's weight decay (null: keep it)"
+    )
 
 
 class OptimizerConfig(BaseModel):
@@ -37,26 +48,34 @@ class OptimizerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str
-    lr: float = Field(ge=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    exclude_from_weight_decay: list[str] = Field(default_factory=list)
-    param_groups: list[ParamGroupRule] = Field(default_factory=list)
+    name: str = Field(description="the registered optimizer")
+    lr: float = Field(ge=0.0, description="base learning rate (the schedule scales it)")
+    weight_decay: float = Field(0.0, ge=0.0, description=WEIGHT_DECAY)
+    exclude_from_weight_decay: list[str] = Field(
+        default_factory=list, description="patterns of parameters without weight decay"
+    )
+    param_groups: list[ParamGroupRule] = Field(
+        default_factory=list,
+        description="ordered rules; the first that matches a parameter sets its lr scale "
+        "and weight decay",
+    )
 
 
 class LARSConfig(OptimizerConfig):
     """LARS; the defaults are the original minerva LARS."""
 
-    name: Literal["lars"] = "lars"
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(1e-6, ge=0.0)
-    eta: float = Field(0.001, gt=0.0)
-    epsilon: float = Field(1e-8, ge=0.0)
-    exclude_from_layer_adaptation: list[str] = Field(default_factory=list)
-    trust_clip: bool = False
-    nesterov: bool = False
-    foreach: bool | None = None
-    fused: bool = False
+    name: Literal["lars"] = Field("lars", description="selects this optimizer")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description=MOMENTUM)
+    weight_decay: float = Field(1e-6, ge=0.0, description=WEIGHT_DECAY)
+    eta: float = Field(0.001, gt=0.0, description="trust coefficient η of the layer-wise ratio")
+    epsilon: float = Field(1e-8, ge=0.0, description="added to the ratio's denominator")
+    exclude_from_layer_adaptation: list[str] = Field(
+        default_factory=list, description="patterns of parameters updated with ratio 1"
+    )
+    trust_clip: bool = Field(False, description=TRUST_CLIP)
+    nesterov: bool = Field(False, description=NESTEROV)
+    foreach: bool | None = Field(None, description=FOREACH)
+    fused: bool = Field(False, description="compile the update with `torch.compile`")
 
     @model_validator(mode="after")
     def _consistent(self) -> LARSConfig:
@@ -70,11 +89,11 @@ class LARSConfig(OptimizerConfig):
 class SGDConfig(OptimizerConfig):
     """``torch.optim.SGD``."""
 
-    name: Literal["sgd"] = "sgd"
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    dampening: float = Field(0.0, ge=0.0, lt=1.0)
-    nesterov: bool = False
-    foreach: bool | None = None
+    name: Literal["sgd"] = Field("sgd", description="selects this optimizer")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description=MOMENTUM)
+    dampening: float = Field(0.0, ge=0.0, lt=1.0, description="dampening of the momentum")
+    nesterov: bool = Field(False, description=NESTEROV)
+    foreach: bool | None = Field(None, description=FOREACH)
 
     @model_validator(mode="after")
     def _consistent(self) -> SGDConfig:
@@ -86,22 +105,22 @@ class SGDConfig(OptimizerConfig):
 class AdamWConfig(OptimizerConfig):
     """``torch.optim.AdamW``."""
 
-    name: Literal["adamw"] = "adamw"
-    betas: tuple[Beta, Beta] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0.0)
-    weight_decay: float = Field(0.01, ge=0.0)
-    foreach: bool | None = None
+    name: Literal["adamw"] = Field("adamw", description="selects this optimizer")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.999), description=BETAS)
+    eps: float = Field(1e-8, gt=0.0, description=EPS)
+    weight_decay: float = Field(0.01, ge=0.0, description=WEIGHT_DECAY)
+    foreach: bool | None = Field(None, description=FOREACH)
 
 
 class LAMBConfig(OptimizerConfig):
     """timm's LAMB (layer-wise adaptive moments)."""
 
-    name: Literal["lamb"] = "lamb"
-    betas: tuple[Beta, Beta] = (0.9, 0.999)
-    eps: float = Field(1e-6, gt=0.0)
-    weight_decay: float = Field(0.01, ge=0.0)
-    trust_clip: bool = False
-    always_adapt: bool = False
+    name: Literal["lamb"] = Field("lamb", description="selects this optimizer")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.999), description=BETAS)
+    eps: float = Field(1e-6, gt=0.0, description=EPS)
+    weight_decay: float = Field(0.01, ge=0.0, description=WEIGHT_DECAY)
+    trust_clip: bool = Field(False, description=TRUST_CLIP)
+    always_adapt: bool = Field(False, description="adapt parameters without weight decay too")
 
 
 BuiltinOptimizerConfig = Annotated[

@@ -33,7 +33,7 @@ _FOREACH_BY_DEFAULT = {"cuda": True, "cpu": True}
 class LARS(Optimizer):
     """Layer-wise Adaptive Rate Scaling with momentum, exact to the original minerva LARS.
 
-    For every parameter ``p`` with gradient ``g`` (DESIGN.md, "LARS semantics")::
+    For every parameter ``p`` with gradient ``g`` (docs/lars.md)::
 
         r   = eta * ||p|| / (||g|| + weight_decay * ||p|| + epsilon)   (1 if not adapted,
                                                                         ||p|| == 0 or denom == 0)

@@ -1,8 +1,10 @@
-"""The optimizer registry: small metadata records, looked up by name, built from configs.
+"""Registries of named components built from validated configs, and the optimizer registry.
 
-Other installed packages add optimizers through the entry-point group ``ssl_toolkit.optimizers``:
-each entry point names a module or callable that calls ``register_optimizer`` when loaded. They
-are loaded lazily, on the first lookup, so importing ``optim`` stays cheap.
+A :class:`Registry` maps names to small records (name, config class, what it builds). Other
+installed packages add entries through an entry-point group: each entry point names a module or
+callable that registers when loaded. Entry points load lazily, on the first lookup, so importing
+a registry stays cheap. The optimizers use the group ``ssl_toolkit.optimizers``; the SSL methods
+of ``ssl_toolkit`` use the same class with their own group.
 """
 
 from __future__ import annotations
@@ -10,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from torch import nn
 
 from .configs import OptimizerConfig
@@ -22,7 +24,9 @@ from .param_rules import name_parameters
 
 __all__ = [
     "ENTRY_POINT_GROUP",
-    "OptimizerEntry",
+    "OPTIMIZERS",
+    "Registry",
+    "RegistryEntry",
     "build_optimizer",
     "get_optimizer_config",
     "list_optimizers",
@@ -35,83 +39,119 @@ ENTRY_POINT_GROUP = "ssl_toolkit.optimizers"
 Builder = Callable[[Any, nn.Module], torch.optim.Optimizer]
 """Builds an optimizer from a validated config and the model whose parameters it optimizes."""
 
-B = TypeVar("B", bound=Builder)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class OptimizerEntry:
-    """One registered optimizer: its name, its config model and its builder."""
+class RegistryEntry(Generic[T]):
+    """One registered component: its config model and what builds it."""
 
-    name: str
-    config_cls: type[OptimizerConfig]
-    builder: Builder
-    description: str = ""
+    config_cls: type[BaseModel]
+    target: T
 
 
-_REGISTRY: dict[str, OptimizerEntry] = {}
-_entry_points_loaded = False
+class Registry(Generic[T]):
+    """Names → (config class, target), with entry-point plugins and config validation.
+
+    ``kind`` names the component in messages ("optimizer", "method"); ``base_config`` is the
+    class every registered config must subclass, with a ``name`` field defaulting to the
+    registered name, which is how a mapping picks its config class.
+    """
+
+    def __init__(self, kind: str, group: str, base_config: type[BaseModel]) -> None:
+        self.kind = kind
+        self.group = group
+        self.base_config = base_config
+        self._entries: dict[str, RegistryEntry[T]] = {}
+        self._entry_points_loaded = False
+
+    def register(self, name: str, config_cls: type[BaseModel], target: T) -> T:
+        """Add ``target`` under ``name``; a taken name or a mismatched config is an error."""
+        if not (isinstance(config_cls, type) and issubclass(config_cls, self.base_config)):
+            raise TypeError(f"config class for {name!r} must subclass {self.base_config.__name__}")
+        if config_cls.model_fields["name"].default != name:
+            raise ValueError(f"{config_cls.__name__}.name must default to {name!r}")
+        if name in self._entries:
+            raise ValueError(f"{self.kind} {name!r} is already registered")
+        self._entries[name] = RegistryEntry(config_cls, target)
+        return target
+
+    def _load_entry_points(self) -> None:
+        if self._entry_points_loaded:
+            return
+        self._entry_points_loaded = True
+        for entry_point in entry_points(group=self.group):
+            loaded = entry_point.load()
+            if callable(loaded) and not isinstance(loaded, type):
+                loaded()
+
+    def names(self) -> list[str]:
+        """Every registered name, sorted."""
+        self._load_entry_points()
+        return sorted(self._entries)
+
+    def entry(self, name: str, prefix: str = "") -> RegistryEntry[T]:
+        """The entry of ``name``; an unknown name is a ``ConfigError`` listing the known ones."""
+        self._load_entry_points()
+        if name not in self._entries:
+            near = closest(name, self._entries)
+            guess = f"did you mean '{near[0]}'? " if near else ""
+            raise ConfigError(
+                [
+                    f"{prefix}name: unknown {self.kind} {name!r}; {guess}"
+                    f"registered: {', '.join(self.names())}"
+                ]
+            )
+        return self._entries[name]
+
+    def parse(self, cfg: Mapping[str, Any] | BaseModel, prefix: str) -> BaseModel:
+        """Validate a mapping into the config class its ``name`` selects.
+
+        Errors name each bad key as ``<prefix>.key``; a config object is returned as it is.
+        """
+        if isinstance(cfg, self.base_config):
+            return cfg
+        dotted = f"{prefix}." if prefix else ""
+        if not isinstance(cfg, Mapping):
+            raise ConfigError([f"{prefix or 'config'}: expected a mapping, got {cfg!r}"])
+        if "name" not in cfg:
+            raise ConfigError([f"{dotted}name: required; one of {', '.join(self.names())}"])
+        entry = self.entry(str(cfg["name"]), dotted)
+        try:
+            return entry.config_cls.model_validate(dict(cfg))
+        except ValidationError as err:
+            raise from_validation_error(err, entry.config_cls, prefix) from None
+
+
+OPTIMIZERS: Registry[Builder] = Registry("optimizer", ENTRY_POINT_GROUP, OptimizerConfig)
+"""Every registered optimizer; use the functions below rather than this object."""
+
+B = TypeVar("B", bound=Builder)
 
 
 def register_optimizer(
-    name: str,
-    config_cls: type[OptimizerConfig],
-    builder: Builder | None = None,
-    *,
-    description: str = "",
+    name: str, config_cls: type[OptimizerConfig], builder: Builder | None = None
 ) -> Any:
     """Register ``builder`` under ``name``; without ``builder``, return a decorator.
 
     ``config_cls`` must subclass ``OptimizerConfig`` with ``name`` defaulting to ``name``.
     Registering a taken name is an error.
     """
-    if not (isinstance(config_cls, type) and issubclass(config_cls, OptimizerConfig)):
-        raise TypeError(f"config class for {name!r} must subclass optim.OptimizerConfig")
-    if config_cls.model_fields["name"].default != name:
-        raise ValueError(f"{config_cls.__name__}.name must default to {name!r}")
 
     def register(fn: B) -> B:
-        if name in _REGISTRY:
-            raise ValueError(f"optimizer {name!r} is already registered")
-        _REGISTRY[name] = OptimizerEntry(name, config_cls, fn, description)
-        return fn
+        return OPTIMIZERS.register(name, config_cls, fn)
 
     return register if builder is None else register(builder)
 
 
-def _load_entry_points() -> None:
-    global _entry_points_loaded
-    if _entry_points_loaded:
-        return
-    _entry_points_loaded = True
-    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
-        loaded = entry_point.load()
-        if callable(loaded) and not isinstance(loaded, type):
-            loaded()
-
-
-def _entry(name: str, prefix: str) -> OptimizerEntry:
-    _load_entry_points()
-    if name not in _REGISTRY:
-        near = closest(name, _REGISTRY)
-        guess = f"did you mean '{near[0]}'? " if near else ""
-        raise ConfigError(
-            [
-                f"{prefix}name: unknown optimizer {name!r}; {guess}"
-                f"registered: {', '.join(sorted(_REGISTRY))}"
-            ]
-        )
-    return _REGISTRY[name]
-
-
 def list_optimizers() -> list[str]:
     """Names of every registered optimizer, sorted."""
-    _load_entry_points()
-    return sorted(_REGISTRY)
+    return OPTIMIZERS.names()
 
 
 def get_optimizer_config(name: str) -> type[OptimizerConfig]:
     """The Pydantic config class of optimizer ``name``."""
-    return _entry(name, "").config_cls
+    return OPTIMIZERS.entry(name).config_cls
 
 
 def parse_optimizer_config(
@@ -121,18 +161,7 @@ def parse_optimizer_config(
 
     The ``name`` key selects the config class; errors name each bad key as ``<prefix>.key``.
     """
-    if isinstance(cfg, OptimizerConfig):
-        return cfg
-    dotted = f"{prefix}." if prefix else ""
-    if not isinstance(cfg, Mapping):
-        raise ConfigError([f"{prefix or 'config'}: expected a mapping, got {cfg!r}"])
-    if "name" not in cfg:
-        raise ConfigError([f"{dotted}name: required; one of {', '.join(list_optimizers())}"])
-    entry = _entry(str(cfg["name"]), dotted)
-    try:
-        return entry.config_cls.model_validate(dict(cfg))
-    except ValidationError as err:
-        raise from_validation_error(err, entry.config_cls, prefix) from None
+    return OPTIMIZERS.parse(cfg, prefix)
 
 
 def build_optimizer(
@@ -145,4 +174,4 @@ def build_optimizer(
     """
     config = parse_optimizer_config(cfg)
     name_parameters(model)
-    return _REGISTRY[config.name].builder(config, model)
+    return OPTIMIZERS.entry(config.name).target(config, model)

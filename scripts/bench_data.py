@@ -23,46 +23,14 @@ import argparse
 import os
 import statistics
 import time
-from collections.abc import Callable
 
 import torch
+from baselines import TwoViewDataset, torchvision_pipeline
 from rich.console import Console
 from rich.table import Table
-from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
+from torch.utils.data import DataLoader
 
 from ssl_toolkit.data import InMemoryImageDataset, SimCLRAugment, TensorBatchLoader
-from ssl_toolkit.data.augment import IMAGENET_MEAN, IMAGENET_STD
-
-
-class TwoViewDataset(Dataset):
-    """Per-image baseline: each item is two independently transformed views of one image."""
-
-    def __init__(self, images: torch.Tensor, transform: Callable) -> None:
-        self.images = images
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = self.images[index]
-        return self.transform(image), self.transform(image)
-
-
-def torchvision_pipeline(size: int) -> v2.Compose:
-    """The per-image equivalent of ``SimCLRAugment()`` at ``size`` pixels."""
-    steps = [
-        v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.RandomApply([v2.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
-        v2.RandomGrayscale(p=0.2),
-    ]
-    if size >= 96:
-        kernel = int(0.1 * size) // 2 * 2 + 1
-        steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5))
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    return v2.Compose(steps)
 
 
 def bench_batched(

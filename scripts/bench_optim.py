@@ -21,36 +21,13 @@ import timm
 import timm.optim
 import torch
 import torchvision
+from baselines import PerParameterLARS
 from rich.console import Console
 from rich.table import Table
 from torch import nn
 
 from optim import LARS
 from optim.op_count import count_ops
-
-
-class PerParameterLARS(torch.optim.Optimizer):
-    """The original algorithm written the straightforward way: one parameter at a time, with a
-    Python ``if`` on tensor norms (a host sync per parameter on GPU)."""
-
-    def __init__(self, params, lr: float, momentum=0.9, weight_decay=1e-6, eta=1e-3, eps=1e-8):
-        super().__init__(
-            params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, eps=eps)
-        )
-
-    @torch.no_grad()
-    def step(self) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                w_norm, g_norm = torch.norm(p), torch.norm(p.grad)
-                denom = g_norm + group["weight_decay"] * w_norm + group["eps"]
-                ratio = group["eta"] * w_norm / denom if w_norm > 0 and denom > 0 else 1.0
-                grad = p.grad.add(p, alpha=group["weight_decay"])
-                buf.mul_(group["momentum"]).add_(grad, alpha=float(group["lr"] * ratio))
-                p.sub_(buf)
 
 
 def parameter_set(name: str, device: torch.device) -> list[nn.Parameter]:

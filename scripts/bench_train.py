@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 
 import timm.optim
 import torch
-from bench_data import TwoViewDataset, torchvision_pipeline
+from baselines import TwoViewDataset, torchvision_pipeline
 from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader
@@ -75,8 +75,8 @@ def main() -> None:
         "simclr_lars",
         ["logging.wandb.mode=disabled", "trainer.device=cpu", "trainer.output_dir=runs/bench"],
     )
-    trainer = Trainer(cfg, logger=object())
-    batches = trainer._micro_batches()
+    trainer = Trainer(cfg)
+    batches = trainer.image_batches()
     ours = time_steps(
         lambda: trainer.augment(next(batches)),
         trainer.method,

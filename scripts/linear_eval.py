@@ -2,7 +2,7 @@
 
     python scripts/linear_eval.py runs/simclr_lars [--labels-per-class 10] [--checkpoint PATH]
 
-Reads the run's ``config.yaml`` and ``checkpoints/last.pt``, encodes the labelled train and test
+Reads the run's ``config.yaml`` and last checkpoint, encodes the labelled train and test
 splits with the backbone, and trains a logistic-regression probe on the features. Exit 2 on a
 missing or mismatched run directory or checkpoint.
 """
@@ -18,17 +18,22 @@ from rich.console import Console
 from rich.table import Table
 
 from optim import ConfigError
-from ssl_toolkit.checkpoint import CheckpointError, load_checkpoint
+from ssl_toolkit.checkpoint import (
+    LAST_CHECKPOINT,
+    CheckpointError,
+    checkpoint_path,
+    load_checkpoint,
+)
+from ssl_toolkit.cli import USAGE_ERRORS, print_error
 from ssl_toolkit.config import load_config
-from ssl_toolkit.data import DatasetNotFoundError
-from ssl_toolkit.evaluation import knn_top1, linear_probe
-from ssl_toolkit.trainer import build_method, encode, eval_datasets
+from ssl_toolkit.evaluation import encode, eval_datasets, knn_top1, linear_probe
+from ssl_toolkit.methods import build_method
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, help="a run directory written by pretrain.py")
-    parser.add_argument("--checkpoint", type=Path, help="default: RUN_DIR/checkpoints/last.pt")
+    parser.add_argument("--checkpoint", type=Path, help=f"default: RUN_DIR/{LAST_CHECKPOINT}")
     parser.add_argument("--labels-per-class", type=int, default=10, help="the few-label probe")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args(argv)
@@ -37,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.run_dir / "config.yaml").is_file():
             raise ConfigError([f"{args.run_dir}: no config.yaml, not a run directory"])
         cfg = load_config(str(args.run_dir / "config.yaml"))
-        checkpoint = args.checkpoint or args.run_dir / "checkpoints" / "last.pt"
+        checkpoint = args.checkpoint or checkpoint_path(args.run_dir)
         state = load_checkpoint(checkpoint)
         method = build_method(cfg)
         try:
@@ -49,9 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         (train, train_y), (test, test_y) = (
             encode(method.embed, dataset, cfg, device) for dataset in eval_datasets(cfg)
         )
-    except (ConfigError, CheckpointError, DatasetNotFoundError) as err:
-        for line in str(err).splitlines():
-            Console(stderr=True).print(f"error: {line}", markup=False, highlight=False)
+    except USAGE_ERRORS as err:
+        print_error(err, Console(stderr=True))
         return 2
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     table = Table(title=f"{args.run_dir} at step {state['step']}")
@@ -59,7 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     table.add_column("top-1", justify="right")
     rows = {
         f"kNN (k={cfg.eval.knn_k})": knn_top1(
-            train, train_y, test, test_y, k=cfg.eval.knn_k, num_classes=num_classes
+            train,
+            train_y,
+            test,
+            test_y,
+            k=cfg.eval.knn_k,
+            temperature=cfg.eval.knn_temperature,
+            num_classes=num_classes,
         ),
         "linear probe, all labels": linear_probe(
             train, train_y, test, test_y, num_classes=num_classes

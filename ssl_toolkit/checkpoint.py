@@ -14,6 +14,7 @@ import os
 import random
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +22,28 @@ import numpy as np
 import torch
 
 __all__ = [
+    "LAST_CHECKPOINT",
     "CheckpointError",
+    "Checkpointer",
     "capture_rng_state",
+    "checkpoint_path",
     "load_checkpoint",
     "restore_rng_state",
     "save_checkpoint",
 ]
 
 
+LAST_CHECKPOINT = Path("checkpoints") / "last.pt"
+"""Where a run directory keeps its latest checkpoint (``--resume auto`` looks there)."""
+
+
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupt, or holds objects unsafe to load."""
+
+
+def checkpoint_path(run_dir: str | Path) -> Path:
+    """The latest checkpoint of the run in ``run_dir``: ``<run_dir>/checkpoints/last.pt``."""
+    return Path(run_dir) / LAST_CHECKPOINT
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -149,3 +162,38 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     )
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
+
+
+class Checkpointer:
+    """The trainer's checkpoint component: saves ``state()`` to ``last.pt`` when due.
+
+    A save is due every ``every_steps`` steps, at the end of every epoch, and at the last step
+    of a ``fit`` call (the run's end, or an early stop). Only the process with ``enabled``
+    writes; every process may call :meth:`save`.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        state: Callable[[], dict[str, Any]],
+        *,
+        every_steps: int,
+        steps_per_epoch: int,
+        enabled: bool = True,
+    ) -> None:
+        self.path = checkpoint_path(run_dir)
+        self.state = state
+        self.every_steps = every_steps
+        self.steps_per_epoch = steps_per_epoch
+        self.enabled = enabled
+
+    def should_save(self, step: int, *, last_step: bool = False) -> bool:
+        """True when the state after step ``step`` (1-based) is to be saved."""
+        return last_step or step % self.every_steps == 0 or step % self.steps_per_epoch == 0
+
+    def save(self, step: int, *, last_step: bool = False) -> bool:
+        """Write the checkpoint if it is due after step ``step``; True when it was due."""
+        due = self.should_save(step, last_step=last_step)
+        if due and self.enabled:
+            save_checkpoint(self.path, self.state())
+        return due

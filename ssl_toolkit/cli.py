@@ -16,21 +16,30 @@ import yaml
 from rich.console import Console
 
 from optim import ConfigError, name_parameters, render_param_table, resolve_params
-from ssl_toolkit.checkpoint import CheckpointError
+from ssl_toolkit.checkpoint import LAST_CHECKPOINT, CheckpointError, checkpoint_path
 from ssl_toolkit.config import ExperimentConfig, load_config
 from ssl_toolkit.data import DatasetNotFoundError
 from ssl_toolkit.distributed import DeviceUnavailableError, cleanup_distributed
-from ssl_toolkit.trainer import Trainer, build_method, last_checkpoint
+from ssl_toolkit.methods import build_method, list_methods
+from ssl_toolkit.trainer import Trainer
 
-__all__ = ["main"]
+__all__ = ["USAGE_ERRORS", "main", "print_error"]
 
 USAGE_ERRORS = (ConfigError, CheckpointError, DatasetNotFoundError, DeviceUnavailableError)
+"""Errors of the user's input: exit code 2 and one ``error:`` line per problem."""
+
+
+def print_error(error: Exception, console: Console) -> None:
+    """Print one ``error: ...`` line per line of ``error``, without markup or a traceback."""
+    for line in str(error).splitlines():
+        console.print(f"error: {line}", markup=False, highlight=False)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pretrain",
-        description="Self-supervised pretraining (SimCLR, BYOL) from a YAML config.",
+        description="Self-supervised pretraining from a YAML config; methods: "
+        + ", ".join(list_methods()),
         epilog="Overrides are dotted keys with YAML values, e.g. optim.lr=0.5 "
         "trainer.max_steps=100 'optim.exclude_from_layer_adaptation=[@norm,@bias]'.",
     )
@@ -45,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--resume",
         metavar="auto|PATH",
-        help="continue from a checkpoint; 'auto' uses <output_dir>/checkpoints/last.pt if present",
+        help=f"continue from a checkpoint; 'auto' uses <output_dir>/{LAST_CHECKPOINT} if present",
     )
     parser.add_argument("overrides", nargs="*", metavar="dotted.key=value")
     return parser
@@ -55,7 +64,7 @@ def _resume_path(resume: str | None, cfg: ExperimentConfig, console: Console) ->
     if resume is None:
         return None
     if resume == "auto":
-        path = last_checkpoint(cfg)
+        path = checkpoint_path(cfg.trainer.output_dir)
         if path.is_file():
             return path
         console.print(f"--resume auto: no checkpoint at {path}, starting from scratch")
@@ -88,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         out.print(f"run directory: {cfg.trainer.output_dir}")
         return 0
     except USAGE_ERRORS as error:
-        for line in str(error).splitlines():
-            err.print(f"error: {line}", markup=False, highlight=False)
+        print_error(error, err)
         return 2
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -1,41 +1,39 @@
 """The experiment configuration: one validated tree, from YAML plus dotted overrides.
 
-Every section forbids unknown keys, and every error names its dotted key (``trainer.epochs``),
-the bad value and what is allowed. The ``optim`` section is validated by the optimizer registry,
-so plugins registered there are accepted here too.
+Every section forbids unknown keys, every key has a description (the README's key table is
+generated from them), and every error names its dotted key (``trainer.epochs``), the bad value
+and what is allowed. The ``method`` and ``optim`` sections are validated by the method and
+optimizer registries, so plugins registered there are accepted here too. Allowed values come
+from the module that owns them (dataset names from the data package, devices from the
+distributed helpers, W&B modes from the logger, lr-scaling rules from ``optim``).
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    SerializeAsAny,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
 
 from optim import ConfigError, OptimizerConfig, parse_optimizer_config
 from optim.errors import from_validation_error
+from optim.schedules import LRScaling
+from ssl_toolkit.data import DatasetName
+from ssl_toolkit.distributed import Device
+from ssl_toolkit.methods import MethodConfig, parse_method_config
+from ssl_toolkit.wandb_logger import WandbMode
 
 __all__ = [
     "CONFIG_DIR",
-    "BYOLConfig",
+    "ConfigSection",
     "DataConfig",
     "EvalConfig",
     "ExperimentConfig",
-    "HeadConfig",
     "LoggingConfig",
     "ModelConfig",
     "ScheduleConfig",
-    "SimCLRConfig",
     "TrainerConfig",
     "WandbConfig",
     "apply_overrides",
@@ -43,133 +41,138 @@ __all__ = [
     "resolve_config_path",
 ]
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+def _shipped_configs() -> Path:
+    """The YAML configs: ``configs/`` of a source checkout, or the copy installed as
+    ``ssl_toolkit/configs`` package data (see ``pyproject.toml``)."""
+    checkout = Path(__file__).resolve().parent.parent / "configs"
+    return checkout if checkout.is_dir() else Path(__file__).resolve().parent / "configs"
+
+
+CONFIG_DIR = _shipped_configs()
 """Where bare config names (``simclr_lars``) are looked up."""
 
 
-class _Section(BaseModel):
+class ConfigSection(BaseModel):
+    """A section of the experiment config: unknown keys are errors, values are frozen."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class HeadConfig(_Section):
-    """An MLP head: hidden width, output width, number of linear layers."""
+class ModelConfig(ConfigSection):
+    """The backbone the method is built on."""
 
-    hidden_dim: int = Field(2048, ge=1)
-    out_dim: int = Field(128, ge=1)
-    num_layers: int = Field(2, ge=1)
-
-
-class SimCLRConfig(_Section):
-    """SimCLR: NT-Xent over two views of a backbone + projector."""
-
-    name: Literal["simclr"] = "simclr"
-    temperature: float = Field(0.2, gt=0.0)
-    projector: HeadConfig = HeadConfig(hidden_dim=2048, out_dim=128, num_layers=2)
+    backbone: str = Field(
+        "resnet18",
+        description="`resnet18/34/50/101`, `wide_resnet50_2`, or any timm model as `timm/<name>`",
+    )
+    cifar_stem: bool = Field(
+        False, description="3x3 stride-1 stem without max-pool, for 32 px images (ResNets)"
+    )
 
 
-class BYOLConfig(_Section):
-    """BYOL: online network + predictor against an EMA target network."""
-
-    name: Literal["byol"] = "byol"
-    projector: HeadConfig = HeadConfig(hidden_dim=4096, out_dim=256, num_layers=2)
-    predictor: HeadConfig = HeadConfig(hidden_dim=4096, out_dim=256, num_layers=2)
-    tau_base: float = Field(0.996, ge=0.0, le=1.0)
-    tau_final: float = Field(1.0, ge=0.0, le=1.0)
-
-    @model_validator(mode="after")
-    def _tau_rises(self) -> BYOLConfig:
-        if self.tau_final < self.tau_base:
-            raise ValueError("tau_final must be >= tau_base")
-        return self
-
-
-class ModelConfig(_Section):
-    """The backbone; ``cifar_stem`` swaps the ImageNet stem for a 3x3 stride-1 conv."""
-
-    backbone: str = "resnet18"
-    cifar_stem: bool = False
-
-
-DatasetName = Literal["digits", "synthetic", "cifar10", "cifar100", "stl10", "imagefolder"]
-
-
-class DataConfig(_Section):
+class DataConfig(ConfigSection):
     """The pretraining data, its augmentation and batch size (per process)."""
 
-    name: DatasetName = "digits"
-    root: str | None = None
-    download: bool = False
-    batch_size: int = Field(256, ge=2)
-    image_size: int = Field(32, ge=8, description="size of the augmented views")
-    num_workers: int = Field(2, ge=0, description="decoding workers, image folders only")
-    color_strength: float = Field(1.0, ge=0.0, description="colour jitter strength (SimCLR)")
-    crop_min_scale: float = Field(0.08, gt=0.0, le=1.0, description="smallest crop area fraction")
+    name: DatasetName = Field("digits", description="the dataset")
+    root: str | None = Field(None, description="where the dataset's files are")
+    download: bool = Field(False, description="let torchvision fetch the files into `root`")
+    batch_size: int = Field(256, ge=2, description="images per process and micro-batch")
+    image_size: int = Field(32, ge=8, description="side of the augmented views, in pixels")
+    num_workers: int = Field(2, ge=0, description="decoding workers (image folders only)")
+    color_strength: float = Field(
+        1.0, ge=0.0, description="colour-jitter strength s (SimCLR's augmentation)"
+    )
+    crop_min_scale: float = Field(
+        0.08, gt=0.0, le=1.0, description="smallest area fraction of the random resized crop"
+    )
 
 
-class ScheduleConfig(_Section):
+class ScheduleConfig(ConfigSection):
     """Learning rate: batch-size scaling of ``optim.lr``, linear warmup, cosine decay."""
 
-    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
-    warmup_epochs: float = Field(10.0, ge=0.0)
-    final_lr: float = Field(0.0, ge=0.0)
+    lr_scaling: LRScaling = Field(
+        "linear",
+        description="peak lr = `optim.lr` x global batch / 256 (`linear`), x sqrt(global "
+        "batch) (`sqrt`), or as is (`none`)",
+    )
+    warmup_epochs: float = Field(10.0, ge=0.0, description="linear warmup, per step")
+    final_lr: float = Field(0.0, ge=0.0, description="lr at the end of the cosine decay")
 
 
-class TrainerConfig(_Section):
-    """How long, where, in which precision, and how often to save."""
+class TrainerConfig(ConfigSection):
+    """How long, where, in which precision, and how often to save and log."""
 
-    epochs: int = Field(100, ge=1)
-    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    output_dir: str = "runs/default"
-    seed: int = 0
-    channels_last: bool = True
-    compile: bool = False
-    accumulate_grad_batches: int = Field(1, ge=1)
-    checkpoint_every_steps: int = Field(500, ge=1)
-    log_every_steps: int = Field(10, ge=1)
+    epochs: int = Field(100, ge=1, description="length of the run, unless `max_steps` is sooner")
+    max_steps: int | None = Field(
+        None, ge=1, description="stop after this many optimizer steps, if sooner"
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="`fp32`, `bf16` (autocast) or `fp16` (autocast + GradScaler)"
+    )
+    device: Device = Field("auto", description="`auto` is CUDA when available, else the CPU")
+    output_dir: str = Field("runs/default", description="the run directory")
+    seed: int = Field(0, description="seeds weights, data order and augmentation")
+    channels_last: bool = Field(True, description="channels-last memory format for images")
+    compile: bool = Field(False, description="`torch.compile` the model")
+    accumulate_grad_batches: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    checkpoint_every_steps: int = Field(
+        500, ge=1, description="steps between checkpoints (also at every epoch end)"
+    )
+    log_every_steps: int = Field(10, ge=1, description="steps between loss / lr log rows")
 
 
-class WandbConfig(_Section):
+class WandbConfig(ConfigSection):
     """Weights & Biases: offline by default (``wandb sync`` uploads later)."""
 
-    mode: Literal["offline", "online", "disabled"] = "offline"
-    project: str = "ssl-toolkit"
-    entity: str | None = None
-    name: str | None = None
-    tags: list[str] = Field(default_factory=list)
+    mode: WandbMode = Field(
+        "offline", description="`offline` writes the run locally; `wandb sync DIR` uploads it"
+    )
+    project: str = Field("ssl-toolkit", description="W&B project")
+    entity: str | None = Field(None, description="W&B entity (user or team)")
+    name: str | None = Field(None, description="W&B run name")
+    tags: list[str] = Field(default_factory=list, description="W&B run tags (strings)")
 
 
-class LoggingConfig(_Section):
+class LoggingConfig(ConfigSection):
     """Logging: W&B, and how often trust ratios are sent."""
 
-    wandb: WandbConfig = WandbConfig()
-    trust_ratio_every: int = Field(50, ge=1)
+    wandb: WandbConfig = Field(WandbConfig(), description="Weights & Biases")
+    trust_ratio_every: int = Field(
+        50, ge=1, description="steps between trust-ratio logs (also the first step)"
+    )
 
 
-class EvalConfig(_Section):
+class EvalConfig(ConfigSection):
     """The kNN monitor on frozen backbone features."""
 
-    every_epochs: int = Field(5, ge=1)
-    knn_k: int = Field(20, ge=1)
-    knn_temperature: float = Field(0.1, gt=0.0)
-    batch_size: int = Field(512, ge=1)
+    every_epochs: int = Field(5, ge=1, description="epochs between kNN evaluations (and the end)")
+    knn_k: int = Field(20, ge=1, description="neighbours that vote")
+    knn_temperature: float = Field(0.1, gt=0.0, description="temperature of the vote weights")
+    batch_size: int = Field(512, ge=1, description="images per batch when encoding")
 
 
-MethodConfig = Annotated[Union[SimCLRConfig, BYOLConfig], Field(discriminator="name")]  # noqa: UP007
-
-
-class ExperimentConfig(_Section):
+class ExperimentConfig(ConfigSection):
     """A whole pretraining run."""
 
-    method: MethodConfig = SimCLRConfig()
-    model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig()
-    optim: SerializeAsAny[OptimizerConfig]
-    schedule: ScheduleConfig = ScheduleConfig()
-    trainer: TrainerConfig = TrainerConfig()
-    logging: LoggingConfig = LoggingConfig()
-    eval: EvalConfig = EvalConfig()
+    method: SerializeAsAny[MethodConfig] = Field(
+        default_factory=lambda: parse_method_config({"name": "simclr"}),
+        description="the SSL method, by `name`, and its keys",
+    )
+    model: ModelConfig = Field(ModelConfig(), description="the backbone")
+    data: DataConfig = Field(DataConfig(), description="data and augmentation")
+    optim: SerializeAsAny[OptimizerConfig] = Field(
+        description="the optimizer, by `name`, and its keys"
+    )
+    schedule: ScheduleConfig = Field(ScheduleConfig(), description="the lr schedule")
+    trainer: TrainerConfig = Field(TrainerConfig(), description="the training loop")
+    logging: LoggingConfig = Field(LoggingConfig(), description="logging")
+    eval: EvalConfig = Field(EvalConfig(), description="the kNN monitor")
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _registered_method(cls, value: Any) -> MethodConfig:
+        return parse_method_config(value, prefix="method")
 
     @field_validator("optim", mode="before")
     @classmethod

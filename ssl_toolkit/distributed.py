@@ -9,20 +9,29 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 from torch import Tensor
 
 __all__ = [
+    "DEVICES",
+    "Device",
     "DeviceUnavailableError",
     "DistContext",
     "all_reduce_mean",
     "cleanup_distributed",
+    "gather_with_grad",
     "setup_distributed",
+    "sum_over_ranks",
+    "world_size",
 ]
 
-_DEVICE_CHOICES = ("auto", "cpu", "cuda")
+Device = Literal["auto", "cpu", "cuda"]
+"""Where to train: ``auto`` is ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU."""
+DEVICES: tuple[str, ...] = get_args(Device)
 
 
 class DeviceUnavailableError(RuntimeError):
@@ -67,8 +76,8 @@ def _env_int(name: str, default: int) -> int:
 
 def _resolve_device(device: str, local_rank: int) -> torch.device:
     """Map the ``trainer.device`` setting to a concrete device for this process."""
-    if device not in _DEVICE_CHOICES:
-        raise ValueError(f"device must be one of {', '.join(_DEVICE_CHOICES)}, got {device!r}")
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -122,16 +131,69 @@ def cleanup_distributed(*, sync: bool = False) -> None:
         dist.destroy_process_group()
 
 
+def world_size() -> int:
+    """Number of ranks training together: 1 unless a process group is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
 def all_reduce_mean(t: Tensor) -> Tensor:
     """Mean of a floating-point tensor over all ranks, as a new tensor (``t`` is untouched).
 
-    Used for logging values that each rank computes on its own shard (loss, throughput). Returns
-    ``t`` itself when not running distributed.
+    Used for logging values that each rank computes on its own shard (the loss). Returns ``t``
+    itself when not running distributed.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return t
     if not t.is_floating_point():
         raise TypeError(f"all_reduce_mean needs a floating-point tensor, got {t.dtype}")
     out = t.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out.div_(dist.get_world_size())
+
+
+def sum_over_ranks(t: Tensor) -> Tensor:
+    """Sum of ``t`` over all ranks, differentiable: the backward sums the gradients too.
+
+    Every rank computing the same loss from the sum then gets, for its own inputs, the gradient
+    of the sum of all ranks' losses, i.e. world size times the gradient of the one global loss.
+    DDP's mean over ranks turns that into the gradient of one process on the joined batch.
+    Returns ``t`` itself when not running distributed.
+    """
+    if world_size() == 1:
+        return t
+    return dist_nn.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward returns the SUM over ranks of each slice's gradient.
+
+    Rank r's rows are candidates in the loss of every rank, so the gradient of the sum of all
+    ranks' losses with respect to those rows is the sum of what each rank's backward computes for
+    them. The backward all-reduces (sums) the gradient of the whole gathered tensor and keeps this
+    rank's slice. Keeping the slice without summing drops every other rank's contribution and
+    gives gradients off by the world size.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor) -> Tensor:  # type: ignore[override]
+        tensor = tensor.contiguous()
+        chunks = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(chunks, tensor)
+        ctx.rows = tensor.shape[0]
+        ctx.rank = dist.get_rank()
+        return torch.cat(chunks)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        # Autograd may reuse grad elsewhere: reduce a copy, never the incoming tensor.
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = ctx.rank * ctx.rows
+        return grad[start : start + ctx.rows]
+
+
+def gather_with_grad(t: Tensor) -> Tensor:
+    """Concatenate ``t`` from all ranks (rank order) with gradients flowing back to every rank."""
+    return _AllGatherWithGrad.apply(t)

@@ -1,7 +1,9 @@
-"""Evaluating frozen representations: weighted kNN monitor and linear probe.
+"""Evaluating frozen representations: weighted kNN, linear probe, and the kNN monitor.
 
-Both take L2-normalised features produced by :func:`extract_features` and return top-1 accuracy
-as a fraction in [0, 1] (log ``100 * acc`` if percent is wanted on a dashboard).
+:func:`knn_top1` and :func:`linear_probe` take L2-normalised features produced by
+:func:`extract_features` (or :func:`encode`, which also prepares the images the way training
+does) and return top-1 accuracy as a fraction in [0, 1]. :class:`KnnMonitor` is the trainer's
+component that says when a kNN evaluation is due and runs it.
 """
 
 from __future__ import annotations
@@ -12,8 +14,21 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
-__all__ = ["extract_features", "knn_top1", "linear_probe"]
+from ssl_toolkit.config import ExperimentConfig
+from ssl_toolkit.data import build_dataset, build_loader, stratified_split
+from ssl_toolkit.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from ssl_toolkit.data.functional import normalize
+
+__all__ = [
+    "KnnMonitor",
+    "encode",
+    "eval_datasets",
+    "extract_features",
+    "knn_top1",
+    "linear_probe",
+]
 
 
 @contextlib.contextmanager
@@ -106,18 +121,16 @@ def knn_top1(
     return correct.item() / len(test)
 
 
-def _stratified_subset(labels: Tensor, per_class: int, generator: torch.Generator) -> Tensor:
-    """Indices of ``per_class`` random samples of every class present in ``labels``."""
-    chosen = []
-    for cls in labels.unique(sorted=True).tolist():
-        members = (labels == cls).nonzero().flatten()
-        if len(members) < per_class:
+def _few_labels(labels: Tensor, per_class: int, seed: int) -> Tensor:
+    """Indices of ``per_class`` random samples of every class, drawn from ``seed``."""
+    classes, counts = labels.unique(sorted=True, return_counts=True)
+    for cls, count in zip(classes.tolist(), counts.tolist(), strict=True):
+        if count < per_class:
             raise ValueError(
-                f"labels_per_class={per_class} but class {cls} has only {len(members)} samples"
+                f"labels_per_class={per_class} but class {cls} has only {count} samples"
             )
-        perm = torch.randperm(len(members), generator=generator)[:per_class]
-        chosen.append(members[perm.to(members.device)])
-    return torch.cat(chosen)
+    generator = torch.Generator().manual_seed(seed)
+    return stratified_split(labels, lambda _: per_class, generator)[0]
 
 
 def linear_probe(
@@ -155,8 +168,7 @@ def linear_probe(
     x = train_feats.detach().float().clone()
     y = train_labels.detach().to(device, torch.long)
     if labels_per_class is not None:
-        generator = torch.Generator().manual_seed(seed)
-        subset = _stratified_subset(y.cpu(), labels_per_class, generator).to(device)
+        subset = _few_labels(y.cpu(), labels_per_class, seed).to(device)
         x, y = x[subset], y[subset]
     x_test = test_feats.detach().float().to(device)
     y_test = test_labels.to(device, torch.long)
@@ -180,3 +192,84 @@ def linear_probe(
     with torch.no_grad():
         pred = classifier(x_test).argmax(dim=1)
     return (pred == y_test).float().mean().item()
+
+
+def eval_datasets(cfg: ExperimentConfig) -> tuple[Dataset, Dataset]:
+    """The labelled splits of ``cfg.data``: the kNN bank / probe training set, and the test set."""
+    bank_split = {"split": "train"} if cfg.data.name == "stl10" else {}
+    bank = build_dataset(cfg.data.name, root=cfg.data.root, train=True, **bank_split)
+    return bank, build_dataset(cfg.data.name, root=cfg.data.root, train=False)
+
+
+def encode(
+    encoder: Callable[[Tensor], Tensor],
+    dataset: Dataset,
+    cfg: ExperimentConfig,
+    device: torch.device,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> tuple[Tensor, Tensor]:
+    """L2-normalised features of every image: resized to ``data.image_size``, normalised."""
+    size = cfg.data.image_size
+    mean = torch.tensor(IMAGENET_MEAN, device=device)
+    std = torch.tensor(IMAGENET_STD, device=device)
+
+    def transform(images: Tensor) -> Tensor:
+        x = images.to(device, non_blocking=True).float() / 255.0
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+        return normalize(x, mean, std).contiguous(memory_format=memory_format)
+
+    loader = build_loader(
+        dataset,
+        cfg.eval.batch_size,
+        shuffle=False,
+        drop_last=False,
+        num_workers=cfg.data.num_workers,
+    )
+    return extract_features(encoder, iter(loader), transform)
+
+
+class KnnMonitor:
+    """Weighted kNN top-1 of the backbone's features, every ``eval.every_epochs`` epochs.
+
+    It is due at the end of every ``eval.every_epochs``-th epoch and at the last step of the
+    run (once, even when both hold). The labelled splits are built on the first evaluation.
+    """
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        *,
+        steps_per_epoch: int,
+        total_steps: int,
+        device: torch.device,
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ) -> None:
+        self.cfg = cfg
+        self.every_steps = cfg.eval.every_epochs * steps_per_epoch
+        self.total_steps = total_steps
+        self.device = device
+        self.memory_format = memory_format
+        self._datasets: tuple[Dataset, Dataset] | None = None
+
+    def should_evaluate(self, step: int) -> bool:
+        """True after step ``step`` (1-based) when an evaluation is due."""
+        return step % self.every_steps == 0 or step == self.total_steps
+
+    def evaluate(self, encoder: Callable[[Tensor], Tensor]) -> float:
+        """kNN top-1 (a fraction) of ``encoder``'s features of the test split."""
+        if self._datasets is None:
+            self._datasets = eval_datasets(self.cfg)
+        (bank, bank_labels), (test, test_labels) = (
+            encode(encoder, dataset, self.cfg, self.device, self.memory_format)
+            for dataset in self._datasets
+        )
+        return knn_top1(
+            bank,
+            bank_labels,
+            test,
+            test_labels,
+            k=self.cfg.eval.knn_k,
+            temperature=self.cfg.eval.knn_temperature,
+            num_classes=int(max(bank_labels.max(), test_labels.max())) + 1,
+        )

@@ -5,32 +5,30 @@ is logged together with ``global_step``, the x-axis of the ``train/*``, ``lars/*
 panels (W&B's own ``_step`` only counts calls, and it drops rows whose step goes backwards, which
 happens when a crashed run resumes from an older checkpoint). LARS trust ratios are logged as
 ``lars/trust_ratio/<param_name>`` plus one histogram, moved to the host in a single transfer.
-
-:func:`read_offline_history` reads the history rows back from an offline run's ``.wandb`` file,
-which lets tests and scripts check what was logged without a W&B server.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import struct
 import time
 import warnings
-import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
 
-__all__ = ["METRIC_PREFIXES", "WandbLogger", "read_offline_history", "trust_ratio_metrics"]
+from ssl_toolkit.wandb_offline import run_file_complete
+
+__all__ = ["METRIC_PREFIXES", "WANDB_MODES", "WandbLogger", "WandbMode", "trust_ratio_metrics"]
 
 # Metric families plotted against ``global_step``.
-METRIC_PREFIXES = ("train", "lars", "knn")
+METRIC_PREFIXES = ("train", "lars", "knn", "method")
 
-_MODES = ("online", "offline", "disabled")
+WandbMode = Literal["offline", "online", "disabled"]
+"""``offline`` writes the run under the run directory (``wandb sync`` uploads it later)."""
+WANDB_MODES: tuple[str, ...] = get_args(WandbMode)
 
 
 def _host_floats(values: Sequence[Tensor]) -> list[float]:
@@ -87,7 +85,7 @@ class WandbLogger:
     def __init__(
         self,
         *,
-        mode: str = "offline",
+        mode: WandbMode = "offline",
         project: str = "ssl-toolkit",
         entity: str | None = None,
         name: str | None = None,
@@ -97,8 +95,8 @@ class WandbLogger:
         run_id: str | None = None,
         enabled: bool = True,
     ) -> None:
-        if mode not in _MODES:
-            raise ValueError(f"W&B mode must be one of {', '.join(_MODES)}, got {mode!r}")
+        if mode not in WANDB_MODES:
+            raise ValueError(f"W&B mode must be one of {', '.join(WANDB_MODES)}, got {mode!r}")
         self._run: Any = None
         self._log_failure_warned = False
         if not enabled or mode == "disabled":
@@ -190,7 +188,7 @@ class WandbLogger:
         ``wandb.finish`` hands the run to the W&B service, which writes the rest of the
         ``.wandb`` file asynchronously. This method then waits (up to ``timeout`` seconds) until
         the file holds the run's exit record, so that the run directory is complete when it
-        returns, e.g. for :func:`read_offline_history` in the same process.
+        returns, e.g. for ``read_offline_history`` in the same process.
         """
         if self._run is None:
             return
@@ -205,7 +203,7 @@ class WandbLogger:
             return
         sync_file = Path(sync_file)
         deadline = time.monotonic() + timeout
-        while not _run_log_complete(sync_file):
+        while not run_file_complete(sync_file):
             if time.monotonic() > deadline:
                 warnings.warn(
                     f"W&B run file {sync_file} was not complete {timeout:g} s after finish",
@@ -224,120 +222,3 @@ class WandbLogger:
                 RuntimeWarning,
                 stacklevel=3,
             )
-
-
-# The .wandb transaction log uses LevelDB's log format: a 7-byte file header, then 32 KiB
-# blocks of records, each with a 7-byte header (CRC-32 of type byte + payload, length, type);
-# payloads are serialised wandb ``Record`` protobufs, possibly split over several records.
-_FILE_HEADER = struct.Struct("<4sHB")
-_FILE_IDENT, _FILE_MAGIC, _FILE_VERSION = b":W&B", 0xBEE1, 0
-_RECORD_HEADER = struct.Struct("<IHB")
-_BLOCK = 32768
-_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
-
-
-def _iter_payloads(data: bytes, path: Path, start: int = 0) -> Iterator[bytes]:
-    """Yield the payloads in a ``.wandb`` file's bytes; stop at a truncated tail.
-
-    ``start`` is 0 (the whole file, header checked) or a block boundary, for reading only the
-    end of a large file; fragments of a record that began before ``start`` are skipped.
-    """
-    if start == 0:
-        header = data[: _FILE_HEADER.size]
-        if len(header) < _FILE_HEADER.size or _FILE_HEADER.unpack(header) != (
-            _FILE_IDENT,
-            _FILE_MAGIC,
-            _FILE_VERSION,
-        ):
-            raise ValueError(f"{path} is not a W&B transaction log (.wandb file)")
-    pos = max(start, _FILE_HEADER.size)
-    pending: bytearray | None = None
-    while pos + _RECORD_HEADER.size <= len(data):
-        left_in_block = _BLOCK - pos % _BLOCK
-        if left_in_block < _RECORD_HEADER.size:
-            pos += left_in_block  # block trailer padding
-            continue
-        checksum, length, kind = _RECORD_HEADER.unpack_from(data, pos)
-        begin = pos + _RECORD_HEADER.size
-        payload = data[begin : begin + length]
-        if kind == 0 or len(payload) < length:
-            return  # pre-allocated zeros or a write cut short: the log ends here
-        if zlib.crc32(payload, zlib.crc32(bytes([kind]))) != checksum:
-            raise ValueError(f"{path}: checksum mismatch in the record at byte {pos}")
-        pos = begin + length
-        if kind == _FULL:
-            yield payload
-        elif kind == _FIRST:
-            pending = bytearray(payload)
-        elif kind == _MIDDLE and pending is not None:
-            pending += payload
-        elif kind == _LAST and pending is not None:
-            yield bytes(pending + payload)
-            pending = None
-
-
-def _records(path: Path, start: int = 0) -> Iterator[Any]:
-    """Parse the ``Record`` protobufs of a ``.wandb`` file, from ``start`` (a block boundary)."""
-    from wandb.proto import wandb_internal_pb2
-
-    with open(path, "rb") as f:
-        f.seek(start)
-        data = f.read()
-    # Offsets inside ``data`` must keep their position relative to the 32 KiB blocks.
-    padded = bytes(start) + data if start else data
-    for payload in _iter_payloads(padded, path, start):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(payload)
-        yield record
-
-
-def _run_log_complete(path: Path) -> bool:
-    """True once the run's exit record is in its ``.wandb`` file (the run was finished and the
-    service flushed the file). Reads only the last two blocks, since the exit record is the last
-    one written and is small.
-    """
-    try:
-        size = path.stat().st_size
-        start = max(0, (size - 1) // _BLOCK - 1) * _BLOCK
-        return any(r.WhichOneof("record_type") == "exit" for r in _records(path, start))
-    except (OSError, ValueError):
-        return False
-
-
-def _history_row(history: Any) -> dict[str, Any]:
-    """Decode a ``HistoryRecord``: keys such as ``a/b`` stay flat, nested values (histograms)
-    become dicts, e.g. ``row["lars/trust_ratio_hist"] == {"_type": "histogram", ...}``."""
-    row: dict[str, Any] = {}
-    for item in history.item:
-        path = list(item.nested_key) or [item.key]
-        node = row
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = json.loads(item.value_json)
-    return row
-
-
-def read_offline_history(run_dir: Path) -> list[dict[str, Any]]:
-    """Return the history rows (one dict per ``log`` call) of the offline W&B runs in ``run_dir``.
-
-    ``run_dir`` is a directory searched recursively for ``.wandb`` files, or one such file. A
-    resumed run has one file per session; sessions are ordered by the ``_timestamp`` of their
-    first row (directory names only have one-second resolution). Each row maps metric names to
-    decoded JSON values and includes W&B's ``_step``, ``_runtime`` and ``_timestamp``. Raises
-    ``FileNotFoundError`` if there is no ``.wandb`` file.
-    """
-    run_dir = Path(run_dir)
-    files = [run_dir] if run_dir.is_file() else {p.resolve() for p in run_dir.rglob("*.wandb")}
-    if not files:
-        raise FileNotFoundError(f"no W&B run file (*.wandb) under {run_dir}")
-    sessions = []
-    for path in files:
-        rows = [
-            _history_row(r.history)
-            for r in _records(path)
-            if r.WhichOneof("record_type") == "history"
-        ]
-        if rows:
-            sessions.append(rows)
-    sessions.sort(key=lambda rows: rows[0].get("_timestamp", 0.0))
-    return [row for rows in sessions for row in rows]

@@ -9,15 +9,18 @@ from ssl_toolkit.data.augment import (
 )
 from ssl_toolkit.data.datasets import (
     DATASET_NAMES,
+    DatasetName,
     DatasetNotFoundError,
     InMemoryImageDataset,
     build_dataset,
+    stratified_split,
 )
 from ssl_toolkit.data.loader import EpochBatchSampler, TensorBatchLoader, build_loader
 
 __all__ = [
     "DATASET_NAMES",
     "BYOLAugment",
+    "DatasetName",
     "DatasetNotFoundError",
     "EpochBatchSampler",
     "InMemoryImageDataset",
@@ -28,4 +31,5 @@ __all__ = [
     "ViewPolicy",
     "build_dataset",
     "build_loader",
+    "stratified_split",
 ]

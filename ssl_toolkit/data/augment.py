@@ -131,19 +131,13 @@ class TwoViewAugment(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32), persistent=False)
 
-    def forward(
-        self,
-        x: Tensor,
-        generator: torch.Generator | None = None,
-        return_params: bool = False,
-    ) -> tuple[Tensor, Tensor] | tuple[tuple[Tensor, Tensor], tuple[ViewParams, ViewParams]]:
-        """Augment ``x`` twice; with ``return_params=True`` also return the drawn parameters."""
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Augment ``x`` twice, with parameters drawn from ``generator`` (or the module's)."""
         generator = generator if generator is not None else self.generator
         if generator is None:
             raise ValueError("no random generator: pass generator= to the constructor or forward")
         params = self.sample_params(x.shape[0], (x.shape[-2], x.shape[-1]), generator)
-        views = self.apply(x, params)
-        return (views, params) if return_params else views
+        return self.apply(x, params)
 
     def sample_params(
         self, batch_size: int, image_size: tuple[int, int], generator: torch.Generator
@@ -199,7 +193,7 @@ class TwoViewAugment(nn.Module):
         if policy.gray_p > 0:
             BF.to_grayscale_(x, p.gray)
         if policy.blur_p > 0 and min(out_size) >= policy.blur_min_size:
-            x = _blur_selected(x, p, _blur_kernel_size(out_size))
+            x = _blur_selected(x, p, BF.blur_kernel_size(out_size))
         if policy.solarize_p > 0:
             BF.solarize_(x, p.solarize, policy.solarize_threshold)
         return BF.normalize_(x, self.mean, self.std)
@@ -382,11 +376,6 @@ def _color_jitter_(x: Tensor, p: ViewParams, policy: ViewPolicy) -> None:
         BF.adjust_saturation_(x, torch.where(p.jitter, p.saturation, 1.0))
     if h > 0:
         BF.adjust_hue_(x, torch.where(p.jitter, p.hue, 0.0))
-
-
-def _blur_kernel_size(out_size: tuple[int, int]) -> int:
-    """10% of the smaller output side, rounded down to an odd number, at least 3."""
-    return max(3, int(0.1 * min(out_size)) // 2 * 2 + 1)
 
 
 def _blur_selected(x: Tensor, p: ViewParams, kernel_size: int) -> Tensor:

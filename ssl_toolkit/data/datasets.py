@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-DATASET_NAMES = ("digits", "synthetic", "cifar10", "cifar100", "stl10", "imagefolder")
+DatasetName = Literal["digits", "synthetic", "cifar10", "cifar100", "stl10", "imagefolder"]
+"""The datasets :func:`build_dataset` knows; ``data.name`` is validated against it."""
+DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)
 
 
 class DatasetNotFoundError(ValueError):
@@ -66,8 +68,8 @@ def build_dataset(
     """Build the dataset ``name``, returning ``(image, label)`` items.
 
     - ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 images, offline),
-      upscaled bilinearly to ``image_size`` (default 32) RGB; a fixed stratified split gives 80%
-      of each class for ``train=True`` and the rest otherwise.
+      upscaled bilinearly to ``image_size`` (default 32) RGB; a fixed stratified split
+      (:func:`stratified_split`) gives 80% of each class for ``train=True``, the rest otherwise.
     - ``synthetic``: random images, for tests; kwargs ``length`` (256), ``image_size`` (32),
       ``num_classes`` (10), ``seed`` (0; the test split uses ``seed + 1``).
     - ``cifar10`` / ``cifar100``: torchvision's files under ``root``.
@@ -80,17 +82,9 @@ def build_dataset(
     Missing files raise :class:`DatasetNotFoundError` (unless ``download=True``, for the
     torchvision datasets); an unknown name raises ``ValueError`` listing the valid names.
     """
-    builders = {
-        "digits": _digits,
-        "synthetic": _synthetic,
-        "cifar10": _cifar,
-        "cifar100": _cifar,
-        "stl10": _stl10,
-        "imagefolder": _imagefolder,
-    }
-    if name not in builders:
+    if name not in DATASET_NAMES:
         raise ValueError(f"Unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
-    builder = builders[name]
+    builder = _BUILDERS[name]
     accepted = inspect.signature(builder).parameters
     common = {"name": name, "root": root, "train": train, "download": download}
     options = sorted(set(accepted) - set(common))
@@ -111,22 +105,29 @@ def _digits(*, train: bool, image_size: int = 32) -> InMemoryImageDataset:
     pixels = F.interpolate(pixels, size=(image_size, image_size), mode="bilinear")
     images = pixels.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8).expand(-1, 3, -1, -1)
     targets = torch.from_numpy(digits.target).long()
-    index = _stratified_split(targets, train_fraction=0.8, seed=0)[0 if train else 1]
+    split = stratified_split(targets, lambda n: round(0.8 * n), torch.Generator().manual_seed(0))
+    index = split[0 if train else 1].sort().values
     classes = [str(c) for c in digits.target_names]
     return InMemoryImageDataset(images[index].contiguous(), targets[index], classes)
 
 
-def _stratified_split(targets: Tensor, train_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    """Sorted (train, test) indices holding ``round(train_fraction * n_c)`` of each class c."""
-    generator = torch.Generator().manual_seed(seed)
-    train, test = [], []
-    for label in targets.unique(sorted=True).tolist():
-        members = (targets == label).nonzero().squeeze(1)
-        members = members[torch.randperm(members.numel(), generator=generator)]
-        n_train = round(train_fraction * members.numel())
-        train.append(members[:n_train])
-        test.append(members[n_train:])
-    return torch.cat(train).sort().values, torch.cat(test).sort().values
+def stratified_split(
+    labels: Tensor, count: Callable[[int], int], generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """Indices ``(chosen, rest)``: ``count(n_c)`` random samples of every class c, and the others.
+
+    Classes are visited in sorted order and each class's members are permuted with
+    ``generator``, so the same generator state gives the same split. Both index tensors list
+    class by class, in permuted order.
+    """
+    chosen, rest = [], []
+    for label in labels.unique(sorted=True).tolist():
+        members = (labels == label).nonzero().squeeze(1)
+        members = members[torch.randperm(members.numel(), generator=generator).to(members.device)]
+        take = count(members.numel())
+        chosen.append(members[:take])
+        rest.append(members[take:])
+    return torch.cat(chosen), torch.cat(rest)
 
 
 def _synthetic(
@@ -224,3 +225,13 @@ def _class_names(targets: Tensor) -> list[str]:
     labelled = targets[targets >= 0]
     count = int(labelled.max()) + 1 if labelled.numel() else 0
     return [str(c) for c in range(count)]
+
+
+_BUILDERS: dict[str, Callable[..., Dataset]] = {
+    "digits": _digits,
+    "synthetic": _synthetic,
+    "cifar10": _cifar,
+    "cifar100": _cifar,
+    "stl10": _stl10,
+    "imagefolder": _imagefolder,
+}

@@ -108,10 +108,15 @@ def adjust_hue_(x: Tensor, shift: Tensor) -> Tensor:
     return x.lerp_(rgb, _per_sample(shift != 0, x))
 
 
+def blur_kernel_size(image_size: tuple[int, int]) -> int:
+    """SimCLR's blur kernel: 10% of the smaller image side, rounded down to odd, at least 3."""
+    return max(3, int(0.1 * min(image_size)) // 2 * 2 + 1)
+
+
 def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
     """Separable Gaussian blur with one ``sigma`` per sample and reflect padding.
 
-    ``kernel_size`` must be odd and is shared by the batch (SimCLR uses 10% of the image side).
+    ``kernel_size`` must be odd and is shared by the batch (see :func:`blur_kernel_size`).
     Samples and channels are folded into the channel dimension of one depthwise convolution,
     so every (sample, channel) pair gets its own kernel in a single call per direction.
     """

@@ -1,11 +1,40 @@
-"""Self-supervised methods: each wraps already-built backbone / heads and returns a loss.
+"""Self-supervised methods behind a registry, one file per method.
 
-A method's ``forward(view_a, view_b)`` returns the scalar training loss, ``embed(x)`` returns
-backbone features for evaluation, and ``trainable_module()`` returns the module whose
-``named_parameters()`` are exactly the parameters the optimizer must update.
+``register_method(name, config_cls)`` decorates a :class:`Method` subclass; ``list_methods()``
+and ``get_method(name)`` look them up; other packages add methods through the entry-point group
+``ssl_toolkit.methods``. Built in: ``simclr``, ``byol`` and ``barlow_twins``.
 """
 
-from ssl_toolkit.methods.byol import BYOL, cosine_tau
-from ssl_toolkit.methods.simclr import SimCLR
+# Importing the built-in methods registers them.
+from .barlow_twins import BarlowTwins, BarlowTwinsConfig
+from .base import HeadConfig, Method, MethodConfig, at_least_fp32
+from .byol import BYOL, BYOLConfig, cosine_tau
+from .registry import (
+    METHODS,
+    build_method,
+    get_method,
+    list_methods,
+    parse_method_config,
+    register_method,
+)
+from .simclr import SimCLR, SimCLRConfig
 
-__all__ = ["BYOL", "SimCLR", "cosine_tau"]
+__all__ = [
+    "BYOL",
+    "METHODS",
+    "BYOLConfig",
+    "BarlowTwins",
+    "BarlowTwinsConfig",
+    "HeadConfig",
+    "Method",
+    "MethodConfig",
+    "SimCLR",
+    "SimCLRConfig",
+    "at_least_fp32",
+    "build_method",
+    "cosine_tau",
+    "get_method",
+    "list_methods",
+    "parse_method_config",
+    "register_method",
+]

@@ -1,21 +1,77 @@
 """BYOL (Grill et al. 2020, arXiv:2006.07733): predict a slow-moving target network's projection.
 
-The online network (backbone, projector, predictor) is trained; the target network (a copy of
-backbone + projector) follows it as an exponential moving average, updated by the trainer after
-each optimizer step with :meth:`BYOL.update_target` and a τ from :func:`cosine_tau`.
+Config, model (online backbone + projector + predictor, EMA target), the regression loss, the
+asymmetric augmentation and the EMA hook, all here. The online network is trained; the target
+network (a copy of backbone + projector) follows it as an exponential moving average after each
+optimizer step, with τ rising on a cosine from ``tau_base`` to ``tau_final``.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from typing import TYPE_CHECKING, Literal
 
 import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from ssl_toolkit.losses import byol_loss
+from models import ProjectionHead
+from ssl_toolkit.data import BYOLAugment
 
-__all__ = ["BYOL", "cosine_tau"]
+from .base import HeadConfig, Method, MethodConfig, at_least_fp32
+from .registry import register_method
+
+if TYPE_CHECKING:
+    from ssl_toolkit.config import DataConfig
+
+__all__ = ["BYOL", "BYOLConfig", "byol_loss", "cosine_tau"]
+
+
+class BYOLConfig(MethodConfig):
+    """BYOL: online network + predictor against an EMA target network."""
+
+    name: Literal["byol"] = Field("byol", description="selects this method")
+    projector: HeadConfig = Field(
+        HeadConfig(hidden_dim=4096, out_dim=256, num_layers=2),
+        description="projection head, online and target",
+    )
+    predictor: HeadConfig = Field(
+        HeadConfig(hidden_dim=4096, out_dim=256, num_layers=2),
+        description="prediction head on the online projection; out_dim as the projector's",
+    )
+    tau_base: float = Field(0.996, ge=0.0, le=1.0, description="target EMA decay at the start")
+    tau_final: float = Field(1.0, ge=0.0, le=1.0, description="target EMA decay at the end")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BYOLConfig:
+        if self.tau_final < self.tau_base:
+            raise ValueError("tau_final must be >= tau_base")
+        if self.predictor.out_dim != self.projector.out_dim:
+            raise ValueError(
+                f"predictor.out_dim ({self.predictor.out_dim}) must equal projector.out_dim "
+                f"({self.projector.out_dim}): the prediction regresses the target projection"
+            )
+        return self
+
+
+def byol_loss(p: Tensor, z: Tensor) -> Tensor:
+    """BYOL's regression loss: the batch mean of ``2 - 2·cos(p, z)``, in [0, 4].
+
+    ``p`` is the online prediction and ``z`` the target projection, shape ``(n, d)``. ``z`` is
+    detached here, so the target never receives a gradient whatever the caller does. Computes in
+    at least fp32, also under autocast.
+    """
+    if p.shape != z.shape or p.ndim != 2:
+        raise ValueError(
+            f"byol_loss expects two (n, d) tensors of equal shape, got {tuple(p.shape)} "
+            f"and {tuple(z.shape)}"
+        )
+    with torch.autocast(device_type=p.device.type, enabled=False):
+        p = F.normalize(at_least_fp32(p), dim=1)
+        z = F.normalize(at_least_fp32(z.detach()), dim=1)
+        return (2 - 2 * (p * z).sum(dim=1)).mean()
 
 
 def cosine_tau(step: int, total_steps: int, tau_base: float, tau_final: float = 1.0) -> float:
@@ -30,7 +86,8 @@ def cosine_tau(step: int, total_steps: int, tau_base: float, tau_final: float = 
     return tau_final - (tau_final - tau_base) * (math.cos(math.pi * progress) + 1) / 2
 
 
-class BYOL(nn.Module):
+@register_method("byol", BYOLConfig)
+class BYOL(Method):
     """Online backbone + projector + predictor regressing onto an EMA target network.
 
     Module layout and parameter names:
@@ -45,7 +102,15 @@ class BYOL(nn.Module):
       under the same names as in this module.
     """
 
-    def __init__(self, backbone: nn.Module, projector: nn.Module, predictor: nn.Module) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        projector: nn.Module,
+        predictor: nn.Module,
+        *,
+        tau_base: float = 0.996,
+        tau_final: float = 1.0,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.projector = projector
@@ -54,6 +119,23 @@ class BYOL(nn.Module):
             {"backbone": copy.deepcopy(backbone), "projector": copy.deepcopy(projector)}
         )
         self.target.requires_grad_(False)
+        self.tau_base = tau_base
+        self.tau_final = tau_final
+        self.tau = tau_base
+
+    @classmethod
+    def build(cls, config: BYOLConfig, backbone: nn.Module) -> BYOL:
+        """BYOL with ``config``'s heads and τ schedule on ``backbone``."""
+        head, pred = config.projector, config.predictor
+        projector = ProjectionHead(
+            backbone.num_features, head.hidden_dim, head.out_dim, num_layers=head.num_layers
+        )
+        predictor = ProjectionHead(
+            head.out_dim, pred.hidden_dim, pred.out_dim, num_layers=pred.num_layers
+        )
+        return cls(
+            backbone, projector, predictor, tau_base=config.tau_base, tau_final=config.tau_final
+        )
 
     def trainable_module(self) -> nn.Module:
         """A container of the online modules, for building the optimizer.
@@ -69,8 +151,8 @@ class BYOL(nn.Module):
         """Return the symmetric BYOL loss ``L(p_a, z'_b) + L(p_b, z'_a)``, in [0, 8].
 
         ``p`` are online predictions, ``z'`` target projections computed without gradient, and
-        ``L`` is :func:`~ssl_toolkit.losses.byol_loss`. Both views go through each network in one
-        forward pass (batch concatenation), so batch-norm statistics cover all 2n views.
+        ``L`` is :func:`byol_loss`. Both views go through each network in one forward pass
+        (batch concatenation), so batch-norm statistics cover all 2n views.
         """
         n = view_a.shape[0]
         views = torch.cat([view_a, view_b])
@@ -79,12 +161,29 @@ class BYOL(nn.Module):
             z = self.target["projector"](self.target["backbone"](views))
         return byol_loss(p[:n], z[n:]) + byol_loss(p[n:], z[:n])
 
+    def augmentation(self, data: DataConfig, generator: torch.Generator) -> BYOLAugment:
+        """BYOL's asymmetric augmentation: blur 1.0 / 0.1 and solarisation 0 / 0.2 per view."""
+        return BYOLAugment(data.image_size, scale=(data.crop_min_scale, 1.0), generator=generator)
+
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        """Move the target towards the online network with τ of step ``step``.
+
+        Step ``step`` (1-based) uses ``cosine_tau(step - 1, ...)``: the first update uses
+        ``tau_base``, as the authors' schedule indexed from 0 does.
+        """
+        self.tau = cosine_tau(step - 1, total_steps, self.tau_base, self.tau_final)
+        self.update_target(self.tau)
+
+    def log_metrics(self) -> dict[str, Tensor | float]:
+        """The τ of the last target update, as ``method/tau``."""
+        return {"method/tau": self.tau}
+
     @torch.no_grad()
     def update_target(self, tau: float) -> None:
         """EMA step ``target = τ·target + (1 - τ)·online`` for parameters; buffers are copied.
 
-        Call after each optimizer step. Buffers (batch-norm running statistics) are copied rather
-        than averaged, so the target normalises with the online network's current statistics.
+        Buffers (batch-norm running statistics) are copied rather than averaged, so the target
+        normalises with the online network's current statistics.
         """
         if not 0.0 <= tau <= 1.0:
             raise ValueError(f"tau must be in [0, 1], got {tau}")
@@ -98,7 +197,3 @@ class BYOL(nn.Module):
         target_buffers = [b for m in target for b in m.buffers()]
         if target_buffers:
             torch._foreach_copy_(target_buffers, online_buffers)
-
-    def embed(self, x: Tensor) -> Tensor:
-        """Online backbone features, the representation that is evaluated."""
-        return self.backbone(x)

@@ -1,20 +1,90 @@
-"""SimCLR (Chen et al. 2020, arXiv:2002.05709): contrast two augmented views of each image."""
+"""SimCLR (Chen et al. 2020, arXiv:2002.05709): contrast two augmented views of each image.
+
+Config, model (backbone + projector), the NT-Xent loss and the default augmentation, all here.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Literal
+
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
-from ssl_toolkit.losses import nt_xent
+from models import ProjectionHead
+from ssl_toolkit.data import SimCLRAugment
+from ssl_toolkit.distributed import gather_with_grad, world_size
 
-__all__ = ["SimCLR"]
+from .base import HeadConfig, Method, MethodConfig, at_least_fp32
+from .registry import register_method
+
+if TYPE_CHECKING:
+    from ssl_toolkit.config import DataConfig
+
+__all__ = ["SimCLR", "SimCLRConfig", "nt_xent"]
 
 
-class SimCLR(nn.Module):
+class SimCLRConfig(MethodConfig):
+    """SimCLR: NT-Xent over two views of a backbone + projector."""
+
+    name: Literal["simclr"] = Field("simclr", description="selects this method")
+    temperature: float = Field(0.2, gt=0.0, description="NT-Xent temperature")
+    projector: HeadConfig = Field(
+        HeadConfig(hidden_dim=2048, out_dim=128, num_layers=2),
+        description="projection head on the backbone features",
+    )
+
+
+def nt_xent(z_a: Tensor, z_b: Tensor, temperature: float) -> Tensor:
+    """SimCLR's NT-Xent loss (normalised temperature-scaled cross entropy) over 2N views.
+
+    ``z_a[i]`` and ``z_b[i]`` are the projections of two augmented views of image ``i``, shape
+    ``(n, d)``. Each of the 2n views is an anchor whose positive is the other view of the same
+    image and whose negatives are all remaining views; self-similarity is masked out. The loss
+    is the mean over anchors of ``-log softmax(cos(anchor, candidates) / temperature)[positive]``.
+
+    Distributed: when a process group with world size W > 1 is initialised, the candidates are
+    the views of all ranks, gathered with gradients, while the anchors are this rank's 2n views
+    and the result is their mean. Every rank must pass the same n. The global loss over the
+    joined batch is then the mean of the W local losses, and after DDP averages the parameter
+    gradients over ranks they equal the gradients of one process on the joined batch of W·n
+    images.
+
+    The computation runs in at least fp32, also under autocast.
+    """
+    if z_a.shape != z_b.shape or z_a.ndim != 2:
+        raise ValueError(
+            f"nt_xent expects two (n, d) tensors of equal shape, got {tuple(z_a.shape)} "
+            f"and {tuple(z_b.shape)}"
+        )
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    n = z_a.shape[0]
+    with torch.autocast(device_type=z_a.device.type, enabled=False):
+        anchors = F.normalize(at_least_fp32(torch.cat([z_a, z_b])), dim=1)
+        if world_size() > 1:
+            candidates = gather_with_grad(anchors)
+            offset = dist.get_rank() * 2 * n
+        else:
+            candidates = anchors
+            offset = 0
+        logits = anchors @ candidates.T / temperature
+        local = torch.arange(2 * n, device=anchors.device)
+        self_mask = torch.zeros_like(logits, dtype=torch.bool)
+        self_mask[local, offset + local] = True
+        logits = logits.masked_fill(self_mask, float("-inf"))
+        positives = offset + (local + n) % (2 * n)
+        return F.cross_entropy(logits, positives)
+
+
+@register_method("simclr", SimCLRConfig)
+class SimCLR(Method):
     """Backbone + projection head trained with the NT-Xent loss.
 
-    Parameter names are ``backbone.*`` and ``projector.*`` (the same prefixes as BYOL's online
-    network), so optimizer rules such as ``projector.*`` read the same for both methods.
+    Parameter names are ``backbone.*`` and ``projector.*`` (the same prefixes as the other
+    methods), so optimizer rules such as ``projector.*`` read the same for every method.
     """
 
     def __init__(self, backbone: nn.Module, projector: nn.Module, temperature: float) -> None:
@@ -24,6 +94,15 @@ class SimCLR(nn.Module):
         self.backbone = backbone
         self.projector = projector
         self.temperature = temperature
+
+    @classmethod
+    def build(cls, config: SimCLRConfig, backbone: nn.Module) -> SimCLR:
+        """SimCLR with ``config``'s projector and temperature on ``backbone``."""
+        head = config.projector
+        projector = ProjectionHead(
+            backbone.num_features, head.hidden_dim, head.out_dim, num_layers=head.num_layers
+        )
+        return cls(backbone, projector, config.temperature)
 
     def forward(self, view_a: Tensor, view_b: Tensor) -> Tensor:
         """Return the NT-Xent loss of a batch of view pairs ``(n, ...)`` and ``(n, ...)``.
@@ -36,10 +115,11 @@ class SimCLR(nn.Module):
         z = self.projector(self.backbone(torch.cat([view_a, view_b])))
         return nt_xent(z[:n], z[n:], self.temperature)
 
-    def embed(self, x: Tensor) -> Tensor:
-        """Backbone features (before the projector), the representation that is evaluated."""
-        return self.backbone(x)
-
-    def trainable_module(self) -> nn.Module:
-        """The module whose ``named_parameters()`` the optimizer gets: all of SimCLR."""
-        return self
+    def augmentation(self, data: DataConfig, generator: torch.Generator) -> SimCLRAugment:
+        """SimCLR's augmentation: one policy for both views, colour strength from the config."""
+        return SimCLRAugment(
+            data.image_size,
+            scale=(data.crop_min_scale, 1.0),
+            jitter_strength=data.color_strength,
+            generator=generator,
+        )

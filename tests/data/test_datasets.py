@@ -14,6 +14,7 @@ from ssl_toolkit.data import (
     TensorBatchLoader,
     build_dataset,
     build_loader,
+    stratified_split,
 )
 
 
@@ -49,6 +50,18 @@ def test_digits_split_is_80_20_and_stratified(digits):
     for label, count in total.items():
         assert train_counts[label] + test_counts[label] == count
         assert abs(train_counts[label] - 0.8 * count) <= 1
+
+
+def test_stratified_split_takes_exactly_the_count_of_every_class():
+    labels = torch.tensor([0] * 7 + [1] * 5 + [2] * 9)
+    chosen, rest = stratified_split(labels, lambda n: 3, torch.Generator().manual_seed(0))
+    assert len(set(chosen.tolist())) == 9
+    assert torch.bincount(labels[chosen]).tolist() == [3, 3, 3]
+    assert sorted(chosen.tolist() + rest.tolist()) == list(range(len(labels)))
+    again = stratified_split(labels, lambda n: 3, torch.Generator().manual_seed(0))[0]
+    assert torch.equal(chosen, again)
+    half, _ = stratified_split(labels, lambda n: n // 2, torch.Generator().manual_seed(1))
+    assert torch.bincount(labels[half]).tolist() == [3, 2, 4]
 
 
 def test_digits_images_match_their_labels(digits):

@@ -1,4 +1,4 @@
-"""LARS against a float64 re-derivation of DESIGN.md's equations, step by step.
+"""LARS against a float64 re-derivation of the equations in docs/lars.md, step by step.
 
 The reference below is written from the equations with Python floats, one parameter at a time,
 independently of optim.lars. Both see the same gradients at every step; parameters, momentum

@@ -72,7 +72,7 @@ def models_and_rules(draw: st.DrawFn) -> tuple[nn.Module, list[dict]]:
 
 
 def expected_match(pattern: str, name: str, param: nn.Parameter, owner: nn.Module) -> bool:
-    """The rule syntax of DESIGN.md, re-derived for the test."""
+    """The rule syntax of docs/param_rules.md, re-derived for the test."""
     if pattern == "@norm":
         return isinstance(owner, (nn.BatchNorm1d, nn.LayerNorm, nn.GroupNorm))
     if pattern == "@bias":

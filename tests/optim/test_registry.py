@@ -22,7 +22,7 @@ from optim import (
     parse_optimizer_config,
     register_optimizer,
 )
-from optim import registry as registry_module
+from optim.registry import OPTIMIZERS
 
 
 def test_builtins_are_listed() -> None:
@@ -94,12 +94,12 @@ def test_registering_a_taken_name_fails() -> None:
 def test_register_as_decorator_and_unregister(
     monkeypatch: pytest.MonkeyPatch, small_resnet
 ) -> None:
-    monkeypatch.setattr(registry_module, "_REGISTRY", dict(registry_module._REGISTRY))
+    monkeypatch.setattr(OPTIMIZERS, "_entries", dict(OPTIMIZERS._entries))
 
     class PlainConfig(OptimizerConfig):
         name: Literal["plain"] = "plain"
 
-    @register_optimizer("plain", PlainConfig, description="test")
+    @register_optimizer("plain", PlainConfig)
     def build_plain(config: PlainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
         return torch.optim.SGD(model.parameters(), lr=config.lr)
 
@@ -138,8 +138,8 @@ def test_optimizer_from_a_real_entry_point(
         "[ssl_toolkit.optimizers]\nrms_plugin = extra_optim:register\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(registry_module, "_REGISTRY", dict(registry_module._REGISTRY))
-    monkeypatch.setattr(registry_module, "_entry_points_loaded", False)
+    monkeypatch.setattr(OPTIMIZERS, "_entries", dict(OPTIMIZERS._entries))
+    monkeypatch.setattr(OPTIMIZERS, "_entry_points_loaded", False)
     monkeypatch.delitem(sys.modules, "extra_optim", raising=False)
     assert "rms_plugin" in list_optimizers()
     opt = build_optimizer({"name": "rms_plugin", "lr": 0.01}, small_resnet)

@@ -67,7 +67,7 @@ def test_overrides_are_parsed_as_yaml() -> None:
         ("trainer.epochs=many", "trainer.epochs: Input should be a valid integer"),
         ("trainer.epoch=3", "trainer.epoch: unknown key; did you mean 'epochs'?"),
         ("method.temprature=0.1", "method.temprature: unknown key; did you mean 'temperature'?"),
-        ("method.name=mocov3", "method.name: Input tag 'mocov3'"),
+        ("method.name=mocov3", "method.name: unknown method 'mocov3'; did you mean"),
         ("data.name=imagenet", "data.name: Input should be 'digits', 'synthetic'"),
         ("logging.wandb.mode=cloud", "logging.wandb.mode: Input should be 'offline', 'online'"),
         ("optim.name=lasr", "optim.name: unknown optimizer 'lasr'; did you mean 'lars'?"),
@@ -84,9 +84,19 @@ def test_bad_overrides_name_their_key(override: str, expected: str) -> None:
     assert len(info.value.problems) == 1
 
 
+def test_unknown_method_lists_the_registered_ones() -> None:
+    with pytest.raises(ConfigError, match=r"registered: barlow_twins, byol, simclr$"):
+        load_config("simclr_lars", ["method.name=mocov3"])
+
+
 def test_byol_tau_must_rise() -> None:
     with pytest.raises(ConfigError, match="method: tau_final must be >= tau_base"):
         load_config("byol_lars", ["method.tau_base=0.999", "method.tau_final=0.99"])
+
+
+def test_byol_predictor_must_output_the_projection_width() -> None:
+    with pytest.raises(ConfigError, match=r"method: predictor.out_dim \(64\) must equal"):
+        load_config("byol_lars", ["method.predictor.out_dim=64"])
 
 
 def test_unknown_config_file_lists_known_ones() -> None:

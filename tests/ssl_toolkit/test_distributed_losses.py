@@ -9,7 +9,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-import ssl_toolkit.losses as losses
+import ssl_toolkit.methods.barlow_twins as barlow_module
+import ssl_toolkit.methods.simclr as simclr_module
 from ssl_toolkit.distributed import (
     DeviceUnavailableError,
     DistContext,
@@ -17,18 +18,26 @@ from ssl_toolkit.distributed import (
     cleanup_distributed,
     setup_distributed,
 )
-from ssl_toolkit.methods import SimCLR
+from ssl_toolkit.methods import BarlowTwins, SimCLR
 
 WORLD = 2
 PER_RANK = 3
 TEMPERATURE = 0.2
 
 
-def _model() -> SimCLR:
+def _backbone() -> nn.Module:
     # No batch norm: per-rank statistics would legitimately differ from the joined batch.
     torch.manual_seed(0)
-    backbone = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8))
-    return SimCLR(backbone, nn.Linear(8, 4), temperature=TEMPERATURE).double()
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8))
+
+
+def _model() -> SimCLR:
+    return SimCLR(_backbone(), nn.Linear(8, 4), temperature=TEMPERATURE).double()
+
+
+def _barlow() -> BarlowTwins:
+    # A large λ so that the off-diagonal term weighs in the gradients.
+    return BarlowTwins(_backbone(), nn.Linear(8, 5), off_diagonal_weight=0.3).double()
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,6 +63,20 @@ class _SliceOnlyGather(torch.autograd.Function):
         return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
 
 
+class _SumWithoutGradient(torch.autograd.Function):
+    """The authors' Barlow Twins sum: all-reduce forward, backward blind to the other ranks."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        out = tensor.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
 def _loss_and_grads(ddp: nn.Module, rank: int) -> dict:
     view_a, view_b = _batch()
     rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
@@ -77,14 +100,18 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     ctx = setup_distributed("cpu")
     try:
         ddp = nn.parallel.DistributedDataParallel(_model())
+        barlow = nn.parallel.DistributedDataParallel(_barlow())
         result = {
             "ctx": (ctx.rank, ctx.world_size, ctx.local_rank, str(ctx.device), ctx.is_main),
             "backend": dist.get_backend(),
             "mean": all_reduce_mean(torch.tensor([rank + 1.0, 10.0 * rank])),
             "correct": _loss_and_grads(ddp, rank),
+            "barlow": _loss_and_grads(barlow, rank),
         }
-        losses._gather_with_grad = _SliceOnlyGather.apply
+        simclr_module.gather_with_grad = _SliceOnlyGather.apply
         result["slice_only"] = _loss_and_grads(ddp, rank)
+        barlow_module.sum_over_ranks = _SumWithoutGradient.apply
+        result["barlow_no_grad_sum"] = _loss_and_grads(barlow, rank)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     except BaseException:
         cleanup_distributed()
@@ -106,13 +133,21 @@ def rank_results(tmp_path_factory):
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
-@pytest.fixture(scope="module")
-def single_process():
-    model = _model()
+def _joined_batch(model: nn.Module) -> tuple[float, dict]:
     view_a, view_b = _batch()
     loss = model(view_a, view_b)
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    return _joined_batch(_model())
+
+
+@pytest.fixture(scope="module")
+def barlow_single_process():
+    return _joined_batch(_barlow())
 
 
 def test_setup_distributed_reads_torchrun_env_and_uses_gloo(rank_results):
@@ -122,22 +157,34 @@ def test_setup_distributed_reads_torchrun_env_and_uses_gloo(rank_results):
         torch.testing.assert_close(result["mean"], torch.tensor([1.5, 5.0]))
 
 
-def test_two_ranks_reproduce_loss_and_gradients_of_joined_batch(rank_results, single_process):
-    ref_loss, ref_grads = single_process
+# (result key, the single-process fixture it must equal): SimCLR's gathered NT-Xent and
+# Barlow Twins' batch statistics and cross-correlation summed over ranks, both with gradients.
+CORRECT = [("correct", "single_process"), ("barlow", "barlow_single_process")]
+# The known bugs: a gather whose backward keeps this rank's slice, and the authors' in-place
+# all_reduce, blind to autograd. Both leave the loss right and the gradients wrong.
+BUGGY = [("slice_only", "single_process"), ("barlow_no_grad_sum", "barlow_single_process")]
+
+
+@pytest.mark.parametrize("key, reference", CORRECT)
+def test_two_ranks_reproduce_loss_and_gradients_of_joined_batch(
+    rank_results, request, key: str, reference: str
+):
+    ref_loss, ref_grads = request.getfixturevalue(reference)
     for result in rank_results:
-        assert result["correct"]["loss"] == pytest.approx(ref_loss, rel=1e-12)
-        assert result["correct"]["grads"].keys() == ref_grads.keys()
-        for name, grad in result["correct"]["grads"].items():
+        assert result[key]["loss"] == pytest.approx(ref_loss, rel=1e-12)
+        assert result[key]["grads"].keys() == ref_grads.keys()
+        for name, grad in result[key]["grads"].items():
             torch.testing.assert_close(grad, ref_grads[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
-def test_slice_only_gather_bug_is_detected(rank_results, single_process):
-    """The comparison above is sensitive: the known bug changes gradients, not the loss."""
-    ref_loss, ref_grads = single_process
+@pytest.mark.parametrize("key, reference", BUGGY)
+def test_known_bugs_are_detected(rank_results, request, key: str, reference: str):
+    """The comparison above is sensitive: each bug changes gradients, not the loss."""
+    ref_loss, ref_grads = request.getfixturevalue(reference)
     for result in rank_results:
-        assert result["slice_only"]["loss"] == pytest.approx(ref_loss, rel=1e-12)
+        assert result[key]["loss"] == pytest.approx(ref_loss, rel=1e-12)
         weight = "projector.weight"
-        assert not torch.allclose(result["slice_only"]["grads"][weight], ref_grads[weight])
+        assert not torch.allclose(result[key]["grads"][weight], ref_grads[weight])
 
 
 def test_single_process_context_and_helpers(monkeypatch):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from ssl_toolkit.evaluation import _stratified_subset, extract_features, knn_top1, linear_probe
+from ssl_toolkit.evaluation import extract_features, knn_top1, linear_probe
 from ssl_toolkit.methods import SimCLR
 
 # Train points on the unit circle (and beyond); cosine similarity to the query (1, 0) is
@@ -130,15 +130,6 @@ def test_linear_probe_few_labels():
         linear_probe(
             train[:-5], train_labels[:-5], test, test_labels, num_classes=3, labels_per_class=36
         )
-
-
-def test_stratified_subset_takes_exactly_k_distinct_samples_per_class():
-    labels = torch.tensor([0] * 7 + [1] * 5 + [2] * 9)
-    chosen = _stratified_subset(labels, 3, torch.Generator().manual_seed(0))
-    assert len(set(chosen.tolist())) == 9
-    assert torch.bincount(labels[chosen]).tolist() == [3, 3, 3]
-    again = _stratified_subset(labels, 3, torch.Generator().manual_seed(0))
-    assert torch.equal(chosen, again)
 
 
 def test_extract_features_normalises_in_eval_mode_and_restores_mode():

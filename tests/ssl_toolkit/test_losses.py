@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from ssl_toolkit.losses import byol_loss, nt_xent
+from ssl_toolkit.methods.byol import byol_loss
+from ssl_toolkit.methods.simclr import nt_xent
 
 
 def _nt_xent_loop(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> float:

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_toolkit.losses import nt_xent
 from ssl_toolkit.methods import BYOL, SimCLR, cosine_tau
+from ssl_toolkit.methods.simclr import nt_xent
 
 
 def _backbone() -> nn.Module:

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
 
 from optim import warmup_cosine
 from ssl_toolkit.config import ExperimentConfig
+from ssl_toolkit.data import SimCLRAugment
+from ssl_toolkit.methods import METHODS, Method, MethodConfig, register_method
 from ssl_toolkit.trainer import Trainer
-from ssl_toolkit.wandb_logger import read_offline_history
+from ssl_toolkit.wandb_offline import read_offline_history
 
 
 def tiny_config(tmp_path: Path, method: str = "simclr", **trainer: Any) -> ExperimentConfig:
@@ -39,7 +44,7 @@ def tiny_config(tmp_path: Path, method: str = "simclr", **trainer: Any) -> Exper
                 "log_every_steps": 2,
                 **trainer,
             },
-            "logging": {"wandb": {"mode": "disabled"}, "trust_ratio_every": 3},
+            "logging": {"wandb": {"mode": "disabled"}, "trust_ratio_every": 4},
             "eval": {"every_epochs": 1, "knn_k": 5, "batch_size": 128},
         }
     )
@@ -101,16 +106,17 @@ def test_logged_metrics_follow_schedule_and_optimizer(tmp_path: Path) -> None:
     result = trainer.fit()
     assert logger.finished
     train_rows = {step: m for step, m in logger.rows if "train/loss" in m}
-    assert sorted(train_rows) == [1, 3, 5, 7, 9, 11, 13, 15]
+    assert sorted(train_rows) == [2, 4, 6, 8, 10, 12, 14, 16]  # steps count from 1
     for step, metrics in train_rows.items():
-        expected = warmup_cosine(step, total_steps=16, warmup_steps=4, peak_lr=1.0 * 32 / 256)
+        # Step s is the s-th update: the schedule's position s - 1.
+        expected = warmup_cosine(step - 1, total_steps=16, warmup_steps=4, peak_lr=32 / 256)
         assert metrics["train/lr"] == pytest.approx(expected)
         assert torch.isfinite(torch.tensor(metrics["train/loss"]))
         assert metrics["train/img_per_s"] > 0
     knn_rows = [(step, m["knn/top1"]) for step, m in logger.rows if "knn/top1" in m]
-    assert [step for step, _ in knn_rows] == [7, 15]  # each epoch end; not twice at the end
+    assert [step for step, _ in knn_rows] == [8, 16]  # each epoch end; not twice at the end
     assert result.knn_top1 == knn_rows[-1][1]
-    assert [step for step, _ in logger.trust_ratios] == [0, 3, 6, 9, 12, 15]
+    assert [step for step, _ in logger.trust_ratios] == [1, 4, 8, 12, 16]
     _, last_ratios = logger.trust_ratios[-1]
     applied = trainer.optimizer.trust_ratios(adapted_only=True)
     assert last_ratios == {k: v.item() for k, v in applied.items()}
@@ -137,7 +143,7 @@ def test_real_offline_run_logs_the_optimizers_trust_ratios(tmp_path: Path) -> No
     trainer.fit()
     history = read_offline_history(Path(cfg.trainer.output_dir))
     ratio_rows = [r for r in history if any(k.startswith("lars/trust_ratio/") for k in r)]
-    assert [r["global_step"] for r in ratio_rows] == [0, 3]
+    assert [r["global_step"] for r in ratio_rows] == [1, 4]
     applied = trainer.optimizer.trust_ratios(adapted_only=True)
     logged = {
         k.removeprefix("lars/trust_ratio/"): v
@@ -168,3 +174,55 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path: Path) -> None:
     assert trainer.steps_per_epoch == 4
     assert trainer.global_batch == 64
     assert trainer.fit().steps == 4
+
+
+def test_a_method_registered_here_trains_with_no_change_to_the_trainer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A toy method, defined and registered in this file, runs 2 steps through the trainer."""
+    monkeypatch.setattr(METHODS, "_entries", dict(METHODS._entries))
+
+    class ToyConfig(MethodConfig):
+        name: Literal["toy"] = "toy"
+        width: int = Field(8, ge=1, description="output width of the head")
+
+    @register_method("toy", ToyConfig)
+    class Toy(Method):
+        """Two views through one linear head; the loss pulls them together."""
+
+        def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+            super().__init__()
+            self.backbone, self.head = backbone, head
+            self.hook_calls: list[tuple[int, int]] = []
+
+        @classmethod
+        def build(cls, config: ToyConfig, backbone: nn.Module) -> Toy:
+            return cls(backbone, nn.Linear(backbone.num_features, config.width))
+
+        def forward(self, view_a: torch.Tensor, view_b: torch.Tensor) -> torch.Tensor:
+            z_a, z_b = self.head(self.backbone(view_a)), self.head(self.backbone(view_b))
+            return (2 - 2 * F.cosine_similarity(z_a, z_b)).mean()
+
+        def augmentation(self, data: Any, generator: torch.Generator) -> SimCLRAugment:
+            return SimCLRAugment(data.image_size, generator=generator)
+
+        def after_optimizer_step(self, step: int, total_steps: int) -> None:
+            self.hook_calls.append((step, total_steps))
+
+        def log_metrics(self) -> dict[str, Any]:
+            return {"method/hook_calls": float(len(self.hook_calls))}
+
+    cfg = tiny_config(tmp_path, max_steps=2, log_every_steps=1)
+    cfg = ExperimentConfig.from_dict({**cfg.to_dict(), "method": {"name": "toy", "width": 4}})
+    logger = RecordingLogger()
+    trainer = Trainer(cfg, logger=logger)
+    assert isinstance(trainer.method, Toy) and trainer.method.head.out_features == 4
+    before = trainer.method.head.weight.detach().clone()
+    result = trainer.fit()
+    assert result.steps == 2 and torch.isfinite(torch.tensor(result.final_loss))
+    assert trainer.method.hook_calls == [(1, 2), (2, 2)]
+    assert not torch.equal(before, trainer.method.head.weight)
+    rows = [(step, m["method/hook_calls"]) for step, m in logger.rows if "train/loss" in m]
+    assert rows == [(1, 1.0), (2, 2.0)]
+    saved = torch.load(Path(cfg.trainer.output_dir) / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["step"] == 2 and saved["config"]["method"] == {"name": "toy", "width": 4}

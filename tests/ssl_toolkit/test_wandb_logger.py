@@ -6,7 +6,8 @@ import pytest
 import torch
 import wandb
 
-from ssl_toolkit.wandb_logger import WandbLogger, read_offline_history, trust_ratio_metrics
+from ssl_toolkit.wandb_logger import WandbLogger, trust_ratio_metrics
+from ssl_toolkit.wandb_offline import read_offline_history
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,72 @@
+"""The baselines the benchmarks measure against, written the straightforward way.
+
+- :class:`PerParameterLARS`: the original LARS algorithm, one parameter at a time with a Python
+  ``if`` on tensor norms (a host sync per parameter on GPU);
+- :func:`torchvision_pipeline` and :class:`TwoViewDataset`: SimCLR's augmentation per image
+  with ``torchvision.transforms.v2``, as most SSL code runs it in DataLoader workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from ssl_toolkit.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from ssl_toolkit.data.functional import blur_kernel_size
+
+
+class PerParameterLARS(torch.optim.Optimizer):
+    """The original algorithm written the straightforward way: one parameter at a time, with a
+    Python ``if`` on tensor norms (a host sync per parameter on GPU)."""
+
+    def __init__(self, params, lr: float, momentum=0.9, weight_decay=1e-6, eta=1e-3, eps=1e-8):
+        super().__init__(
+            params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, eps=eps)
+        )
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                w_norm, g_norm = torch.norm(p), torch.norm(p.grad)
+                denom = g_norm + group["weight_decay"] * w_norm + group["eps"]
+                ratio = group["eta"] * w_norm / denom if w_norm > 0 and denom > 0 else 1.0
+                grad = p.grad.add(p, alpha=group["weight_decay"])
+                buf.mul_(group["momentum"]).add_(grad, alpha=float(group["lr"] * ratio))
+                p.sub_(buf)
+
+
+class TwoViewDataset(Dataset):
+    """Per-image baseline: each item is two independently transformed views of one image."""
+
+    def __init__(self, images: torch.Tensor, transform: Callable) -> None:
+        self.images = images
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.images[index]
+        return self.transform(image), self.transform(image)
+
+
+def torchvision_pipeline(size: int) -> v2.Compose:
+    """The per-image equivalent of ``SimCLRAugment()`` at ``size`` pixels."""
+    steps = [
+        v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomApply([v2.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+    ]
+    if size >= 96:
+        kernel = blur_kernel_size((size, size))
+        steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return v2.Compose(steps)

@@ -1,0 +1,145 @@
+"""Barlow Twins (Zbontar et al. 2021, arXiv:2103.03230): make the cross-correlation of two
+views' embeddings the identity.
+
+Config, model (backbone + 8192-8192-8192 projector), the loss and the augmentation, all here.
+The embeddings of each view are standardised over the batch (the authors' affine-free
+BatchNorm), their cross-correlation matrix ``C`` is computed, and the loss is
+``Σ_i (1 - C_ii)² + λ Σ_{i≠j} C_ij²``: invariance on the diagonal, redundancy reduction off it.
+
+Across ranks, the batch statistics and ``C`` are sums over all ranks, as in the authors' code
+(which all-reduces ``C``). Here the sums are differentiable, so the loss and, after DDP's mean,
+the gradients are those of one process on the joined batch. (The authors' in-place
+``all_reduce`` is invisible to autograd: each rank back-propagates only its own shard's share,
+which after DDP's mean is the joined-batch gradient divided by the number of ranks.)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from models import ProjectionHead
+from ssl_toolkit.data import BYOLAugment
+from ssl_toolkit.distributed import sum_over_ranks, world_size
+
+from .base import HeadConfig, Method, MethodConfig, at_least_fp32
+from .registry import register_method
+
+if TYPE_CHECKING:
+    from ssl_toolkit.config import DataConfig
+
+__all__ = ["BarlowTwins", "BarlowTwinsConfig", "barlow_twins_loss", "cross_correlation"]
+
+# The authors normalise with nn.BatchNorm1d(affine=False), whose default eps this is.
+_BATCH_NORM_EPS = 1e-5
+
+
+class BarlowTwinsConfig(MethodConfig):
+    """Barlow Twins: cross-correlation of two views' embeddings pushed to the identity."""
+
+    name: Literal["barlow_twins"] = Field("barlow_twins", description="selects this method")
+    projector: HeadConfig = Field(
+        HeadConfig(hidden_dim=8192, out_dim=8192, num_layers=3),
+        description="projection head (Linear-BN-ReLU blocks, no biases)",
+    )
+    off_diagonal_weight: float = Field(
+        0.0051, ge=0.0, description="λ, the weight of the off-diagonal (redundancy) term"
+    )
+
+
+def _standardise(z: Tensor, batch: int) -> Tensor:
+    """``(z - mean) / sqrt(var + eps)`` per dimension, statistics over all ranks' rows."""
+    mean = sum_over_ranks(z.sum(dim=0)) / batch
+    centred = z - mean
+    var = sum_over_ranks(centred.square().sum(dim=0)) / batch
+    return centred / torch.sqrt(var + _BATCH_NORM_EPS)
+
+
+def cross_correlation(z_a: Tensor, z_b: Tensor) -> Tensor:
+    """The (d, d) cross-correlation of the batch-standardised embeddings of two views.
+
+    ``C_ij = Σ_b ẑ_a[b, i] ẑ_b[b, j] / N`` where ``ẑ`` is standardised per dimension with the
+    biased batch variance (plus ``eps = 1e-5``) and ``N`` is the batch over all ranks. Every rank
+    passes the same number of rows. Computes in at least fp32, also under autocast.
+    """
+    if z_a.shape != z_b.shape or z_a.ndim != 2:
+        raise ValueError(
+            f"cross_correlation expects two (n, d) tensors of equal shape, got "
+            f"{tuple(z_a.shape)} and {tuple(z_b.shape)}"
+        )
+    batch = z_a.shape[0] * world_size()
+    with torch.autocast(device_type=z_a.device.type, enabled=False):
+        a = _standardise(at_least_fp32(z_a), batch)
+        b = _standardise(at_least_fp32(z_b), batch)
+        return sum_over_ranks(a.T @ b) / batch
+
+
+def _off_diagonal(c: Tensor) -> Tensor:
+    """The off-diagonal entries of a square matrix, as a flat view (no copy)."""
+    d = c.shape[0]
+    return c.flatten()[:-1].view(d - 1, d + 1)[:, 1:]
+
+
+def _loss_terms(c: Tensor) -> tuple[Tensor, Tensor]:
+    """``Σ_i (1 - C_ii)²`` and ``Σ_{i≠j} C_ij²``."""
+    return (torch.diagonal(c) - 1).square().sum(), _off_diagonal(c).square().sum()
+
+
+def barlow_twins_loss(z_a: Tensor, z_b: Tensor, off_diagonal_weight: float = 0.0051) -> Tensor:
+    """``Σ_i (1 - C_ii)² + λ Σ_{i≠j} C_ij²`` with ``C`` from :func:`cross_correlation`."""
+    on_diagonal, off_diagonal = _loss_terms(cross_correlation(z_a, z_b))
+    return on_diagonal + off_diagonal_weight * off_diagonal
+
+
+@register_method("barlow_twins", BarlowTwinsConfig)
+class BarlowTwins(Method):
+    """Backbone + projector; the loss drives the views' cross-correlation to the identity.
+
+    Parameter names are ``backbone.*`` and ``projector.*``, as for the other methods. Each view
+    goes through the network in its own forward pass, as in the authors' code, so batch-norm
+    statistics are per view.
+    """
+
+    def __init__(
+        self, backbone: nn.Module, projector: nn.Module, off_diagonal_weight: float = 0.0051
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.projector = projector
+        self.off_diagonal_weight = off_diagonal_weight
+        self._terms: dict[str, Tensor] = {}
+
+    @classmethod
+    def build(cls, config: BarlowTwinsConfig, backbone: nn.Module) -> BarlowTwins:
+        """Barlow Twins with ``config``'s projector (biases off, as the authors') and λ."""
+        head = config.projector
+        projector = ProjectionHead(
+            backbone.num_features,
+            head.hidden_dim,
+            head.out_dim,
+            num_layers=head.num_layers,
+            last_bias=False,
+        )
+        return cls(backbone, projector, config.off_diagonal_weight)
+
+    def forward(self, view_a: Tensor, view_b: Tensor) -> Tensor:
+        """The Barlow Twins loss of a batch of view pairs; keeps its two terms for the log."""
+        z_a = self.projector(self.backbone(view_a))
+        z_b = self.projector(self.backbone(view_b))
+        on_diagonal, off_diagonal = _loss_terms(cross_correlation(z_a, z_b))
+        self._terms = {
+            "method/on_diagonal": on_diagonal.detach(),
+            "method/off_diagonal": off_diagonal.detach(),
+        }
+        return on_diagonal + self.off_diagonal_weight * off_diagonal
+
+    def augmentation(self, data: DataConfig, generator: torch.Generator) -> BYOLAugment:
+        """The authors' augmentation, which is BYOL's: blur 1.0 / 0.1, solarise 0 / 0.2."""
+        return BYOLAugment(data.image_size, scale=(data.crop_min_scale, 1.0), generator=generator)
+
+    def log_metrics(self) -> dict[str, Tensor | float]:
+        """The invariance and redundancy terms of the last forward pass (before λ)."""
+        return dict(self._terms)

@@ -1,0 +1,75 @@
+"""The method registry: SSL methods by name, their configs validated by it.
+
+The same design as the optimizer registry: ``register_method(name, config_cls)`` decorates a
+:class:`~ssl_toolkit.methods.base.Method` subclass, and other installed packages add methods
+through the entry-point group ``ssl_toolkit.methods`` (a module that registers on import, or a
+callable that registers when called), loaded on the first lookup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from models import build_backbone
+from optim.registry import Registry
+
+from .base import Method, MethodConfig
+
+if TYPE_CHECKING:
+    from ssl_toolkit.config import ExperimentConfig
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "METHODS",
+    "build_method",
+    "get_method",
+    "list_methods",
+    "parse_method_config",
+    "register_method",
+]
+
+ENTRY_POINT_GROUP = "ssl_toolkit.methods"
+
+METHODS: Registry[type[Method]] = Registry("method", ENTRY_POINT_GROUP, MethodConfig)
+"""Every registered method; use the functions below rather than this object."""
+
+M = TypeVar("M", bound=type[Method])
+
+
+def register_method(name: str, config_cls: type[MethodConfig]) -> Callable[[M], M]:
+    """Class decorator: register a ``Method`` subclass under ``name`` with its config class.
+
+    ``config_cls`` must subclass ``MethodConfig`` with ``name`` defaulting to ``name``.
+    Registering a taken name is an error.
+    """
+
+    def register(cls: M) -> M:
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise TypeError(f"method {name!r} must subclass ssl_toolkit.methods.Method")
+        return METHODS.register(name, config_cls, cls)
+
+    return register
+
+
+def list_methods() -> list[str]:
+    """Names of every registered method, sorted."""
+    return METHODS.names()
+
+
+def get_method(name: str) -> type[Method]:
+    """The method class registered as ``name``; an unknown name is a ``ConfigError``."""
+    return METHODS.entry(name, "method.").target
+
+
+def parse_method_config(
+    cfg: Mapping[str, Any] | MethodConfig, prefix: str = "method"
+) -> MethodConfig:
+    """Validate a mapping (the ``method:`` block of a YAML) into its method's config."""
+    return METHODS.parse(cfg, prefix)
+
+
+def build_method(cfg: ExperimentConfig) -> Method:
+    """The method of ``cfg.method`` on a fresh backbone of ``cfg.model``."""
+    backbone = build_backbone(cfg.model.backbone, cifar_stem=cfg.model.cifar_stem)
+    return get_method(cfg.method.name).build(cfg.method, backbone)
