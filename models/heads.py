@@ -62,5 +62,7 @@ class PredictionHead(ProjectionHead):
     BYOL from collapsing to a constant.
     """
 
-    def __init__(self, in_dim: int = 256, hidden_dim: int = 4096, out_dim: int = 256) -> None:
-        super().__init__(in_dim, hidden_dim, out_dim, num_layers=2)
+    def __init__(
+        self, in_dim: int = 256, hidden_dim: int = 4096, out_dim: int = 256, num_layers: int = 2
+    ) -> None:
+        super().__init__(in_dim, hidden_dim, out_dim, num_layers=num_layers)

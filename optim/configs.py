@@ -22,13 +22,13 @@ __all__ = [
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 # Descriptions of keys that several optimizers share.
-WEIGHT_DECAY = "weight decay λ"
-MOMENTUM = "momentum μ"
-NESTEROV = "Nesterov momentum (needs momentum > 0)"
-FOREACH = "multi-tensor path; null: the faster path for the device"
-TRUST_CLIP = "LARC: effective lr = min(lr, trust ratio)"
-BETAS = "Adam's moment decays"
-EPS = "added to Adam's denominator"
+_WEIGHT_DECAY = "weight decay λ"
+_MOMENTUM = "momentum μ"
+_NESTEROV = "Nesterov momentum (needs momentum > 0)"
+_FOREACH = "multi-tensor path; null: the faster path for the device"
+_TRUST_CLIP = "LARC: effective lr = min(lr, trust ratio)"
+_BETAS = "Adam's moment decays"
+_EPS = "added to Adam's denominator"
 
 
 class ParamGroupRule(BaseModel):
@@ -50,7 +50,7 @@ class OptimizerConfig(BaseModel):
 
     name: str = Field(description="the registered optimizer")
     lr: float = Field(ge=0.0, description="base learning rate (the schedule scales it)")
-    weight_decay: float = Field(0.0, ge=0.0, description=WEIGHT_DECAY)
+    weight_decay: float = Field(0.0, ge=0.0, description=_WEIGHT_DECAY)
     exclude_from_weight_decay: list[str] = Field(
         default_factory=list, description="patterns of parameters without weight decay"
     )
@@ -65,16 +65,16 @@ class LARSConfig(OptimizerConfig):
     """LARS; the defaults are the original minerva LARS."""
 
     name: Literal["lars"] = Field("lars", description="selects this optimizer")
-    momentum: float = Field(0.9, ge=0.0, lt=1.0, description=MOMENTUM)
-    weight_decay: float = Field(1e-6, ge=0.0, description=WEIGHT_DECAY)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description=_MOMENTUM)
+    weight_decay: float = Field(1e-6, ge=0.0, description=_WEIGHT_DECAY)
     eta: float = Field(0.001, gt=0.0, description="trust coefficient η of the layer-wise ratio")
     epsilon: float = Field(1e-8, ge=0.0, description="added to the ratio's denominator")
     exclude_from_layer_adaptation: list[str] = Field(
         default_factory=list, description="patterns of parameters updated with ratio 1"
     )
-    trust_clip: bool = Field(False, description=TRUST_CLIP)
-    nesterov: bool = Field(False, description=NESTEROV)
-    foreach: bool | None = Field(None, description=FOREACH)
+    trust_clip: bool = Field(False, description=_TRUST_CLIP)
+    nesterov: bool = Field(False, description=_NESTEROV)
+    foreach: bool | None = Field(None, description=_FOREACH)
     fused: bool = Field(False, description="compile the update with `torch.compile`")
 
     @model_validator(mode="after")
@@ -90,10 +90,10 @@ class SGDConfig(OptimizerConfig):
     """``torch.optim.SGD``."""
 
     name: Literal["sgd"] = Field("sgd", description="selects this optimizer")
-    momentum: float = Field(0.9, ge=0.0, lt=1.0, description=MOMENTUM)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description=_MOMENTUM)
     dampening: float = Field(0.0, ge=0.0, lt=1.0, description="dampening of the momentum")
-    nesterov: bool = Field(False, description=NESTEROV)
-    foreach: bool | None = Field(None, description=FOREACH)
+    nesterov: bool = Field(False, description=_NESTEROV)
+    foreach: bool | None = Field(None, description=_FOREACH)
 
     @model_validator(mode="after")
     def _consistent(self) -> SGDConfig:
@@ -106,20 +106,20 @@ class AdamWConfig(OptimizerConfig):
     """``torch.optim.AdamW``."""
 
     name: Literal["adamw"] = Field("adamw", description="selects this optimizer")
-    betas: tuple[Beta, Beta] = Field((0.9, 0.999), description=BETAS)
-    eps: float = Field(1e-8, gt=0.0, description=EPS)
-    weight_decay: float = Field(0.01, ge=0.0, description=WEIGHT_DECAY)
-    foreach: bool | None = Field(None, description=FOREACH)
+    betas: tuple[Beta, Beta] = Field((0.9, 0.999), description=_BETAS)
+    eps: float = Field(1e-8, gt=0.0, description=_EPS)
+    weight_decay: float = Field(0.01, ge=0.0, description=_WEIGHT_DECAY)
+    foreach: bool | None = Field(None, description=_FOREACH)
 
 
 class LAMBConfig(OptimizerConfig):
     """timm's LAMB (layer-wise adaptive moments)."""
 
     name: Literal["lamb"] = Field("lamb", description="selects this optimizer")
-    betas: tuple[Beta, Beta] = Field((0.9, 0.999), description=BETAS)
-    eps: float = Field(1e-6, gt=0.0, description=EPS)
-    weight_decay: float = Field(0.01, ge=0.0, description=WEIGHT_DECAY)
-    trust_clip: bool = Field(False, description=TRUST_CLIP)
+    betas: tuple[Beta, Beta] = Field((0.9, 0.999), description=_BETAS)
+    eps: float = Field(1e-6, gt=0.0, description=_EPS)
+    weight_decay: float = Field(0.01, ge=0.0, description=_WEIGHT_DECAY)
+    trust_clip: bool = Field(False, description=_TRUST_CLIP)
     always_adapt: bool = Field(False, description="adapt parameters without weight decay too")
 
 

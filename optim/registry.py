@@ -35,6 +35,7 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "ssl_toolkit.optimizers"
+"""Where installed packages register optimizers (a module or a callable that registers)."""
 
 Builder = Callable[[Any, nn.Module], torch.optim.Optimizer]
 """Builds an optimizer from a validated config and the model whose parameters it optimizes."""
@@ -81,9 +82,17 @@ class Registry(Generic[T]):
             return
         self._entry_points_loaded = True
         for entry_point in entry_points(group=self.group):
-            loaded = entry_point.load()
-            if callable(loaded) and not isinstance(loaded, type):
-                loaded()
+            try:
+                loaded = entry_point.load()
+                if callable(loaded) and not isinstance(loaded, type):
+                    loaded()
+            except Exception as err:
+                raise ConfigError(
+                    [
+                        f"entry point {entry_point.name!r} ({entry_point.value}) of group "
+                        f"{self.group} failed to load: {type(err).__name__}: {err}"
+                    ]
+                ) from err
 
     def names(self) -> list[str]:
         """Every registered name, sorted."""

@@ -10,6 +10,7 @@ import torch
 __all__ = ["LRScaling", "scale_lr", "set_lr", "warmup_cosine"]
 
 LRScaling = Literal["linear", "sqrt", "none"]
+"""How the peak lr follows the global batch: ``x batch / 256``, ``x sqrt(batch)``, or not."""
 
 
 def scale_lr(base_lr: float, global_batch: int, rule: LRScaling) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.optim.optimizer import ParamsT
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
@@ -22,13 +23,22 @@ class PerParameterLARS(torch.optim.Optimizer):
     """The original algorithm written the straightforward way: one parameter at a time, with a
     Python ``if`` on tensor norms (a host sync per parameter on GPU)."""
 
-    def __init__(self, params, lr: float, momentum=0.9, weight_decay=1e-6, eta=1e-3, eps=1e-8):
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-6,
+        eta: float = 1e-3,
+        eps: float = 1e-8,
+    ) -> None:
         super().__init__(
             params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, eps=eps)
         )
 
     @torch.no_grad()
     def step(self) -> None:
+        """One update of every parameter with a gradient, one parameter at a time."""
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:

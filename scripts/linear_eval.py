@@ -13,7 +13,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -26,6 +25,7 @@ from ssl_toolkit.checkpoint import (
 )
 from ssl_toolkit.cli import USAGE_ERRORS, print_error
 from ssl_toolkit.config import load_config
+from ssl_toolkit.distributed import DEVICES, resolve_device
 from ssl_toolkit.evaluation import encode, eval_datasets, knn_top1, linear_probe
 from ssl_toolkit.methods import build_method
 
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path, help="a run directory written by pretrain.py")
     parser.add_argument("--checkpoint", type=Path, help=f"default: RUN_DIR/{LAST_CHECKPOINT}")
     parser.add_argument("--labels-per-class", type=int, default=10, help="the few-label probe")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default="auto", choices=DEVICES)
     args = parser.parse_args(argv)
     console = Console()
     try:
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             method.load_state_dict(state["model"])
         except (KeyError, RuntimeError) as err:
             raise CheckpointError(f"checkpoint {checkpoint} does not match {args.run_dir}") from err
-        device = torch.device(args.device)
+        device = resolve_device(args.device)
         method.to(device).eval()
         (train, train_y), (test, test_y) = (
             encode(method.embed, dataset, cfg, device) for dataset in eval_datasets(cfg)

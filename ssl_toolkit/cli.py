@@ -20,7 +20,7 @@ from ssl_toolkit.checkpoint import LAST_CHECKPOINT, CheckpointError, checkpoint_
 from ssl_toolkit.config import ExperimentConfig, load_config
 from ssl_toolkit.data import DatasetNotFoundError
 from ssl_toolkit.distributed import DeviceUnavailableError, cleanup_distributed
-from ssl_toolkit.methods import build_method, list_methods
+from ssl_toolkit.methods import build_method
 from ssl_toolkit.trainer import Trainer
 
 __all__ = ["USAGE_ERRORS", "main", "print_error"]
@@ -38,8 +38,7 @@ def print_error(error: Exception, console: Console) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pretrain",
-        description="Self-supervised pretraining from a YAML config; methods: "
-        + ", ".join(list_methods()),
+        description="Self-supervised pretraining from a YAML config.",
         epilog="Overrides are dotted keys with YAML values, e.g. optim.lr=0.5 "
         "trainer.max_steps=100 'optim.exclude_from_layer_adaptation=[@norm,@bias]'.",
     )

@@ -43,10 +43,11 @@ __all__ = [
 
 
 def _shipped_configs() -> Path:
-    """The YAML configs: ``configs/`` of a source checkout, or the copy installed as
-    ``ssl_toolkit/configs`` package data (see ``pyproject.toml``)."""
-    checkout = Path(__file__).resolve().parent.parent / "configs"
-    return checkout if checkout.is_dir() else Path(__file__).resolve().parent / "configs"
+    """The YAML configs: the copy installed as ``ssl_toolkit/configs`` package data (see
+    ``pyproject.toml``), or in a source checkout the top-level ``configs/``, their source."""
+    package = Path(__file__).resolve().parent
+    installed = package / "configs"
+    return installed if installed.is_dir() else package.parent / "configs"
 
 
 CONFIG_DIR = _shipped_configs()

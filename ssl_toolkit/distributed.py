@@ -24,6 +24,7 @@ __all__ = [
     "all_reduce_mean",
     "cleanup_distributed",
     "gather_with_grad",
+    "resolve_device",
     "setup_distributed",
     "sum_over_ranks",
     "world_size",
@@ -32,6 +33,7 @@ __all__ = [
 Device = Literal["auto", "cpu", "cuda"]
 """Where to train: ``auto`` is ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU."""
 DEVICES: tuple[str, ...] = get_args(Device)
+"""The values of :data:`Device`."""
 
 
 class DeviceUnavailableError(RuntimeError):
@@ -74,8 +76,8 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
-def _resolve_device(device: str, local_rank: int) -> torch.device:
-    """Map the ``trainer.device`` setting to a concrete device for this process."""
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """The concrete device for a ``trainer.device`` setting and this process's local rank."""
     if device not in DEVICES:
         raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
@@ -107,7 +109,7 @@ def setup_distributed(device: str = "auto") -> DistContext:
     local_rank = _env_int("LOCAL_RANK", 0)
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"inconsistent RANK={rank} / WORLD_SIZE={world_size}")
-    resolved = _resolve_device(device, local_rank)
+    resolved = resolve_device(device, local_rank)
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)
     if world_size > 1 and not dist.is_initialized():

@@ -166,6 +166,8 @@ class Trainer:
         batches = self.image_batches()
         window = _LogWindow(self.device)
         loss, knn = float("nan"), None
+        if self.step == self.total_steps:  # resumed from the end: report, train nothing
+            knn = self.evaluate(self.step)
         start = time.perf_counter()
         with TrainingProgress(
             self.console, total=self.total_steps, completed=self.step, enabled=self.ctx.is_main
@@ -245,6 +247,7 @@ class Trainer:
         return total
 
     def _log_trust_ratios(self, step: int) -> None:
+        """Log the optimizer's trust ratios, if it has any (LARS), at ``step``."""
         trust_ratios = getattr(self.optimizer, "trust_ratios", None)
         if trust_ratios is not None:
             self.logger.log_trust_ratios(trust_ratios(adapted_only=True), step=step)

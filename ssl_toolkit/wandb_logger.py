@@ -29,6 +29,7 @@ METRIC_PREFIXES = ("train", "lars", "knn", "method")
 WandbMode = Literal["offline", "online", "disabled"]
 """``offline`` writes the run under the run directory (``wandb sync`` uploads it later)."""
 WANDB_MODES: tuple[str, ...] = get_args(WandbMode)
+"""The values of :data:`WandbMode`."""
 
 
 def _host_floats(values: Sequence[Tensor]) -> list[float]:

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 DatasetName = Literal["digits", "synthetic", "cifar10", "cifar100", "stl10", "imagefolder"]
 """The datasets :func:`build_dataset` knows; ``data.name`` is validated against it."""
 DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)
+"""The values of :data:`DatasetName`."""
 
 
 class DatasetNotFoundError(ValueError):

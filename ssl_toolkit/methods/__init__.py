@@ -2,10 +2,10 @@
 
 ``register_method(name, config_cls)`` decorates a :class:`Method` subclass; ``list_methods()``
 and ``get_method(name)`` look them up; other packages add methods through the entry-point group
-``ssl_toolkit.methods``. Built in: ``simclr``, ``byol`` and ``barlow_twins``.
+``ssl_toolkit.methods``. Built in (registered by importing their modules here): ``simclr``,
+``byol`` and ``barlow_twins``.
 """
 
-# Importing the built-in methods registers them.
 from .barlow_twins import BarlowTwins, BarlowTwinsConfig
 from .base import HeadConfig, Method, MethodConfig, at_least_fp32
 from .byol import BYOL, BYOLConfig, cosine_tau

@@ -6,16 +6,18 @@ The embeddings of each view are standardised over the batch (the authors' affine
 BatchNorm), their cross-correlation matrix ``C`` is computed, and the loss is
 ``Σ_i (1 - C_ii)² + λ Σ_{i≠j} C_ij²``: invariance on the diagonal, redundancy reduction off it.
 
-Across ranks, the batch statistics and ``C`` are sums over all ranks, as in the authors' code
-(which all-reduces ``C``). Here the sums are differentiable, so the loss and, after DDP's mean,
-the gradients are those of one process on the joined batch. (The authors' in-place
-``all_reduce`` is invisible to autograd: each rank back-propagates only its own shard's share,
-which after DDP's mean is the joined-batch gradient divided by the number of ranks.)
+Across ranks, the loss's batch statistics and ``C`` are sums over all ranks, as in the authors'
+code (which all-reduces ``C``). Here the sums are differentiable, so for given embeddings the
+loss and, after DDP's mean, its gradients are those of one process on the joined batch. (The
+authors' in-place ``all_reduce`` is invisible to autograd: each rank back-propagates only its
+own shard's share, which after DDP's mean is the joined-batch gradient divided by the number of
+ranks.) The network's own BatchNorm layers normalise per rank unless they are synchronised;
+the authors convert them to ``SyncBatchNorm``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
 from pydantic import Field
@@ -31,7 +33,13 @@ from .registry import register_method
 if TYPE_CHECKING:
     from ssl_toolkit.config import DataConfig
 
-__all__ = ["BarlowTwins", "BarlowTwinsConfig", "barlow_twins_loss", "cross_correlation"]
+__all__ = [
+    "BarlowTwins",
+    "BarlowTwinsConfig",
+    "BarlowTwinsLoss",
+    "barlow_twins_loss",
+    "cross_correlation",
+]
 
 # The authors normalise with nn.BatchNorm1d(affine=False), whose default eps this is.
 _BATCH_NORM_EPS = 1e-5
@@ -83,15 +91,22 @@ def _off_diagonal(c: Tensor) -> Tensor:
     return c.flatten()[:-1].view(d - 1, d + 1)[:, 1:]
 
 
-def _loss_terms(c: Tensor) -> tuple[Tensor, Tensor]:
-    """``Σ_i (1 - C_ii)²`` and ``Σ_{i≠j} C_ij²``."""
-    return (torch.diagonal(c) - 1).square().sum(), _off_diagonal(c).square().sum()
+class BarlowTwinsLoss(NamedTuple):
+    """The loss and its two terms (before λ), for the log."""
+
+    loss: Tensor
+    on_diagonal: Tensor
+    off_diagonal: Tensor
 
 
-def barlow_twins_loss(z_a: Tensor, z_b: Tensor, off_diagonal_weight: float = 0.0051) -> Tensor:
+def barlow_twins_loss(z_a: Tensor, z_b: Tensor, off_diagonal_weight: float) -> BarlowTwinsLoss:
     """``Σ_i (1 - C_ii)² + λ Σ_{i≠j} C_ij²`` with ``C`` from :func:`cross_correlation`."""
-    on_diagonal, off_diagonal = _loss_terms(cross_correlation(z_a, z_b))
-    return on_diagonal + off_diagonal_weight * off_diagonal
+    c = cross_correlation(z_a, z_b)
+    on_diagonal = (torch.diagonal(c) - 1).square().sum()
+    off_diagonal = _off_diagonal(c).square().sum()
+    return BarlowTwinsLoss(
+        on_diagonal + off_diagonal_weight * off_diagonal, on_diagonal, off_diagonal
+    )
 
 
 @register_method("barlow_twins", BarlowTwinsConfig)
@@ -104,7 +119,7 @@ class BarlowTwins(Method):
     """
 
     def __init__(
-        self, backbone: nn.Module, projector: nn.Module, off_diagonal_weight: float = 0.0051
+        self, backbone: nn.Module, projector: nn.Module, off_diagonal_weight: float
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -129,17 +144,17 @@ class BarlowTwins(Method):
         """The Barlow Twins loss of a batch of view pairs; keeps its two terms for the log."""
         z_a = self.projector(self.backbone(view_a))
         z_b = self.projector(self.backbone(view_b))
-        on_diagonal, off_diagonal = _loss_terms(cross_correlation(z_a, z_b))
+        result = barlow_twins_loss(z_a, z_b, self.off_diagonal_weight)
         self._terms = {
-            "method/on_diagonal": on_diagonal.detach(),
-            "method/off_diagonal": off_diagonal.detach(),
+            "method/on_diagonal": result.on_diagonal.detach(),
+            "method/off_diagonal": result.off_diagonal.detach(),
         }
-        return on_diagonal + self.off_diagonal_weight * off_diagonal
+        return result.loss
 
     def augmentation(self, data: DataConfig, generator: torch.Generator) -> BYOLAugment:
         """The authors' augmentation, which is BYOL's: blur 1.0 / 0.1, solarise 0 / 0.2."""
         return BYOLAugment(data.image_size, scale=(data.crop_min_scale, 1.0), generator=generator)
 
     def log_metrics(self) -> dict[str, Tensor | float]:
-        """The invariance and redundancy terms of the last forward pass (before λ)."""
+        """The invariance and redundancy terms (before λ) of this process's last forward pass."""
         return dict(self._terms)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from models import ProjectionHead
+from models import PredictionHead, ProjectionHead
 from ssl_toolkit.data import BYOLAugment
 
 from .base import HeadConfig, Method, MethodConfig, at_least_fp32
@@ -130,7 +130,7 @@ class BYOL(Method):
         projector = ProjectionHead(
             backbone.num_features, head.hidden_dim, head.out_dim, num_layers=head.num_layers
         )
-        predictor = ProjectionHead(
+        predictor = PredictionHead(
             head.out_dim, pred.hidden_dim, pred.out_dim, num_layers=pred.num_layers
         )
         return cls(

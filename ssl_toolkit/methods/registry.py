@@ -30,21 +30,22 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "ssl_toolkit.methods"
+"""Where installed packages register methods (a module or a callable that registers)."""
 
 METHODS: Registry[type[Method]] = Registry("method", ENTRY_POINT_GROUP, MethodConfig)
 """Every registered method; use the functions below rather than this object."""
 
-M = TypeVar("M", bound=type[Method])
+_M = TypeVar("_M", bound=type[Method])
 
 
-def register_method(name: str, config_cls: type[MethodConfig]) -> Callable[[M], M]:
+def register_method(name: str, config_cls: type[MethodConfig]) -> Callable[[_M], _M]:
     """Class decorator: register a ``Method`` subclass under ``name`` with its config class.
 
     ``config_cls`` must subclass ``MethodConfig`` with ``name`` defaulting to ``name``.
     Registering a taken name is an error.
     """
 
-    def register(cls: M) -> M:
+    def register(cls: _M) -> _M:
         if not (isinstance(cls, type) and issubclass(cls, Method)):
             raise TypeError(f"method {name!r} must subclass ssl_toolkit.methods.Method")
         return METHODS.register(name, config_cls, cls)

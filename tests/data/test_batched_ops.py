@@ -118,3 +118,8 @@ def test_solarize_only_where_applied():
     out = BF.solarize_(x.clone(), torch.tensor([True, False]), threshold=0.5)
     torch.testing.assert_close(out[0, 0, 0], torch.tensor([0.2, 0.5, 0.1]))
     torch.testing.assert_close(out[1], x[1])
+
+
+@pytest.mark.parametrize("size, kernel", [(8, 3), (32, 3), (50, 5), (96, 9), (224, 23)])
+def test_blur_kernel_is_a_tenth_of_the_side_rounded_down_to_odd(size, kernel):
+    assert BF.blur_kernel_size((size, size + 10)) == kernel

@@ -46,7 +46,7 @@ def test_loss_matches_float64_rederivation(n: int, d: int, weight: float) -> Non
     z_a = torch.randn(n, d, dtype=torch.float64, generator=g) * 3 + 1
     z_b = torch.randn(n, d, dtype=torch.float64, generator=g)
     expected = _loss_loop(z_a, z_b, weight)
-    assert barlow_twins_loss(z_a, z_b, weight).item() == pytest.approx(expected, rel=1e-12)
+    assert barlow_twins_loss(z_a, z_b, weight).loss.item() == pytest.approx(expected, rel=1e-12)
 
 
 def test_cross_correlation_equals_the_authors_affine_free_batch_norm() -> None:
@@ -62,23 +62,27 @@ def test_hand_computed_identity_and_anti_identity() -> None:
     # Columns of z are standardised already (mean 0, variance 1) and uncorrelated.
     z = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]], dtype=torch.float64)
     shrink = 1 / (1 + EPS)  # C = I / (1 + eps): the eps of the standardisation
-    assert barlow_twins_loss(z, z).item() == pytest.approx(2 * (1 - shrink) ** 2, rel=1e-9)
-    assert barlow_twins_loss(z, -z).item() == pytest.approx(2 * (1 + shrink) ** 2, rel=1e-12)
-    swapped = z.flip(1)  # C = [[0, 1], [1, 0]] / (1 + eps): all off the diagonal
-    expected = 2 * 1.0 + 0.0051 * 2 * shrink**2
-    assert barlow_twins_loss(z, swapped).item() == pytest.approx(expected, rel=1e-12)
+    same = barlow_twins_loss(z, z, 0.0051)
+    assert same.loss.item() == pytest.approx(2 * (1 - shrink) ** 2, rel=1e-9)
+    assert same.off_diagonal.item() == pytest.approx(0.0, abs=1e-30)  # rounding only
+    opposite = barlow_twins_loss(z, -z, 0.0051)
+    assert opposite.loss.item() == pytest.approx(2 * (1 + shrink) ** 2, rel=1e-12)
+    swapped = barlow_twins_loss(z, z.flip(1), 0.0051)  # C = [[0, 1], [1, 0]] / (1 + eps)
+    assert swapped.on_diagonal.item() == pytest.approx(2.0, rel=1e-12)
+    assert swapped.off_diagonal.item() == pytest.approx(2 * shrink**2, rel=1e-12)
+    assert swapped.loss.item() == pytest.approx(2.0 + 0.0051 * 2 * shrink**2, rel=1e-12)
 
 
 def test_loss_gradients_match_finite_differences() -> None:
     z_a = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
     z_b = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b: barlow_twins_loss(a, b, 0.3), (z_a, z_b))
+    assert torch.autograd.gradcheck(lambda a, b: barlow_twins_loss(a, b, 0.3).loss, (z_a, z_b))
 
 
 def test_loss_is_fp32_under_bf16_autocast() -> None:
     z_a, z_b = torch.randn(8, 4), torch.randn(8, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = barlow_twins_loss(z_a.bfloat16(), z_b.bfloat16())
+        loss = barlow_twins_loss(z_a.bfloat16(), z_b.bfloat16(), 0.0051).loss
     assert loss.dtype == torch.float32
     with pytest.raises(ValueError, match="equal shape"):
         cross_correlation(z_a, z_b[:, :3])
@@ -134,11 +138,14 @@ def test_recipe_gives_biases_and_norms_their_own_lr_without_adaptation_or_decay(
     cfg = load_config(
         "barlow_lars", ["model.backbone=timm/test_resnet", "method.projector.hidden_dim=32"]
     )
-    optimizer = build_optimizer(cfg.optim, build_method(cfg).trainable_module())
+    model = build_method(cfg).trainable_module()
+    optimizer = build_optimizer(cfg.optim, model)
     set_lr(optimizer, 1.0)
     groups = {p.param_name: g for g in optimizer.param_groups for p in g["params"]}
-    weights = [n for n in groups if n.endswith("weight") and groups[n]["params"][0].ndim > 1]
-    others = [n for n in groups if n not in weights]
+    dims = {name: p.ndim for name, p in model.named_parameters()}
+    weights = [n for n in groups if dims[n] > 1]
+    others = [n for n in groups if dims[n] == 1]
+    assert any(".bn1." in n for n in others) and any(n.endswith(".bias") for n in others)
     assert weights and others
     for name in weights:
         assert groups[name]["lr"] == 1.0 and groups[name]["layer_adaptation"], name

@@ -1,12 +1,15 @@
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from ssl_toolkit.checkpoint import (
+    Checkpointer,
     CheckpointError,
     capture_rng_state,
+    checkpoint_path,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
@@ -150,3 +153,23 @@ def test_cuda_rng_state_round_trip(tmp_path):
     torch.rand(5, device="cuda")
     restore_rng_state(loaded)
     assert torch.rand(5, device="cuda").tolist() == expected
+
+
+def test_checkpoint_path_is_last_pt_under_checkpoints(tmp_path):
+    assert checkpoint_path(tmp_path / "run") == tmp_path / "run" / "checkpoints" / "last.pt"
+    assert checkpoint_path("runs/x") == Path("runs/x/checkpoints/last.pt")
+
+
+def test_checkpointer_saves_every_n_steps_each_epoch_end_and_the_last_step(tmp_path):
+    states = iter(range(100))
+    saver = Checkpointer(
+        tmp_path, lambda: {"n": next(states)}, every_steps=4, steps_per_epoch=6, enabled=True
+    )
+    due = [step for step in range(1, 15) if saver.save(step, last_step=step == 14)]
+    assert due == [4, 6, 8, 12, 14]  # multiples of 4, epoch ends 6 and 12, the last step
+    assert torch.load(checkpoint_path(tmp_path), weights_only=True) == {"n": 4}
+    assert not saver.should_save(5) and saver.should_save(5, last_step=True)
+    quiet = Checkpointer(
+        tmp_path / "other", lambda: {}, every_steps=1, steps_per_epoch=1, enabled=False
+    )
+    assert quiet.save(1) and not (tmp_path / "other").exists()  # due, but another rank writes

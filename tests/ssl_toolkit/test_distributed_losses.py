@@ -64,7 +64,8 @@ class _SliceOnlyGather(torch.autograd.Function):
 
 
 class _SumWithoutGradient(torch.autograd.Function):
-    """The authors' Barlow Twins sum: all-reduce forward, backward blind to the other ranks."""
+    """A sum whose backward ignores the other ranks, as the authors' in-place all_reduce of
+    the cross-correlation does (here it also stands in for the batch-statistics sums)."""
 
     @staticmethod
     def forward(ctx, tensor):

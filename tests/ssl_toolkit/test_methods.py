@@ -195,3 +195,20 @@ def test_byol_step_and_ema_on_cuda_under_autocast():
     online = model.projector[0].weight.clone()
     model.update_target(0.75)
     torch.testing.assert_close(model.target["projector"][0].weight, 0.75 * before + 0.25 * online)
+
+
+def test_byol_hook_updates_with_tau_of_the_step_and_logs_it():
+    """Step 1 (the first) uses tau_base; step s uses cosine_tau(s - 1, total)."""
+    torch.manual_seed(0)
+    model = BYOL(_backbone(), _head(8, 4), _head(4, 4), tau_base=0.9, tau_final=1.0)
+    with torch.no_grad():
+        for p in model.trainable_module().parameters():
+            p.add_(1.0)
+    before = model.target["projector"][0].weight.clone()
+    online = model.projector[0].weight.clone()
+    model.after_optimizer_step(1, 10)
+    assert model.log_metrics() == {"method/tau": 0.9}
+    torch.testing.assert_close(model.target["projector"][0].weight, 0.9 * before + 0.1 * online)
+    model.after_optimizer_step(10, 10)
+    assert model.log_metrics()["method/tau"] == pytest.approx(cosine_tau(9, 10, 0.9, 1.0))
+    assert cosine_tau(9, 10, 0.9, 1.0) < 1.0

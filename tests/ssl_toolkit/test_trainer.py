@@ -14,7 +14,7 @@ from torch import nn
 from optim import warmup_cosine
 from ssl_toolkit.config import ExperimentConfig
 from ssl_toolkit.data import SimCLRAugment
-from ssl_toolkit.methods import METHODS, Method, MethodConfig, register_method
+from ssl_toolkit.methods import METHODS, Method, MethodConfig, cosine_tau, register_method
 from ssl_toolkit.trainer import Trainer
 from ssl_toolkit.wandb_offline import read_offline_history
 
@@ -77,7 +77,7 @@ def _state(trainer: Trainer) -> dict[str, torch.Tensor]:
     return tensors
 
 
-@pytest.mark.parametrize("method", ["simclr", "byol"])
+@pytest.mark.parametrize("method", ["simclr", "byol", "barlow_twins"])
 def test_resume_continues_bit_identically(tmp_path: Path, method: str) -> None:
     """2N steps straight equal N steps, a checkpoint, a fresh trainer, and N more steps."""
     straight = Trainer(tiny_config(tmp_path / "a", method), logger=RecordingLogger())
@@ -126,6 +126,13 @@ def test_logged_metrics_follow_schedule_and_optimizer(tmp_path: Path) -> None:
         Path(trainer.cfg.trainer.output_dir) / "checkpoints" / "last.pt", weights_only=True
     )
     assert ckpt["step"] == 16 and ckpt["wandb_run_id"] == "recorded"
+
+
+def test_byol_logs_the_tau_of_each_step(tmp_path: Path) -> None:
+    logger = RecordingLogger()
+    Trainer(tiny_config(tmp_path, "byol", max_steps=3, log_every_steps=1), logger=logger).fit()
+    taus = [(step, m["method/tau"]) for step, m in logger.rows if "train/loss" in m]
+    assert taus == [(s, pytest.approx(cosine_tau(s - 1, 3, 0.996, 1.0))) for s in (1, 2, 3)]
 
 
 def test_real_offline_run_logs_the_optimizers_trust_ratios(tmp_path: Path) -> None:
