@@ -30,9 +30,10 @@ USAGE_ERRORS = (ConfigError, CheckpointError, DatasetNotFoundError, DeviceUnavai
 
 
 def print_error(error: Exception, console: Console) -> None:
-    """Print one ``error: ...`` line per line of ``error``, without markup or a traceback."""
+    """Print one ``error: ...`` line per line of ``error``: no markup, no traceback, and no
+    line breaks added at the terminal's width."""
     for line in str(error).splitlines():
-        console.print(f"error: {line}", markup=False, highlight=False)
+        console.print(f"error: {line}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -138,3 +138,12 @@ def test_script_exit_code_and_usage_error() -> None:
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: optim.eta: Input should be greater than 0 (got 0)"
+
+
+def test_unknown_method_is_one_unbroken_line_listing_the_registered_ones(capsys) -> None:
+    code, _, err = run_cli(capsys, "--config", "simclr_lars", "method.name=mocov3")
+    assert code == 2
+    assert err == (
+        "error: method.name: unknown method 'mocov3'; did you mean 'simclr'? "
+        "registered: barlow_twins, byol, simclr\n"
+    )
