@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -24,8 +25,17 @@ def _pip(*args: str) -> None:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A wheel built from a copy of the sources (a build leaves build/ behind in its tree)."""
+    source = tmp_path_factory.mktemp("source") / "ssl-toolkit"
+    shutil.copytree(
+        ROOT,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".*", "build", "runs", "wandb", "*.egg-info", "__pycache__", "tests"
+        ),
+    )
     out = tmp_path_factory.mktemp("wheel")
-    _pip("wheel", "--no-build-isolation", "-w", str(out), str(ROOT))
+    _pip("wheel", "--no-build-isolation", "-w", str(out), str(source))
     [built] = out.glob("ssl_toolkit-*.whl")
     return built
 
