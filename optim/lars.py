@@ -21,8 +21,12 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
+
+if dist.is_available():
+    from torch.distributed.tensor import DTensor
 
 __all__ = ["LARS", "lars"]
 
@@ -119,7 +123,7 @@ class LARS(Optimizer):
         last_ratios = []
         for group_index, group in enumerate(self.param_groups):
             for key, bucket in self._gather_buckets(group_index, group).items():
-                _, _, adapt, decay = key
+                _, _, _, adapt, decay = key
                 ratios = lars(
                     bucket.params,
                     bucket.grads,
@@ -143,7 +147,8 @@ class LARS(Optimizer):
         return loss
 
     def _gather_buckets(self, group_index: int, group: dict[str, Any]) -> dict[tuple, _Bucket]:
-        """Gather parameters with gradients into buckets keyed by (device, dtype, adapt, decay)."""
+        """Gather parameters with gradients into buckets keyed by (device, dtype, device mesh of
+        sharded parameters, adapt, decay)."""
         buckets: dict[tuple, _Bucket] = {}
         for index, p in enumerate(group["params"]):
             if p.grad is None:
@@ -159,7 +164,7 @@ class LARS(Optimizer):
             name = getattr(p, "param_name", None) or f"group{group_index}.param{index}"
             adapt = group["layer_adaptation"] and name not in self.exclude_set
             decay = name not in self.exclude_from_weight_decay
-            key = (p.device, p.dtype, adapt, decay)
+            key = (p.device, p.dtype, getattr(p, "device_mesh", None), adapt, decay)
             if key not in buckets:
                 buckets[key] = _Bucket([], [], [], [])
             bucket = buckets[key]
@@ -226,6 +231,11 @@ def lars(
     """
     if not params:
         return None
+    norm_group = _shard_group(params[0])
+    if norm_group is not None:
+        # Sharded parameters (FSDP2): update the local shards; the norms are of whole tensors.
+        params, grads, bufs = ([t.to_local() for t in ts] for ts in (params, grads, bufs))
+        foreach, fused = True, False
     kwargs = dict(
         momentum=momentum,
         weight_decay=weight_decay,
@@ -243,8 +253,25 @@ def lars(
         return _compiled_multi_tensor_lars()(params, grads, bufs, lr=lr_tensor, **kwargs)
     if foreach is None:
         foreach = _FOREACH_BY_DEFAULT.get(params[0].device.type, False)
-    impl = _multi_tensor_lars if foreach else _single_tensor_lars
-    return impl(params, grads, bufs, lr=lr, **kwargs)
+    if not foreach:
+        return _single_tensor_lars(params, grads, bufs, lr=lr, **kwargs)
+    return _multi_tensor_lars(params, grads, bufs, lr=lr, norm_group=norm_group, **kwargs)
+
+
+def _shard_group(param: Tensor) -> Any:
+    """The process group over which a sharded (DTensor) parameter's shards are spread, or None.
+
+    Only parameters sharded along one mesh dimension (FSDP2) are supported: the squared norms
+    of their local shards add up to the squared norm of the whole parameter.
+    """
+    if not (dist.is_available() and isinstance(param, DTensor)):
+        return None
+    placements = param.placements
+    if len(placements) != 1 or not placements[0].is_shard():
+        raise NotImplementedError(
+            f"LARS supports parameters sharded along one mesh dimension, got {placements}"
+        )
+    return param.device_mesh.get_group()
 
 
 def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -348,6 +375,7 @@ def _multi_tensor_lars(
     nesterov: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    norm_group: Any = None,
 ) -> Tensor | None:
     overflow = _overflow(found_inf, momentum, params[0])
     decay = weight_decay if apply_weight_decay else 0.0
@@ -361,6 +389,10 @@ def _multi_tensor_lars(
         norm_dtype = _norm_dtype(params[0].dtype)
         w_norms = torch.stack(torch._foreach_norm(params, 2, dtype=norm_dtype))
         g_norms = torch.stack(torch._foreach_norm(grads, 2, dtype=norm_dtype))
+        if norm_group is not None:  # one all-reduce of the bucket's squared shard norms
+            squares = torch.cat([w_norms, g_norms]).square_()
+            dist.all_reduce(squares, group=norm_group)
+            w_norms, g_norms = squares.sqrt_().chunk(2)
         ratios = _trust_ratio(w_norms, g_norms, weight_decay, eta, epsilon)
         ratios = _applied_ratio(ratios, lr, trust_clip)
         step_size = ratios * lr

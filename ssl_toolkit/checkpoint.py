@@ -168,8 +168,9 @@ class Checkpointer:
     """The trainer's checkpoint component: saves ``state()`` to ``last.pt`` when due.
 
     A save is due every ``every_steps`` steps, at the end of every epoch, and at the last step
-    of a ``fit`` call (the run's end, or an early stop). Only the process with ``enabled``
-    writes; every process may call :meth:`save`.
+    of a ``fit`` call (the run's end, or an early stop). Every process calls :meth:`save` and
+    ``state()`` when a save is due (gathering sharded state is collective); only the process
+    with ``enabled`` writes.
     """
 
     def __init__(
@@ -194,6 +195,8 @@ class Checkpointer:
     def save(self, step: int, *, last_step: bool = False) -> bool:
         """Write the checkpoint if it is due after step ``step``; True when it was due."""
         due = self.should_save(step, last_step=last_step)
-        if due and self.enabled:
-            save_checkpoint(self.path, self.state())
+        if due:
+            state = self.state()
+            if self.enabled:
+                save_checkpoint(self.path, state)
         return due

@@ -92,9 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             dry_run(cfg, Console(width=160))
             return 0
-        Trainer(cfg, resume=_resume_path(args.resume, cfg, err), console=err).fit()
+        trainer = Trainer(cfg, resume=_resume_path(args.resume, cfg, err), console=err)
+        trainer.fit()
         cleanup_distributed(sync=True)
-        out.print(f"run directory: {cfg.trainer.output_dir}")
+        if trainer.ctx.is_main:
+            out.print(f"run directory: {cfg.trainer.output_dir}")
         return 0
     except USAGE_ERRORS as error:
         print_error(error, err)

@@ -23,6 +23,8 @@ from optim.schedules import LRScaling
 from ssl_toolkit.data import DatasetName
 from ssl_toolkit.distributed import Device
 from ssl_toolkit.methods import MethodConfig, parse_method_config
+from ssl_toolkit.parallel import Strategy
+from ssl_toolkit.sync_batch_norm import SyncBNSetting
 from ssl_toolkit.wandb_logger import WandbMode
 
 __all__ = [
@@ -70,6 +72,11 @@ class ModelConfig(ConfigSection):
     cifar_stem: bool = Field(
         False, description="3x3 stride-1 stem without max-pool, for 32 px images (ResNets)"
     )
+    sync_bn: SyncBNSetting = Field(
+        "auto",
+        description="batch-norm statistics over all processes' batches (every BatchNorm of "
+        "the method); `auto`: when more than one process trains",
+    )
 
 
 class DataConfig(ConfigSection):
@@ -112,9 +119,19 @@ class TrainerConfig(ConfigSection):
         "fp32", description="`fp32`, `bf16` (autocast) or `fp16` (autocast + GradScaler)"
     )
     device: Device = Field("auto", description="`auto` is CUDA when available, else the CPU")
+    strategy: Strategy = Field(
+        "ddp",
+        description="with several processes: `ddp` replicates the model, `fsdp2` shards "
+        "parameters, gradients and optimizer state (per ResNet stage or ViT block)",
+    )
+    collective_timeout_minutes: float = Field(
+        30.0, gt=0.0, description="how long a process waits in a collective before failing"
+    )
     output_dir: str = Field("runs/default", description="the run directory")
     seed: int = Field(0, description="seeds weights, data order and augmentation")
-    channels_last: bool = Field(True, description="channels-last memory format for images")
+    channels_last: bool = Field(
+        True, description="channels-last memory format (images only under `fsdp2`)"
+    )
     compile: bool = Field(False, description="`torch.compile` the model")
     accumulate_grad_batches: int = Field(1, ge=1, description="micro-batches per optimizer step")
     checkpoint_every_steps: int = Field(

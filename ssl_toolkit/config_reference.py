@@ -96,8 +96,7 @@ def _allowed(annotation: Any, metadata: list[Any]) -> str:
     if origin is Literal:
         return ", ".join(_code(a) for a in args)
     if origin in (Union, types.UnionType):
-        present = [a for a in args if a is not type(None)]
-        return f"{_allowed(present[0], metadata)} or `null`"
+        return " or ".join("`null`" if a is type(None) else _allowed(a, metadata) for a in args)
     if origin is list:
         inner = args[0]
         if isinstance(inner, type) and issubclass(inner, BaseModel):

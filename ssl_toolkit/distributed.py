@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Literal, get_args
+from datetime import timedelta
+from typing import Any, Literal, get_args
 
 import torch
 import torch.distributed as dist
@@ -21,8 +22,10 @@ __all__ = [
     "Device",
     "DeviceUnavailableError",
     "DistContext",
+    "all_gather_rows",
     "all_reduce_mean",
     "cleanup_distributed",
+    "gather_objects",
     "gather_with_grad",
     "resolve_device",
     "setup_distributed",
@@ -95,14 +98,15 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def setup_distributed(device: str = "auto") -> DistContext:
+def setup_distributed(device: str = "auto", timeout: timedelta | None = None) -> DistContext:
     """Decide this process's device and rank, and join the process group when there are peers.
 
     Reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (defaults 0, 1, 0, i.e. a plain
     ``python`` run). ``device`` is ``"auto"`` (``cuda:LOCAL_RANK`` if CUDA is available, else
     CPU), ``"cpu"`` or ``"cuda"`` (raises :class:`DeviceUnavailableError` without CUDA). The
     default process group (NCCL on CUDA, gloo on CPU, rendezvous from ``MASTER_ADDR`` /
-    ``MASTER_PORT``) is initialised only when ``WORLD_SIZE > 1`` and not already initialised.
+    ``MASTER_PORT``) is initialised only when ``WORLD_SIZE > 1`` and not already initialised;
+    ``timeout`` bounds every collective (torch's default when ``None``).
     """
     rank = _env_int("RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
@@ -113,10 +117,12 @@ def setup_distributed(device: str = "auto") -> DistContext:
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)
     if world_size > 1 and not dist.is_initialized():
-        if resolved.type == "cuda":
-            dist.init_process_group("nccl", rank=rank, world_size=world_size, device_id=resolved)
-        else:
-            dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        backend: dict[str, Any] = (
+            {"backend": "nccl", "device_id": resolved}
+            if resolved.type == "cuda"
+            else {"backend": "gloo"}
+        )
+        dist.init_process_group(**backend, rank=rank, world_size=world_size, timeout=timeout)
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=resolved)
 
 
@@ -153,6 +159,24 @@ def all_reduce_mean(t: Tensor) -> Tensor:
     out = t.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out.div_(dist.get_world_size())
+
+
+def all_gather_rows(t: Tensor) -> Tensor:
+    """``t`` of every rank concatenated along dim 0, in rank order; shapes must be equal."""
+    if world_size() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order (``[obj]`` when not running distributed)."""
+    if world_size() == 1:
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def sum_over_ranks(t: Tensor) -> Tensor:

@@ -14,20 +14,23 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from ssl_toolkit.config import ExperimentConfig
-from ssl_toolkit.data import build_dataset, build_loader, stratified_split
+from ssl_toolkit.data import InMemoryImageDataset, build_dataset, build_loader, stratified_split
 from ssl_toolkit.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from ssl_toolkit.data.functional import normalize
+from ssl_toolkit.distributed import all_gather_rows, sum_over_ranks
 
 __all__ = [
     "KnnMonitor",
     "encode",
     "eval_datasets",
     "extract_features",
+    "knn_correct",
     "knn_top1",
     "linear_probe",
+    "shard_dataset",
 ]
 
 
@@ -80,7 +83,7 @@ def extract_features(
     return torch.cat(features), torch.cat(labels)
 
 
-def knn_top1(
+def knn_correct(
     train_feats: Tensor,
     train_labels: Tensor,
     test_feats: Tensor,
@@ -90,13 +93,14 @@ def knn_top1(
     temperature: float = 0.1,
     num_classes: int,
     chunk_size: int = 1024,
-) -> float:
-    """Top-1 accuracy (fraction in [0, 1]) of the weighted kNN classifier of InstDisc / DINO.
+) -> Tensor:
+    """How many test features the weighted kNN classifier of InstDisc / DINO gets right.
 
     For each test feature, the ``k`` training features with the highest cosine similarity
     ``s`` vote for their labels with weight ``exp(s / temperature)``; the class with the largest
     total wins (ties go to the lowest class index). Features are L2-normalised here, so raw
     features work too. Test features are processed ``chunk_size`` at a time to bound memory.
+    Returns a 0-d int64 tensor on the training features' device (no host sync).
     """
     if k < 1 or temperature <= 0 or chunk_size < 1:
         raise ValueError(
@@ -104,8 +108,8 @@ def knn_top1(
         )
     if len(train_feats) != len(train_labels) or len(test_feats) != len(test_labels):
         raise ValueError("features and labels must have the same length")
-    if len(train_feats) == 0 or len(test_feats) == 0:
-        raise ValueError("knn_top1 needs at least one training and one test sample")
+    if len(train_feats) == 0:
+        raise ValueError("knn needs at least one training sample")
     train = F.normalize(train_feats.float(), dim=1)
     test = F.normalize(test_feats.float(), dim=1).to(train.device)
     train_labels = train_labels.to(train.device, torch.long)
@@ -118,7 +122,34 @@ def knn_top1(
         votes.scatter_add_(1, train_labels[idx], (sims / temperature).exp())
         pred = votes.argmax(dim=1)
         correct += (pred == test_labels[start : start + chunk_size]).sum()
-    return correct.item() / len(test)
+    return correct
+
+
+def knn_top1(
+    train_feats: Tensor,
+    train_labels: Tensor,
+    test_feats: Tensor,
+    test_labels: Tensor,
+    *,
+    k: int = 20,
+    temperature: float = 0.1,
+    num_classes: int,
+    chunk_size: int = 1024,
+) -> float:
+    """Top-1 accuracy (fraction in [0, 1]) of the weighted kNN classifier (:func:`knn_correct`)."""
+    if len(test_feats) == 0:
+        raise ValueError("knn_top1 needs at least one training and one test sample")
+    correct = knn_correct(
+        train_feats,
+        train_labels,
+        test_feats,
+        test_labels,
+        k=k,
+        temperature=temperature,
+        num_classes=num_classes,
+        chunk_size=chunk_size,
+    )
+    return correct.item() / len(test_feats)
 
 
 def _few_labels(labels: Tensor, per_class: int, seed: int) -> Tensor:
@@ -229,11 +260,32 @@ def encode(
     return extract_features(encoder, iter(loader), transform)
 
 
+def shard_dataset(dataset: Dataset, rank: int, world_size: int) -> tuple[Dataset, int]:
+    """Rank ``rank``'s contiguous slice of ``dataset``, padded to the same length on every rank.
+
+    Padding repeats the slice's last item (or the dataset's first), so that every rank runs
+    the same number of batches, which sharded models need. Returns the shard and how many of
+    its items are real.
+    """
+    per_rank = -(-len(dataset) // world_size)
+    start = min(rank * per_rank, len(dataset))
+    indices = list(range(start, min(start + per_rank, len(dataset))))
+    real = len(indices)
+    indices += [indices[-1] if indices else 0] * (per_rank - real)
+    if isinstance(dataset, InMemoryImageDataset):
+        index = torch.tensor(indices, dtype=torch.long)
+        return InMemoryImageDataset(dataset.images[index], dataset.targets[index]), real
+    return Subset(dataset, indices), real
+
+
 class KnnMonitor:
     """Weighted kNN top-1 of the backbone's features, every ``eval.every_epochs`` epochs.
 
     It is due at the end of every ``eval.every_epochs``-th epoch and at the last step of the
-    run (once, even when both hold). The labelled splits are built on the first evaluation.
+    run (once, even when both hold). Every rank takes part: each encodes its shard of the bank
+    and of the test set, the bank features are gathered on every rank, each rank classifies its
+    test shard, and the correct counts are summed. No rank waits in a collective while another
+    works alone. The labelled splits are built on the first evaluation.
     """
 
     def __init__(
@@ -244,32 +296,44 @@ class KnnMonitor:
         total_steps: int,
         device: torch.device,
         memory_format: torch.memory_format = torch.contiguous_format,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.cfg = cfg
         self.every_steps = cfg.eval.every_epochs * steps_per_epoch
         self.total_steps = total_steps
         self.device = device
         self.memory_format = memory_format
-        self._datasets: tuple[Dataset, Dataset] | None = None
+        self.rank = rank
+        self.world_size = world_size
+        self._shards: list[tuple[Dataset, int, int]] | None = None
 
     def should_evaluate(self, step: int) -> bool:
         """True after step ``step`` (1-based) when an evaluation is due."""
         return step % self.every_steps == 0 or step == self.total_steps
 
     def evaluate(self, encoder: Callable[[Tensor], Tensor]) -> float:
-        """kNN top-1 (a fraction) of ``encoder``'s features of the test split."""
-        if self._datasets is None:
-            self._datasets = eval_datasets(self.cfg)
+        """kNN top-1 (a fraction) of ``encoder``'s features of the test split; every rank
+        must call it, and every rank gets the result."""
+        if self._shards is None:
+            self._shards = [
+                (*shard_dataset(dataset, self.rank, self.world_size), len(dataset))
+                for dataset in eval_datasets(self.cfg)
+            ]
         (bank, bank_labels), (test, test_labels) = (
-            encode(encoder, dataset, self.cfg, self.device, self.memory_format)
-            for dataset in self._datasets
+            encode(encoder, shard, self.cfg, self.device, self.memory_format)
+            for shard, _, _ in self._shards
         )
-        return knn_top1(
+        bank = all_gather_rows(bank)[: self._shards[0][2]]
+        bank_labels = all_gather_rows(bank_labels)[: self._shards[0][2]]
+        real, test_size = self._shards[1][1:]
+        correct = knn_correct(
             bank,
             bank_labels,
-            test,
-            test_labels,
+            test[:real],
+            test_labels[:real],
             k=self.cfg.eval.knn_k,
             temperature=self.cfg.eval.knn_temperature,
-            num_classes=int(max(bank_labels.max(), test_labels.max())) + 1,
+            num_classes=int(bank_labels.max()) + 1,
         )
+        return sum_over_ranks(correct).item() / test_size

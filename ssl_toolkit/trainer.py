@@ -13,10 +13,11 @@ generator) is saved in the checkpoint, so a resumed run on CPU continues bit for
 
 from __future__ import annotations
 
-import contextlib
 import random
 import time
+import warnings
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +37,18 @@ from ssl_toolkit.checkpoint import (
 )
 from ssl_toolkit.config import ExperimentConfig
 from ssl_toolkit.data import TensorBatchLoader, build_dataset, build_loader
-from ssl_toolkit.distributed import DistContext, all_reduce_mean, setup_distributed
+from ssl_toolkit.distributed import (
+    DistContext,
+    all_reduce_mean,
+    gather_objects,
+    setup_distributed,
+)
 from ssl_toolkit.evaluation import KnnMonitor
 from ssl_toolkit.methods import build_method
 from ssl_toolkit.metric_logger import MetricLogger
+from ssl_toolkit.parallel import full_state, gradient_sync, load_full_state, parallelize
 from ssl_toolkit.report import TrainingProgress, TrainResult, print_summary
+from ssl_toolkit.sync_batch_norm import convert_sync_batchnorm, wants_sync_bn
 from ssl_toolkit.wandb_logger import WandbLogger
 
 __all__ = ["TrainResult", "Trainer"]
@@ -65,7 +73,9 @@ class Trainer:
         ctx: DistContext | None = None,
     ) -> None:
         self.cfg = cfg
-        self.ctx = ctx or setup_distributed(cfg.trainer.device)
+        self.ctx = ctx or setup_distributed(
+            cfg.trainer.device, timedelta(minutes=cfg.trainer.collective_timeout_minutes)
+        )
         self.console = console or Console(stderr=True)
         self.run_dir = Path(cfg.trainer.output_dir)
         self.device = self.ctx.device
@@ -86,24 +96,24 @@ class Trainer:
             self.loader.images = self.loader.images.to(self.device)
             self.loader.targets = self.loader.targets.to(self.device)
 
-        self.method = build_method(cfg).to(self.device)
+        self.method = build_method(cfg)
+        if wants_sync_bn(cfg.model.sync_bn, self.ctx.world_size):
+            convert_sync_batchnorm(self.method, self.device)
+        self.method.to(self.device)
         self.augment_generator = torch.Generator().manual_seed(
-            cfg.trainer.seed * 1_000_003 + self.ctx.rank + 1
+            _augment_seed(cfg.trainer.seed, self.ctx.rank)
         )
         self.augment = self.method.augmentation(cfg.data, self.augment_generator).to(self.device)
         self.memory_format = (
             torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
         )
-        self.method.to(memory_format=self.memory_format)
+        if cfg.trainer.strategy != "fsdp2":  # FSDP2 shards contiguous parameters only
+            self.method.to(memory_format=self.memory_format)
+        self.model: nn.Module = parallelize(self.method, self.ctx, cfg.trainer.strategy)
         self.optimizer = build_optimizer(cfg.optim, self.method.trainable_module())
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=cfg.trainer.precision == "fp16"
         )
-        self.model: nn.Module = self.method
-        if self.ctx.is_distributed:
-            self.model = nn.parallel.DistributedDataParallel(
-                self.method, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
         if cfg.trainer.compile:
             self.model = torch.compile(self.model)
 
@@ -124,6 +134,8 @@ class Trainer:
             total_steps=self.total_steps,
             device=self.device,
             memory_format=self.memory_format,
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
         )
         self.checkpointer = Checkpointer(
             self.run_dir,
@@ -184,7 +196,7 @@ class Trainer:
                 if step % self.cfg.trainer.log_every_steps == 0 or step == end:
                     loss, speed = window.flush()
                     row = {"train/loss": loss, "train/lr": lr, "train/img_per_s": speed}
-                    self.logger.log({**row, **self.method.log_metrics()}, step=step)
+                    self.logger.log({**row, **self._method_metrics()}, step=step)
                     progress.update(step, loss=loss, lr=lr, speed=speed)
                 progress.update(step)
                 if self.knn.should_evaluate(step):
@@ -228,12 +240,7 @@ class Trainer:
             view_a, view_b = self.augment(images)
             view_a = view_a.contiguous(memory_format=self.memory_format)
             view_b = view_b.contiguous(memory_format=self.memory_format)
-            last = micro == accumulate - 1
-            sync = (
-                contextlib.nullcontext()
-                if last or not self.ctx.is_distributed
-                else self.model.no_sync()
-            )
+            sync = gradient_sync(self.model, enabled=micro == accumulate - 1)
             autocast = torch.autocast(
                 self.device.type, dtype=_AMP_DTYPES.get(precision), enabled=precision != "fp32"
             )
@@ -252,50 +259,89 @@ class Trainer:
         if trust_ratios is not None:
             self.logger.log_trust_ratios(trust_ratios(adapted_only=True), step=step)
 
-    def evaluate(self, step: int) -> float | None:
-        """kNN top-1 of the method's features after step ``step`` (main process); logs
-        ``knn/top1``."""
-        if not self.ctx.is_main:
-            return None
+    def _method_metrics(self) -> dict[str, Any]:
+        """The method's ``method/*`` metrics, tensors averaged over ranks."""
+        return {
+            key: all_reduce_mean(value.detach().float()) if isinstance(value, Tensor) else value
+            for key, value in self.method.log_metrics().items()
+        }
+
+    def evaluate(self, step: int) -> float:
+        """kNN top-1 of the method's features after step ``step``; every rank takes part, the
+        main one logs ``knn/top1`` and prints it."""
         top1 = self.knn.evaluate(self.method.embed)
         self.logger.log({"knn/top1": top1}, step=step)
-        self.console.print(f"step {step}: kNN top-1 {100 * top1:.2f}%")
+        if self.ctx.is_main:
+            self.console.print(f"step {step}: kNN top-1 {100 * top1:.2f}%")
         return top1
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly where this step left off."""
+        """Everything needed to continue exactly where this step left off.
+
+        Every rank must call it: the model and optimizer state are gathered in full, and each
+        rank's random state (global RNGs and augmentation generator) is collected, so that a
+        resumed run with as many processes gives each rank its own streams back. The main
+        rank gets the whole state; the others get their share only.
+        """
+        per_rank = {"augment_generator": self.augment_generator.get_state()}
+        per_rank["rng"] = capture_rng_state()
         return {
-            "model": self.method.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **full_state(self.method, self.optimizer),
             "scaler": self.scaler.state_dict(),
             "step": self.step,
             "epoch": self.step // self.steps_per_epoch,
             "loader": self.loader.state_dict() if hasattr(self.loader, "state_dict") else None,
-            "augment_generator": self.augment_generator.get_state(),
-            "rng": capture_rng_state(),
+            "ranks": gather_objects(per_rank),
             "wandb_run_id": getattr(self.logger, "run_id", None),
             "config": self.cfg.to_dict(),
         }
 
     def _load(self, path: Path) -> str | None:
-        """Restore a :meth:`state_dict` from ``path``; returns the W&B run id it holds."""
-        state = load_checkpoint(path, map_location=self.device)
+        """Restore a :meth:`state_dict` from ``path`` on every rank; returns the W&B run id.
+
+        With as many processes as wrote it, every rank gets its own random streams back and the
+        run continues exactly. With another number, the data order continues from the same
+        point of the epoch and each rank's augmentation stream is re-seeded, with a warning.
+        """
+        state = load_checkpoint(path)
         try:
-            self.method.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            load_full_state(self.method, self.optimizer, state)
             self.scaler.load_state_dict(state["scaler"])
-            if state["loader"] is not None:
-                self.loader.load_state_dict(state["loader"])
-            self.augment_generator.set_state(state["augment_generator"].cpu())
-            restore_rng_state(state["rng"])
             self.step = int(state["step"])
+            ranks, loader = state["ranks"], state["loader"]
+            if len(ranks) == self.ctx.world_size:
+                self.augment_generator.set_state(ranks[self.ctx.rank]["augment_generator"])
+                restore_rng_state(ranks[self.ctx.rank]["rng"])
+            else:
+                loader = loader and {
+                    **loader,
+                    "position": loader["position"] * len(ranks) // self.ctx.world_size,
+                }
+                self._reseed_after_resume(path, len(ranks))
+            if loader is not None:
+                self.loader.load_state_dict(loader)
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
             raise CheckpointError(
                 f"checkpoint {path} does not match this config ({first_line})"
             ) from None
-        self.console.print(f"resumed from {path} at step {self.step}")
+        if self.ctx.is_main:
+            self.console.print(f"resumed from {path} at step {self.step}")
         return state.get("wandb_run_id")
+
+    def _reseed_after_resume(self, path: Path, saved_world_size: int) -> None:
+        """New random streams for a resume with another number of processes."""
+        seed = self.cfg.trainer.seed + 1_000_003 * self.step
+        _seed_everything(seed + self.ctx.rank)
+        self.augment_generator.manual_seed(_augment_seed(seed, self.ctx.rank))
+        if self.ctx.is_main:
+            warnings.warn(
+                f"{path} was written by {saved_world_size} process(es) and this run has "
+                f"{self.ctx.world_size}: the augmentation and random streams were re-seeded "
+                "(the data order continues from the same point of the epoch)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
 
 class _LogWindow:
@@ -320,6 +366,11 @@ class _LogWindow:
         self.loss_sum.zero_()
         self.steps, self.images, self.since = 0, 0, now
         return loss, speed
+
+
+def _augment_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s augmentation generator: a stream of its own."""
+    return seed * 1_000_003 + rank + 1
 
 
 def _seed_everything(seed: int) -> None:

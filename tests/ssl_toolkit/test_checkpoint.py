@@ -169,7 +169,13 @@ def test_checkpointer_saves_every_n_steps_each_epoch_end_and_the_last_step(tmp_p
     assert due == [4, 6, 8, 12, 14]  # multiples of 4, epoch ends 6 and 12, the last step
     assert torch.load(checkpoint_path(tmp_path), weights_only=True) == {"n": 4}
     assert not saver.should_save(5) and saver.should_save(5, last_step=True)
+    calls = []
     quiet = Checkpointer(
-        tmp_path / "other", lambda: {}, every_steps=1, steps_per_epoch=1, enabled=False
+        tmp_path / "other",
+        lambda: calls.append(1) or {},
+        every_steps=1,
+        steps_per_epoch=1,
+        enabled=False,
     )
     assert quiet.save(1) and not (tmp_path / "other").exists()  # due, but another rank writes
+    assert calls == [1], "every rank gathers the state when a save is due"
