@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from optim import ConfigError, OptimizerConfig, parse_optimizer_config
 from optim.errors import from_validation_error
@@ -138,6 +146,15 @@ class TrainerConfig(ConfigSection):
         500, ge=1, description="steps between checkpoints (also at every epoch end)"
     )
     log_every_steps: int = Field(10, ge=1, description="steps between loss / lr log rows")
+
+    @model_validator(mode="after")
+    def _supported(self) -> TrainerConfig:
+        if self.precision == "fp16" and self.strategy == "fsdp2":
+            raise ValueError(
+                "precision fp16 needs a GradScaler, which fsdp2 does not support here; "
+                "use bf16 (no scaler) or strategy ddp"
+            )
+        return self
 
 
 class WandbConfig(ConfigSection):

@@ -11,8 +11,8 @@ code (which all-reduces ``C``). Here the sums are differentiable, so for given e
 loss and, after DDP's mean, its gradients are those of one process on the joined batch. (The
 authors' in-place ``all_reduce`` is invisible to autograd: each rank back-propagates only its
 own shard's share, which after DDP's mean is the joined-batch gradient divided by the number of
-ranks.) The network's own BatchNorm layers normalise per rank unless they are synchronised;
-the authors convert them to ``SyncBatchNorm``.
+ranks.) The network's own BatchNorm layers are synchronised by the trainer
+(``model.sync_bn``), as the authors convert them to ``SyncBatchNorm``.
 """
 
 from __future__ import annotations

@@ -94,6 +94,12 @@ def test_byol_tau_must_rise() -> None:
         load_config("byol_lars", ["method.tau_base=0.999", "method.tau_final=0.99"])
 
 
+def test_fp16_with_fsdp2_is_refused() -> None:
+    with pytest.raises(ConfigError, match="trainer: precision fp16 needs a GradScaler"):
+        load_config("simclr_lars", ["trainer.precision=fp16", "trainer.strategy=fsdp2"])
+    assert load_config("simclr_lars", ["trainer.strategy=fsdp2"]).trainer.strategy == "fsdp2"
+
+
 def test_byol_predictor_must_output_the_projection_width() -> None:
     with pytest.raises(ConfigError, match=r"method: predictor.out_dim \(64\) must equal"):
         load_config("byol_lars", ["method.predictor.out_dim=64"])
