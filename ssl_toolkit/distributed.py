@@ -14,7 +14,6 @@ from typing import Any, Literal, get_args
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 from torch import Tensor
 
 __all__ = [
@@ -189,7 +188,23 @@ def sum_over_ranks(t: Tensor) -> Tensor:
     """
     if world_size() == 1:
         return t
-    return dist_nn.all_reduce(t, op=dist.ReduceOp.SUM)
+    return _SumOverRanks.apply(t)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) whose backward all-reduces (sums) the gradient too."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor) -> Tensor:  # type: ignore[override]
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
