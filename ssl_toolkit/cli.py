@@ -19,7 +19,11 @@ from optim import ConfigError, name_parameters, render_param_table, resolve_para
 from ssl_toolkit.checkpoint import LAST_CHECKPOINT, CheckpointError, checkpoint_path
 from ssl_toolkit.config import ExperimentConfig, load_config
 from ssl_toolkit.data import DatasetNotFoundError
-from ssl_toolkit.distributed import DeviceUnavailableError, cleanup_distributed
+from ssl_toolkit.distributed import (
+    DeviceUnavailableError,
+    cleanup_distributed,
+    is_main_process,
+)
 from ssl_toolkit.methods import build_method
 from ssl_toolkit.trainer import Trainer
 
@@ -67,7 +71,8 @@ def _resume_path(resume: str | None, cfg: ExperimentConfig, console: Console) ->
         path = checkpoint_path(cfg.trainer.output_dir)
         if path.is_file():
             return path
-        console.print(f"--resume auto: no checkpoint at {path}, starting from scratch")
+        if is_main_process():
+            console.print(f"--resume auto: no checkpoint at {path}, starting from scratch")
         return None
     path = Path(resume)
     if not path.is_file():

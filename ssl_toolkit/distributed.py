@@ -26,6 +26,7 @@ __all__ = [
     "cleanup_distributed",
     "gather_objects",
     "gather_with_grad",
+    "is_main_process",
     "resolve_device",
     "setup_distributed",
     "sum_over_ranks",
@@ -123,6 +124,11 @@ def setup_distributed(device: str = "auto", timeout: timedelta | None = None) ->
         )
         dist.init_process_group(**backend, rank=rank, world_size=world_size, timeout=timeout)
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=resolved)
+
+
+def is_main_process() -> bool:
+    """True in a plain run and on rank 0 of a ``torchrun`` job, before or after joining."""
+    return _env_int("RANK", 0) == 0
 
 
 def cleanup_distributed(*, sync: bool = False) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -27,7 +27,6 @@ from torch.distributed.checkpoint.state_dict import (
 from ssl_toolkit.distributed import DistContext
 
 __all__ = [
-    "STRATEGIES",
     "Strategy",
     "full_state",
     "gradient_sync",
@@ -38,8 +37,6 @@ __all__ = [
 
 Strategy = Literal["ddp", "fsdp2"]
 """``ddp``: every rank holds the whole model; ``fsdp2``: parameters are sharded over ranks."""
-STRATEGIES: tuple[str, ...] = get_args(Strategy)
-"""The values of :data:`Strategy`."""
 
 # ResNet stages (torchvision and timm), timm ViT blocks and timm stages.
 _BLOCK_NAME = re.compile(r"(^|\.)(layer\d+|blocks\.\d+|stages\.\d+)$")
@@ -48,14 +45,18 @@ _NETWORK_NAME = re.compile(r"(^|\.)(backbone|projector|predictor)$")
 
 
 def shard_units(method: nn.Module) -> list[str]:
-    """Names of the modules FSDP2 shards as units, innermost first; the root comes last.
+    """Names of the modules FSDP2 shards as units, innermost first; the root (``""``) is last.
 
-    Each block (ResNet stage, ViT block) is one unit, then each network (``backbone``,
-    ``projector``, ``predictor``, also inside a target copy), then the method itself.
+    Each block (ResNet stage, ViT block, timm stage and the blocks inside it) is a unit, and
+    so is each network (``backbone``, ``projector``, ``predictor``, also inside a target
+    copy). ``fully_shard`` must reach a module before any module that contains it.
     """
-    names = [n for n, _ in method.named_modules() if n and _BLOCK_NAME.search(n)]
-    names += [n for n, _ in method.named_modules() if n and _NETWORK_NAME.search(n)]
-    return [*names, ""]
+    names = [
+        name
+        for name, _ in method.named_modules()
+        if name and (_BLOCK_NAME.search(name) or _NETWORK_NAME.search(name))
+    ]
+    return [*sorted(names, key=lambda name: -name.count(".")), ""]
 
 
 def parallelize(method: nn.Module, ctx: DistContext, strategy: Strategy) -> nn.Module:
@@ -75,7 +76,9 @@ def parallelize(method: nn.Module, ctx: DistContext, strategy: Strategy) -> nn.M
 
 @contextlib.contextmanager
 def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """With ``enabled=False``, backward passes keep gradients local (accumulation)."""
+    """With ``enabled=False``, the forward and backward passes inside keep gradients local
+    (accumulation micro-batches). ``model`` is what :func:`parallelize` returned; the
+    backward must run inside the block, since FSDP2 reads the setting after it."""
     if enabled:
         yield
     elif isinstance(model, nn.parallel.DistributedDataParallel):

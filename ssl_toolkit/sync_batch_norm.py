@@ -12,12 +12,20 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from timm.layers import BatchNormAct2d
+from timm.layers import convert_sync_batchnorm as timm_convert_sync_batchnorm
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ssl_toolkit.distributed import sum_over_ranks, world_size
 
-__all__ = ["CPUSyncBatchNorm", "SyncBNSetting", "convert_sync_batchnorm", "wants_sync_bn"]
+__all__ = [
+    "CPUSyncBatchNorm",
+    "CPUSyncBatchNormAct",
+    "SyncBNSetting",
+    "convert_sync_batchnorm",
+    "wants_sync_bn",
+]
 
 SyncBNSetting = Literal["auto"] | bool
 """``model.sync_bn``: ``auto`` synchronises batch norm when more than one process trains."""
@@ -70,15 +78,29 @@ class CPUSyncBatchNorm(_BatchNorm):
         self.running_var.lerp_(unbiased_var.to(self.running_var.dtype), factor)
 
 
+class CPUSyncBatchNormAct(CPUSyncBatchNorm):
+    """:class:`CPUSyncBatchNorm` followed by the dropout and activation of timm's
+    ``BatchNormAct2d``, which it replaces."""
+
+    drop: nn.Module
+    act: nn.Module
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Normalise as :class:`CPUSyncBatchNorm`, then apply dropout and the activation."""
+        return self.act(self.drop(super().forward(input)))
+
+
 def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
     """Replace every batch norm in ``module`` by a synchronised one, in place.
 
-    On CUDA that is ``torch.nn.SyncBatchNorm``; elsewhere :class:`CPUSyncBatchNorm`. Parameters
-    and buffers are kept (the same objects), so optimizers and EMA copies see the same tensors.
-    Returns ``module``, or the replacement when ``module`` is itself a batch norm.
+    On CUDA that is timm's converter (``torch.nn.SyncBatchNorm``, and ``SyncBatchNormAct`` for
+    timm's norm + activation layers); elsewhere :class:`CPUSyncBatchNorm` (or
+    :class:`CPUSyncBatchNormAct`). Parameters and buffers are kept (the same objects), so
+    optimizers and EMA copies see the same tensors. Returns ``module``, or the replacement when
+    ``module`` is itself a batch norm.
     """
     if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        return timm_convert_sync_batchnorm(module)
     if isinstance(module, _BatchNorm) and not isinstance(module, CPUSyncBatchNorm):
         return _converted(module)
     for name, child in module.named_children():
@@ -87,7 +109,10 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
 
 
 def _converted(bn: _BatchNorm) -> CPUSyncBatchNorm:
-    sync = CPUSyncBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    cls = CPUSyncBatchNormAct if isinstance(bn, BatchNormAct2d) else CPUSyncBatchNorm
+    sync = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    if isinstance(bn, BatchNormAct2d):
+        sync.drop, sync.act = bn.drop, bn.act
     if bn.affine:
         sync.weight, sync.bias = bn.weight, bn.bias
     if bn.track_running_stats:

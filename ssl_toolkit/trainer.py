@@ -79,7 +79,7 @@ class Trainer:
         self.console = console or Console(stderr=True)
         self.run_dir = Path(cfg.trainer.output_dir)
         self.device = self.ctx.device
-        _seed_everything(cfg.trainer.seed + self.ctx.rank)
+        _seed_everything(cfg.trainer.seed + self.ctx.rank)  # this rank's own random streams
 
         self.train_set = build_dataset(
             cfg.data.name, root=cfg.data.root, train=True, download=cfg.data.download
@@ -96,7 +96,9 @@ class Trainer:
             self.loader.images = self.loader.images.to(self.device)
             self.loader.targets = self.loader.targets.to(self.device)
 
-        self.method = build_method(cfg)
+        with torch.random.fork_rng(devices=[]):  # the same initial weights on every rank
+            torch.manual_seed(cfg.trainer.seed)
+            self.method = build_method(cfg)
         if wants_sync_bn(cfg.model.sync_bn, self.ctx.world_size):
             convert_sync_batchnorm(self.method, self.device)
         self.method.to(self.device)
@@ -110,12 +112,13 @@ class Trainer:
         if cfg.trainer.strategy != "fsdp2":  # FSDP2 shards contiguous parameters only
             self.method.to(memory_format=self.memory_format)
         self.model: nn.Module = parallelize(self.method, self.ctx, cfg.trainer.strategy)
+        """The method as the strategy wraps it (DDP, FSDP2 or itself)."""
         self.optimizer = build_optimizer(cfg.optim, self.method.trainable_module())
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=cfg.trainer.precision == "fp16"
         )
-        if cfg.trainer.compile:
-            self.model = torch.compile(self.model)
+        self.compute_loss = torch.compile(self.model) if cfg.trainer.compile else self.model
+        """What each micro-batch calls for its loss: :attr:`model`, compiled if asked."""
 
         accumulate = cfg.trainer.accumulate_grad_batches
         self.steps_per_epoch = max(1, len(self.loader) // accumulate)
@@ -240,13 +243,13 @@ class Trainer:
             view_a, view_b = self.augment(images)
             view_a = view_a.contiguous(memory_format=self.memory_format)
             view_b = view_b.contiguous(memory_format=self.memory_format)
-            sync = gradient_sync(self.model, enabled=micro == accumulate - 1)
             autocast = torch.autocast(
                 self.device.type, dtype=_AMP_DTYPES.get(precision), enabled=precision != "fp32"
             )
-            with sync, autocast:
-                loss = self.model(view_a, view_b) / accumulate
-            self.scaler.scale(loss).backward()
+            with gradient_sync(self.model, enabled=micro == accumulate - 1):
+                with autocast:
+                    loss = self.compute_loss(view_a, view_b) / accumulate
+                self.scaler.scale(loss).backward()
             total += loss.detach().float()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -281,7 +284,8 @@ class Trainer:
         Every rank must call it: the model and optimizer state are gathered in full, and each
         rank's random state (global RNGs and augmentation generator) is collected, so that a
         resumed run with as many processes gives each rank its own streams back. The main
-        rank gets the whole state; the others get their share only.
+        rank gets the whole state; on the others ``model`` and ``optimizer`` are empty (only
+        the main rank writes the checkpoint).
         """
         per_rank = {"augment_generator": self.augment_generator.get_state()}
         per_rank["rng"] = capture_rng_state()
@@ -300,10 +304,16 @@ class Trainer:
         """Restore a :meth:`state_dict` from ``path`` on every rank; returns the W&B run id.
 
         With as many processes as wrote it, every rank gets its own random streams back and the
-        run continues exactly. With another number, the data order continues from the same
-        point of the epoch and each rank's augmentation stream is re-seeded, with a warning.
+        run continues exactly. With another number, progress is kept in images: the step
+        becomes the one that has seen as many images at this run's global batch, the data
+        order continues from the same image of the epoch, and each rank's random streams are
+        re-seeded, with a warning.
         """
         state = load_checkpoint(path)
+        if "ranks" not in state:
+            raise CheckpointError(
+                f"checkpoint {path} holds no per-process state (an older format); start a new run"
+            )
         try:
             load_full_state(self.method, self.optimizer, state)
             self.scaler.load_state_dict(state["scaler"])
@@ -313,11 +323,16 @@ class Trainer:
                 self.augment_generator.set_state(ranks[self.ctx.rank]["augment_generator"])
                 restore_rng_state(ranks[self.ctx.rank]["rng"])
             else:
+                saved = state["config"]
+                micro_batch = saved["data"]["batch_size"] * len(ranks)  # over all ranks
+                images = self.step * micro_batch * saved["trainer"]["accumulate_grad_batches"]
+                self.step = images // self.global_batch
+                per_micro_batch = self.cfg.data.batch_size * self.ctx.world_size
                 loader = loader and {
                     **loader,
-                    "position": loader["position"] * len(ranks) // self.ctx.world_size,
+                    "position": loader["position"] * micro_batch // per_micro_batch,
                 }
-                self._reseed_after_resume(path, len(ranks))
+                self._reseed_after_resume(path, len(ranks), images)
             if loader is not None:
                 self.loader.load_state_dict(loader)
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
@@ -329,7 +344,7 @@ class Trainer:
             self.console.print(f"resumed from {path} at step {self.step}")
         return state.get("wandb_run_id")
 
-    def _reseed_after_resume(self, path: Path, saved_world_size: int) -> None:
+    def _reseed_after_resume(self, path: Path, saved_world_size: int, images: int) -> None:
         """New random streams for a resume with another number of processes."""
         seed = self.cfg.trainer.seed + 1_000_003 * self.step
         _seed_everything(seed + self.ctx.rank)
@@ -337,8 +352,9 @@ class Trainer:
         if self.ctx.is_main:
             warnings.warn(
                 f"{path} was written by {saved_world_size} process(es) and this run has "
-                f"{self.ctx.world_size}: the augmentation and random streams were re-seeded "
-                "(the data order continues from the same point of the epoch)",
+                f"{self.ctx.world_size}: after {images} images it continues at step "
+                f"{self.step} of {self.total_steps}, and the augmentation and random streams "
+                "were re-seeded",
                 RuntimeWarning,
                 stacklevel=3,
             )

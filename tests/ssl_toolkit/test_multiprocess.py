@@ -23,7 +23,7 @@ from ssl_toolkit.config import ExperimentConfig
 from ssl_toolkit.distributed import cleanup_distributed, setup_distributed
 from ssl_toolkit.evaluation import KnnMonitor, shard_dataset
 from ssl_toolkit.sync_batch_norm import CPUSyncBatchNorm, convert_sync_batchnorm
-from ssl_toolkit.trainer import Trainer
+from ssl_toolkit.trainer import Trainer, _LogWindow
 
 WORLD = 2
 ROOT = Path(__file__).resolve().parents[2]
@@ -284,18 +284,47 @@ def test_two_process_resume_ends_bitwise_equal_to_the_uninterrupted_run(
     assert [step for step, m in ranks[0]["rows"] if "train/loss" in m] == [4, 5, 6, 7, 8]
 
 
-def test_resume_with_another_world_size_warns_and_continues(ddp_runs) -> None:
+def _with_epochs(cfg: ExperimentConfig, epochs: int) -> ExperimentConfig:
+    return cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"epochs": epochs})})
+
+
+def test_resume_on_fewer_processes_keeps_the_images_seen(ddp_runs) -> None:
+    """2 processes x 32 images x 8 steps = 512 images = 16 steps of one process."""
     out, _ = ddp_runs
-    cfg = _trainer_config(out / "resumed")
-    cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"epochs": 3})})
-    saved = torch.load(out / "resumed/checkpoints/last.pt", weights_only=True)
+    cfg = _with_epochs(_trainer_config(out / "resumed"), 3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer = Trainer(cfg, resume=out / "resumed/checkpoints/last.pt", logger=_Rows())
-    assert any("written by 2 process(es) and this run has 1" in str(w.message) for w in caught)
-    assert trainer.step == 8
-    assert trainer.loader.state_dict()["epoch"] == saved["loader"]["epoch"]
-    assert trainer.fit().steps == 24  # 8 steps per epoch with one process
+    message = "written by 2 process(es) and this run has 1: after 512 images it continues at "
+    assert any(f"{message}step 16 of 24" in str(w.message) for w in caught)
+    assert trainer.step == 16 and trainer.steps_per_epoch == 8
+    assert trainer.fit().steps == 24  # one more epoch: three in all, as the config says
+
+
+def _resume_single_on_two(rank: int, out_dir: Path) -> dict[str, int]:
+    cfg = _trainer_config(out_dir / "single")
+    trainer = Trainer(cfg, resume=out_dir / "single/checkpoints/last.pt", logger=_Rows())
+    resumed_at = trainer.step
+    return {"resumed_at": resumed_at, "total": trainer.total_steps, "end": trainer.fit().steps}
+
+
+def test_resume_on_more_processes_keeps_the_images_seen(tmp_path: Path) -> None:
+    """12 steps x 32 images on one process = 384 images = 6 steps of 2 x 32."""
+    Trainer(_trainer_config(tmp_path / "single"), logger=_Rows()).fit(stop_at_step=12)
+    ranks = _spawn(_resume_single_on_two, tmp_path)
+    assert ranks == [{"resumed_at": 6, "total": 8, "end": 8}] * 2
+
+
+def _log_window_job(rank: int, out_dir: Path) -> float:
+    window = _LogWindow(torch.device("cpu"))
+    for step in range(3):
+        window.add(torch.tensor(float(rank + step)), images=64)
+    return window.flush()[0]
+
+
+def test_logged_loss_is_the_mean_over_steps_and_ranks(tmp_path: Path) -> None:
+    # rank 0 logs steps 0, 1, 2 and rank 1 steps 1, 2, 3: the mean over both is 1.5.
+    assert _spawn(_log_window_job, tmp_path) == [1.5, 1.5]
 
 
 # --- FSDP2 + LARS -----------------------------------------------------------------------
@@ -386,6 +415,7 @@ def test_torchrun_fsdp2_writes_one_run_and_prints_once(tmp_path: Path) -> None:
             "model.backbone=timm/test_resnet",
             "method.projector={hidden_dim: 32, out_dim: 16}",
             "trainer.max_steps=2",
+            "trainer.accumulate_grad_batches=2",
             f"trainer.output_dir={out}",
             "logging.wandb.mode=offline",
         ],

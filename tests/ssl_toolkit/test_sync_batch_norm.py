@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from timm.layers import BatchNormAct2d
 from torch import nn
 
 from ssl_toolkit.methods import BYOL
-from ssl_toolkit.sync_batch_norm import CPUSyncBatchNorm, convert_sync_batchnorm, wants_sync_bn
+from ssl_toolkit.sync_batch_norm import (
+    CPUSyncBatchNorm,
+    CPUSyncBatchNormAct,
+    convert_sync_batchnorm,
+    wants_sync_bn,
+)
 
 
 def _byol() -> BYOL:
@@ -63,3 +69,14 @@ def test_cuda_uses_torchs_sync_batch_norm() -> None:
     convert_sync_batchnorm(model, torch.device("cuda"))
     kinds = {type(m) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     assert kinds == {nn.SyncBatchNorm}
+
+
+def test_timm_norm_act_layers_keep_their_activation() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct2d(4, act_layer=nn.ReLU))
+    x = torch.randn(6, 3, 5, 5)
+    expected = model(x)
+    convert_sync_batchnorm(model, torch.device("cpu"))
+    assert isinstance(model[1], CPUSyncBatchNormAct) and isinstance(model[1].act, nn.ReLU)
+    torch.testing.assert_close(model(x), expected)
+    assert (model(x) >= 0).all()
