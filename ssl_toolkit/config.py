@@ -179,12 +179,20 @@ class LoggingConfig(ConfigSection):
 
 
 class EvalConfig(ConfigSection):
-    """The kNN monitor on frozen backbone features."""
+    """The kNN monitor on frozen backbone features, and the probes at the end of a run."""
 
     every_epochs: int = Field(5, ge=1, description="epochs between kNN evaluations (and the end)")
     knn_k: int = Field(20, ge=1, description="neighbours that vote")
     knn_temperature: float = Field(0.1, gt=0.0, description="temperature of the vote weights")
     batch_size: int = Field(512, ge=1, description="images per batch when encoding")
+    labels_per_class: int = Field(
+        10, ge=1, description="labels per class of the few-label linear probe at the end"
+    )
+    baseline: bool = Field(
+        True,
+        description="probe a randomly initialised encoder of the same config too "
+        "(`summary.json`'s `baseline`)",
+    )
 
 
 class ExperimentConfig(ConfigSection):

@@ -2,14 +2,15 @@
 
 :func:`knn_top1` and :func:`linear_probe` take L2-normalised features produced by
 :func:`extract_features` (or :func:`encode`, which also prepares the images the way training
-does) and return top-1 accuracy as a fraction in [0, 1]. :class:`KnnMonitor` is the trainer's
-component that says when a kNN evaluation is due and runs it.
+does) and return top-1 accuracy as a fraction in [0, 1]. :class:`Evaluator` is the trainer's
+component: it says when a kNN evaluation is due and runs it, and runs the end-of-run probes.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,8 @@ from ssl_toolkit.data.functional import normalize
 from ssl_toolkit.distributed import all_gather_rows, sum_over_ranks
 
 __all__ = [
-    "KnnMonitor",
+    "Evaluator",
+    "Probes",
     "encode",
     "eval_datasets",
     "extract_features",
@@ -278,14 +280,25 @@ def shard_dataset(dataset: Dataset, rank: int, world_size: int) -> tuple[Dataset
     return Subset(dataset, indices), real
 
 
-class KnnMonitor:
-    """Weighted kNN top-1 of the backbone's features, every ``eval.every_epochs`` epochs.
+@dataclass(frozen=True)
+class Probes:
+    """Top-1 accuracies (fractions) of frozen features: weighted kNN, and the linear probe with
+    all labels and with ``labels_per_class`` labels per class."""
 
-    It is due at the end of every ``eval.every_epochs``-th epoch and at the last step of the
-    run (once, even when both hold). Every rank takes part: each encodes its shard of the bank
-    and of the test set, the bank features are gathered on every rank, each rank classifies its
-    test shard, and the correct counts are summed. No rank waits in a collective while another
-    works alone. The labelled splits are built on the first evaluation.
+    knn_top1: float
+    linear_top1: float
+    linear_top1_few_labels: float
+    labels_per_class: int
+
+
+class Evaluator:
+    """Evaluates the backbone's features: a kNN monitor during training, probes at the end.
+
+    The kNN monitor is due at the end of every ``eval.every_epochs``-th epoch and at the last
+    step of the run (once, even when both hold). Every rank takes part: each encodes its shard
+    of the bank and of the test set, the bank features are gathered on every rank, each rank
+    classifies its test shard, and the correct counts are summed. No rank waits in a collective
+    while another works alone. The labelled splits are built on the first evaluation.
     """
 
     def __init__(
@@ -309,12 +322,12 @@ class KnnMonitor:
         self._shards: list[tuple[Dataset, int, int]] | None = None
 
     def should_evaluate(self, step: int) -> bool:
-        """True after step ``step`` (1-based) when an evaluation is due."""
+        """True after step ``step`` (1-based) when a kNN evaluation is due."""
         return step % self.every_steps == 0 or step == self.total_steps
 
-    def evaluate(self, encoder: Callable[[Tensor], Tensor]) -> float:
-        """kNN top-1 (a fraction) of ``encoder``'s features of the test split; every rank
-        must call it, and every rank gets the result."""
+    def _features(self, encoder: Callable[[Tensor], Tensor]) -> tuple[Tensor, ...]:
+        """Bank features and labels (gathered, on every rank), then this rank's padded shard
+        of test features and labels."""
         if self._shards is None:
             self._shards = [
                 (*shard_dataset(dataset, self.rank, self.world_size), len(dataset))
@@ -324,16 +337,58 @@ class KnnMonitor:
             encode(encoder, shard, self.cfg, self.device, self.memory_format)
             for shard, _, _ in self._shards
         )
-        bank = all_gather_rows(bank)[: self._shards[0][2]]
-        bank_labels = all_gather_rows(bank_labels)[: self._shards[0][2]]
-        real, test_size = self._shards[1][1:]
+        # Padding sits after the last real row of the concatenated shards.
+        bank_size = self._shards[0][2]
+        return (
+            all_gather_rows(bank)[:bank_size],
+            all_gather_rows(bank_labels)[:bank_size],
+            test,
+            test_labels,
+        )
+
+    def _knn_top1(self, bank: Tensor, bank_labels: Tensor, test: Tensor, labels: Tensor) -> float:
+        """kNN top-1 with this rank's real test rows; the correct counts are summed."""
+        _, real, test_size = self._shards[1]
         correct = knn_correct(
             bank,
             bank_labels,
             test[:real],
-            test_labels[:real],
+            labels[:real],
             k=self.cfg.eval.knn_k,
             temperature=self.cfg.eval.knn_temperature,
             num_classes=int(bank_labels.max()) + 1,
         )
         return sum_over_ranks(correct).item() / test_size
+
+    def knn_top1(self, encoder: Callable[[Tensor], Tensor]) -> float:
+        """kNN top-1 (a fraction) of ``encoder``'s features of the test split; every rank
+        must call it, and every rank gets the result."""
+        return self._knn_top1(*self._features(encoder))
+
+    def probes(self, encoder: Callable[[Tensor], Tensor]) -> Probes:
+        """kNN and linear probes of ``encoder``'s features; every rank must call it.
+
+        The test features are gathered too, so every rank trains the same deterministic
+        L-BFGS probes (:func:`linear_probe`) and gets the same result.
+        """
+        bank, bank_labels, test, test_labels = self._features(encoder)
+        knn = self._knn_top1(bank, bank_labels, test, test_labels)
+        test_size = self._shards[1][2]
+        test = all_gather_rows(test)[:test_size]
+        test_labels = all_gather_rows(test_labels)[:test_size]
+        num_classes = int(max(bank_labels.max(), test_labels.max())) + 1
+        few = self.cfg.eval.labels_per_class
+        return Probes(
+            knn_top1=knn,
+            linear_top1=linear_probe(bank, bank_labels, test, test_labels, num_classes=num_classes),
+            linear_top1_few_labels=linear_probe(
+                bank,
+                bank_labels,
+                test,
+                test_labels,
+                num_classes=num_classes,
+                labels_per_class=few,
+                seed=self.cfg.trainer.seed,
+            ),
+            labels_per_class=few,
+        )

@@ -1,7 +1,12 @@
-"""What a run shows on the console: a live progress bar, and a summary table at the end."""
+"""What a run shows: a live progress bar, a summary table at the end, and ``summary.json``."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -11,7 +16,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-__all__ = ["TrainResult", "TrainingProgress", "print_summary"]
+from ssl_toolkit.evaluation import Probes
+
+__all__ = ["TrainResult", "TrainingProgress", "print_summary", "write_summary"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +32,25 @@ class TrainResult:
     images_per_s: float
     seconds: float
     run_dir: Path
+    probes: Probes | None = None
+    baseline: Probes | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form of ``summary.json``: the run's numbers, its probes, and ``baseline``
+        (the same probes of a randomly initialised encoder of the same config)."""
+        summary = {
+            key: getattr(self, key)
+            for key in ("steps", "epochs", "final_loss", "images_per_s", "seconds", "knn_top1")
+        }
+        probes = dataclasses.asdict(self.probes) if self.probes else {}
+        probes.pop("knn_top1", None)
+        return {
+            **summary,
+            "linear_top1": probes.get("linear_top1"),
+            "linear_top1_few_labels": probes.get("linear_top1_few_labels"),
+            "labels_per_class": probes.get("labels_per_class"),
+            "baseline": dataclasses.asdict(self.baseline) if self.baseline else None,
+        }
 
 
 class TrainingProgress:
@@ -74,18 +100,55 @@ class TrainingProgress:
         )
 
 
+def write_summary(path: Path, result: TrainResult) -> None:
+    """Write :meth:`TrainResult.to_dict` as JSON, atomically (temporary file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(result.to_dict(), f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _probe_table(probes: Probes, baseline: Probes | None) -> Table:
+    """Trained against randomly initialised features, with the gain in points."""
+    table = Table(title="frozen features, top-1 on the test split")
+    for column in ("probe", "trained", "random init", "gain"):
+        table.add_column(column, justify="left" if column == "probe" else "right")
+    for label, key in (
+        ("kNN", "knn_top1"),
+        ("linear, all labels", "linear_top1"),
+        (f"linear, {probes.labels_per_class} labels per class", "linear_top1_few_labels"),
+    ):
+        trained = getattr(probes, key)
+        random = getattr(baseline, key) if baseline else None
+        gain = "-" if random is None else f"{100 * (trained - random):+.2f}"
+        table.add_row(label, _percent(trained), _percent(random), gain)
+    return table
+
+
 def print_summary(console: Console, result: TrainResult, rows: dict[str, str]) -> None:
-    """A table of ``rows`` (the run's description) followed by ``result``."""
+    """A table of ``rows`` (the run's description) and ``result``, then the probes."""
     table = Table(title="pretraining summary", show_header=False)
-    knn = "-" if result.knn_top1 is None else f"{100 * result.knn_top1:.2f}%"
     for key, value in {
         **rows,
         "steps (epochs)": f"{result.steps} ({result.epochs:.1f})",
         "final loss": f"{result.final_loss:.4f}",
-        "kNN top-1": knn,
+        "kNN top-1": _percent(result.knn_top1),
         "images/s": f"{result.images_per_s:.0f}",
         "time": f"{result.seconds:.0f} s",
         "run directory": str(result.run_dir),
     }.items():
         table.add_row(key, value)
     console.print(table)
+    if result.probes is not None:
+        console.print(_probe_table(result.probes, result.baseline))

@@ -2,7 +2,7 @@
 
 The trainer names no method. It builds the method from the registry, takes the method's own
 augmentation, and calls the method's hooks. Each other component says when it is due: the kNN
-monitor (``should_evaluate(step)``), the checkpointer (``save(step, last_step=...)``), the
+evaluator (``should_evaluate(step)``), the checkpointer (``save(step, last_step=...)``), the
 logging cadence. Steps are counted one way throughout: ``self.step`` is the number of optimizer
 steps completed, and step ``s`` (1-based) is the one that makes it ``s``.
 
@@ -43,11 +43,11 @@ from ssl_toolkit.distributed import (
     gather_objects,
     setup_distributed,
 )
-from ssl_toolkit.evaluation import KnnMonitor
-from ssl_toolkit.methods import build_method
+from ssl_toolkit.evaluation import Evaluator, Probes
+from ssl_toolkit.methods import Method, build_method
 from ssl_toolkit.metric_logger import MetricLogger
 from ssl_toolkit.parallel import full_state, gradient_sync, load_full_state, parallelize
-from ssl_toolkit.report import TrainingProgress, TrainResult, print_summary
+from ssl_toolkit.report import TrainingProgress, TrainResult, print_summary, write_summary
 from ssl_toolkit.sync_batch_norm import convert_sync_batchnorm, wants_sync_bn
 from ssl_toolkit.wandb_logger import WandbLogger
 
@@ -96,9 +96,7 @@ class Trainer:
             self.loader.images = self.loader.images.to(self.device)
             self.loader.targets = self.loader.targets.to(self.device)
 
-        with torch.random.fork_rng(devices=[]):  # the same initial weights on every rank
-            torch.manual_seed(cfg.trainer.seed)
-            self.method = build_method(cfg)
+        self.method = self.initial_method()
         if wants_sync_bn(cfg.model.sync_bn, self.ctx.world_size):
             convert_sync_batchnorm(self.method, self.device)
         self.method.to(self.device)
@@ -131,7 +129,7 @@ class Trainer:
         )
         self.step = 0
 
-        self.knn = KnnMonitor(
+        self.evaluator = Evaluator(
             cfg,
             steps_per_epoch=self.steps_per_epoch,
             total_steps=self.total_steps,
@@ -180,9 +178,9 @@ class Trainer:
         first = self.step + 1
         batches = self.image_batches()
         window = _LogWindow(self.device)
-        loss, knn = float("nan"), None
+        loss, knn, probes = float("nan"), None, None
         if self.step == self.total_steps:  # resumed from the end: report, train nothing
-            knn = self.evaluate(self.step)
+            probes = self.final_probes(self.step)
         start = time.perf_counter()
         with TrainingProgress(
             self.console, total=self.total_steps, completed=self.step, enabled=self.ctx.is_main
@@ -202,21 +200,27 @@ class Trainer:
                     self.logger.log({**row, **self._method_metrics()}, step=step)
                     progress.update(step, loss=loss, lr=lr, speed=speed)
                 progress.update(step)
-                if self.knn.should_evaluate(step):
+                if step == self.total_steps:
+                    probes = self.final_probes(step)
+                elif self.evaluator.should_evaluate(step):
                     knn = self.evaluate(step)
                 self.checkpointer.save(step, last_step=step == end)
         seconds = time.perf_counter() - start
+        baseline = self.baseline_probes(self.step) if probes is not None else None
         self.logger.finish()
         result = TrainResult(
             steps=self.step,
             epochs=self.step / self.steps_per_epoch,
             final_loss=loss,
-            knn_top1=knn,
+            knn_top1=probes.knn_top1 if probes is not None else knn,
             images_per_s=(self.step - first + 1) * self.global_batch / max(seconds, 1e-9),
             seconds=seconds,
             run_dir=self.run_dir,
+            probes=probes,
+            baseline=baseline,
         )
         if self.ctx.is_main:
+            write_summary(self.run_dir / "summary.json", result)
             print_summary(
                 self.console,
                 result,
@@ -269,14 +273,40 @@ class Trainer:
             for key, value in self.method.log_metrics().items()
         }
 
+    def initial_method(self) -> Method:
+        """A new method of this config with its initial weights: the same on every rank, from
+        ``trainer.seed``, whatever the rank's own random streams are."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.trainer.seed)
+            return build_method(self.cfg)
+
     def evaluate(self, step: int) -> float:
         """kNN top-1 of the method's features after step ``step``; every rank takes part, the
         main one logs ``knn/top1`` and prints it."""
-        top1 = self.knn.evaluate(self.method.embed)
+        top1 = self.evaluator.knn_top1(self.method.embed)
         self.logger.log({"knn/top1": top1}, step=step)
         if self.ctx.is_main:
             self.console.print(f"step {step}: kNN top-1 {100 * top1:.2f}%")
         return top1
+
+    def final_probes(self, step: int) -> Probes:
+        """kNN and linear probes of the trained features at the end; logs ``knn/top1`` and
+        ``probe/*``."""
+        probes = self.evaluator.probes(self.method.embed)
+        self.logger.log({"knn/top1": probes.knn_top1, **_probe_metrics(probes, "")}, step=step)
+        if self.ctx.is_main:
+            self.console.print(f"step {step}: kNN top-1 {100 * probes.knn_top1:.2f}%")
+        return probes
+
+    def baseline_probes(self, step: int) -> Probes | None:
+        """The same probes for a randomly initialised encoder of this config (``eval.baseline``),
+        logged as ``probe/baseline_*``; ``None`` when switched off."""
+        if not self.cfg.eval.baseline:
+            return None
+        method = self.initial_method().to(self.device)
+        probes = self.evaluator.probes(method.embed)
+        self.logger.log(_probe_metrics(probes, "baseline_"), step=step)
+        return probes
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly where this step left off.
@@ -382,6 +412,14 @@ class _LogWindow:
         self.loss_sum.zero_()
         self.steps, self.images, self.since = 0, 0, now
         return loss, speed
+
+
+def _probe_metrics(probes: Probes, prefix: str) -> dict[str, float]:
+    return {
+        f"probe/{prefix}knn_top1": probes.knn_top1,
+        f"probe/{prefix}linear_top1": probes.linear_top1,
+        f"probe/{prefix}linear_top1_few_labels": probes.linear_top1_few_labels,
+    }
 
 
 def _augment_seed(seed: int, rank: int) -> int:

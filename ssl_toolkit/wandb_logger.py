@@ -24,7 +24,7 @@ from ssl_toolkit.wandb_offline import run_file_complete
 __all__ = ["METRIC_PREFIXES", "WANDB_MODES", "WandbLogger", "WandbMode", "trust_ratio_metrics"]
 
 # Metric families plotted against ``global_step``.
-METRIC_PREFIXES = ("train", "lars", "knn", "method")
+METRIC_PREFIXES = ("train", "lars", "knn", "method", "probe")
 
 WandbMode = Literal["offline", "online", "disabled"]
 """``offline`` writes the run under the run directory (``wandb sync`` uploads it later)."""

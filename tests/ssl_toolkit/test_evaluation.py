@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ssl_toolkit.config import ExperimentConfig
-from ssl_toolkit.evaluation import KnnMonitor, extract_features, knn_top1, linear_probe
+from ssl_toolkit.evaluation import Evaluator, extract_features, knn_top1, linear_probe
 from ssl_toolkit.methods import SimCLR
 
 # Train points on the unit circle (and beyond); cosine similarity to the query (1, 0) is
@@ -179,7 +179,7 @@ def test_knn_monitor_is_due_every_n_epochs_and_at_the_last_step():
     cfg = ExperimentConfig.from_dict(
         {"optim": {"name": "lars", "lr": 1.0}, "eval": {"every_epochs": 2}}
     )
-    monitor = KnnMonitor(cfg, steps_per_epoch=5, total_steps=23, device=torch.device("cpu"))
+    monitor = Evaluator(cfg, steps_per_epoch=5, total_steps=23, device=torch.device("cpu"))
     assert [s for s in range(1, 24) if monitor.should_evaluate(s)] == [10, 20, 23]
-    at_end = KnnMonitor(cfg, steps_per_epoch=5, total_steps=20, device=torch.device("cpu"))
+    at_end = Evaluator(cfg, steps_per_epoch=5, total_steps=20, device=torch.device("cpu"))
     assert [s for s in range(1, 21) if at_end.should_evaluate(s)] == [10, 20]

@@ -21,7 +21,7 @@ from optim import build_optimizer
 from optim.op_count import count_ops
 from ssl_toolkit.config import ExperimentConfig
 from ssl_toolkit.distributed import cleanup_distributed, setup_distributed
-from ssl_toolkit.evaluation import KnnMonitor, shard_dataset
+from ssl_toolkit.evaluation import Evaluator, shard_dataset
 from ssl_toolkit.sync_batch_norm import CPUSyncBatchNorm, convert_sync_batchnorm
 from ssl_toolkit.trainer import Trainer, _LogWindow
 
@@ -142,7 +142,7 @@ def _encoder() -> nn.Module:
 
 
 def _knn_job(rank: int, out_dir: Path) -> float:
-    monitor = KnnMonitor(
+    monitor = Evaluator(
         _knn_config(),
         steps_per_epoch=1,
         total_steps=1,
@@ -150,14 +150,14 @@ def _knn_job(rank: int, out_dir: Path) -> float:
         rank=rank,
         world_size=WORLD,
     )
-    return monitor.evaluate(_encoder())
+    return monitor.knn_top1(_encoder())
 
 
 def test_sharded_knn_equals_one_process(tmp_path: Path) -> None:
     """Digits: 1437 bank and 360 test images, so the bank shards need padding."""
     ranks = _spawn(_knn_job, tmp_path)
-    single = KnnMonitor(_knn_config(), steps_per_epoch=1, total_steps=1, device="cpu")
-    expected = single.evaluate(_encoder())
+    single = Evaluator(_knn_config(), steps_per_epoch=1, total_steps=1, device="cpu")
+    expected = single.knn_top1(_encoder())
     assert ranks == [expected, expected]
     assert 0.3 < expected < 1.0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -9,11 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+from rich.console import Console
 from torch import nn
 
 from optim import warmup_cosine
 from ssl_toolkit.config import ExperimentConfig
 from ssl_toolkit.data import SimCLRAugment
+from ssl_toolkit.evaluation import encode, eval_datasets, knn_top1, linear_probe
 from ssl_toolkit.methods import METHODS, Method, MethodConfig, cosine_tau, register_method
 from ssl_toolkit.trainer import Trainer
 from ssl_toolkit.wandb_offline import read_offline_history
@@ -233,3 +236,44 @@ def test_a_method_registered_here_trains_with_no_change_to_the_trainer(
     assert rows == [(1, 1.0), (2, 2.0)]
     saved = torch.load(Path(cfg.trainer.output_dir) / "checkpoints" / "last.pt", weights_only=True)
     assert saved["step"] == 2 and saved["config"]["method"] == {"name": "toy", "width": 4}
+
+
+def test_summary_json_holds_the_probes_and_a_random_init_baseline(tmp_path: Path) -> None:
+    console = Console(record=True, width=120)
+    trainer = Trainer(tiny_config(tmp_path, max_steps=3), logger=RecordingLogger(), console=console)
+    result = trainer.fit()
+    summary = json.loads((Path(trainer.cfg.trainer.output_dir) / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["epochs"] == pytest.approx(3 / 8)
+    assert summary["final_loss"] == pytest.approx(result.final_loss)
+    assert summary["labels_per_class"] == 10
+
+    def probes_of(method: nn.Module) -> dict[str, float]:
+        """Recomputed here from the evaluation functions, outside the trainer."""
+        bank, test = eval_datasets(trainer.cfg)
+        (x, y), (tx, ty) = (
+            encode(method.embed, d, trainer.cfg, trainer.device) for d in (bank, test)
+        )
+        common = {"num_classes": 10}
+        return {
+            "knn_top1": knn_top1(x, y, tx, ty, k=5, temperature=0.1, **common),
+            "linear_top1": linear_probe(x, y, tx, ty, **common),
+            "linear_top1_few_labels": linear_probe(x, y, tx, ty, labels_per_class=10, **common),
+        }
+
+    trained = probes_of(trainer.method)
+    assert {k: summary[k] for k in trained} == pytest.approx(trained)
+    random_init = probes_of(trainer.initial_method())
+    assert {k: summary["baseline"][k] for k in random_init} == pytest.approx(random_init)
+    assert trained != random_init
+    text = console.export_text()
+    assert "random init" in text and "gain" in text
+    gain = 100 * (trained["linear_top1"] - random_init["linear_top1"])
+    assert f"{gain:+.2f}" in text
+
+
+def test_an_unfinished_run_writes_a_summary_without_probes(tmp_path: Path) -> None:
+    trainer = Trainer(tiny_config(tmp_path), logger=RecordingLogger())
+    trainer.fit(stop_at_step=2)
+    summary = json.loads((Path(trainer.cfg.trainer.output_dir) / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["baseline"] is None
+    assert summary["linear_top1"] is None and summary["knn_top1"] is None
