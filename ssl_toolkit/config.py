@@ -37,6 +37,7 @@ from ssl_toolkit.wandb_logger import WandbMode
 
 __all__ = [
     "CONFIG_DIR",
+    "AugmentOverrides",
     "ConfigSection",
     "DataConfig",
     "EvalConfig",
@@ -87,6 +88,23 @@ class ModelConfig(ConfigSection):
     )
 
 
+def _probability(description: str) -> Any:
+    return Field(None, ge=0.0, le=1.0, description=description)
+
+
+class AugmentOverrides(ConfigSection):
+    """Changes to the method's own two-view augmentation, in both views (null: keep)."""
+
+    flip_p: float | None = _probability("horizontal flip probability")
+    jitter_p: float | None = _probability("colour jitter probability")
+    gray_p: float | None = _probability("grayscale probability")
+    blur_p: float | None = _probability("Gaussian blur probability")
+    solarize_p: float | None = _probability("solarisation probability")
+    rotation: float | None = Field(
+        None, ge=0.0, le=180.0, description="rotate each crop by up to this many degrees"
+    )
+
+
 class DataConfig(ConfigSection):
     """The pretraining data, its augmentation and batch size (per process)."""
 
@@ -101,6 +119,9 @@ class DataConfig(ConfigSection):
     )
     crop_min_scale: float = Field(
         0.08, gt=0.0, le=1.0, description="smallest area fraction of the random resized crop"
+    )
+    augment: AugmentOverrides = Field(
+        AugmentOverrides(), description="changes to the method's augmentation"
     )
 
 

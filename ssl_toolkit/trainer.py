@@ -103,7 +103,11 @@ class Trainer:
         self.augment_generator = torch.Generator().manual_seed(
             _augment_seed(cfg.trainer.seed, self.ctx.rank)
         )
-        self.augment = self.method.augmentation(cfg.data, self.augment_generator).to(self.device)
+        self.augment = (
+            self.method.augmentation(cfg.data, self.augment_generator)
+            .with_overrides(**cfg.data.augment.model_dump(exclude_none=True))
+            .to(self.device)
+        )
         self.memory_format = (
             torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
         )

@@ -8,16 +8,17 @@ does both. Randomness comes only from an explicit ``torch.Generator``, so the sa
 state gives the same views and a run resumes exactly once the trainer restores the generator
 (``generator.get_state()`` / ``generator.set_state()``).
 
-Pipeline per view, in this fixed order: random resized crop and horizontal flip (one
-``grid_sample``), colour jitter applied with probability ``jitter_p`` as brightness, contrast,
-saturation, hue (a fixed order, unlike torchvision's random order), grayscale, Gaussian blur,
-solarize, normalisation.
+Pipeline per view, in this order: random resized crop and horizontal flip (one
+``grid_sample``), colour jitter applied with probability ``jitter_p`` (brightness, contrast,
+saturation and hue in a random order per image, as torchvision's ``ColorJitter``), grayscale,
+Gaussian blur, solarize, normalisation.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -46,6 +47,8 @@ class ViewPolicy:
     [max(0, 1 - v), 1 + v] for the first three and the hue shift from [-v, v] turns, as in
     torchvision's ColorJitter. Blur is skipped for outputs smaller than ``blur_min_size`` pixels
     (SimCLR does not blur CIFAR-sized images); its kernel is 10% of the output side, made odd.
+    ``rotation`` turns each crop by an angle uniform in [-rotation, rotation] degrees (0: none,
+    the papers' setting; small angles suit data such as handwritten digits).
     """
 
     scale: tuple[float, float] = (0.08, 1.0)
@@ -59,6 +62,7 @@ class ViewPolicy:
     blur_min_size: int = 0
     solarize_p: float = 0.0
     solarize_threshold: float = 0.5
+    rotation: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("flip_p", "jitter_p", "gray_p", "blur_p", "solarize_p"):
@@ -74,6 +78,8 @@ class ViewPolicy:
             raise ValueError(f"jitter strengths must be >= 0 with hue <= 0.5, got {self.jitter}")
         if not 0.0 < self.blur_sigma[0] <= self.blur_sigma[1]:
             raise ValueError(f"blur_sigma must satisfy 0 < low <= high, got {self.blur_sigma}")
+        if not 0.0 <= self.rotation <= 180.0:
+            raise ValueError(f"rotation must be in [0, 180] degrees, got {self.rotation}")
 
 
 @dataclass(frozen=True)
@@ -82,7 +88,9 @@ class ViewParams:
 
     ``boxes`` is (B, 4) as (x0, y0, width, height) in input pixels; boolean fields say whether a
     step is applied to a sample; ``brightness``, ``contrast``, ``saturation`` and ``hue`` are the
-    jitter factors, drawn for every sample and used only where ``jitter`` is set.
+    jitter factors, drawn for every sample and used only where ``jitter`` is set;
+    ``jitter_order`` (B, 4) is a permutation of (brightness, contrast, saturation, hue) per
+    sample: the order its jitter operations run in.
     """
 
     boxes: Tensor
@@ -92,6 +100,8 @@ class ViewParams:
     contrast: Tensor
     saturation: Tensor
     hue: Tensor
+    jitter_order: Tensor
+    angle: Tensor
     gray: Tensor
     blur: Tensor
     blur_sigma: Tensor
@@ -130,6 +140,12 @@ class TwoViewAugment(nn.Module):
         self.generator = generator
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32), persistent=False)
+
+    def with_overrides(self, **changes: Any) -> TwoViewAugment:
+        """Replace policy fields (``flip_p=0.0``, ``rotation=15.0``...) in both views, in place;
+        returns ``self``. Unknown or out-of-range values raise ``ValueError``/``TypeError``."""
+        self.policies = tuple(replace(policy, **changes) for policy in self.policies)
+        return self
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Augment ``x`` twice, with parameters drawn from ``generator`` (or the module's)."""
@@ -187,7 +203,8 @@ class TwoViewAugment(nn.Module):
     def _apply_view(
         self, x: Tensor, p: ViewParams, policy: ViewPolicy, out_size: tuple[int, int]
     ) -> Tensor:
-        x = BF.resized_crop(x, p.boxes, p.flip, out_size)  # a new tensor, modified in place below
+        angle = p.angle if policy.rotation > 0 else None
+        x = BF.resized_crop(x, p.boxes, p.flip, out_size, angle)  # new; modified in place below
         if policy.jitter_p > 0:
             _color_jitter_(x, p, policy)
         if policy.gray_p > 0:
@@ -307,6 +324,13 @@ def _sample_view(
     boxes = _sample_boxes(crop_u, u[0], u[1], image_size, policy.scale, policy.ratio)
     b, c, s, h = policy.jitter
     blur_enabled = min(out_size) >= policy.blur_min_size
+    # Drawn after the uniforms above, so that the other parameters do not depend on it.
+    order_u = torch.rand(batch_size, 4, generator=generator, device=generator.device)
+    if policy.rotation > 0:
+        turn = torch.rand(batch_size, generator=generator, device=generator.device)
+        angle = _uniform(turn, -1.0, 1.0) * math.radians(policy.rotation)
+    else:
+        angle = torch.zeros(batch_size, device=generator.device)
     return ViewParams(
         boxes=boxes,
         flip=u[2] < policy.flip_p,
@@ -315,6 +339,8 @@ def _sample_view(
         contrast=_uniform(u[5], max(0.0, 1.0 - c), 1.0 + c),
         saturation=_uniform(u[6], max(0.0, 1.0 - s), 1.0 + s),
         hue=_uniform(u[7], -h, h),
+        jitter_order=order_u.argsort(dim=1),
+        angle=angle,
         gray=u[8] < policy.gray_p,
         blur=(u[9] < policy.blur_p) & blur_enabled,
         blur_sigma=_uniform(u[10], *policy.blur_sigma),
@@ -362,20 +388,44 @@ def _sample_boxes(
 
 
 def _color_jitter_(x: Tensor, p: ViewParams, policy: ViewPolicy) -> None:
-    """In place: brightness, contrast, saturation, hue in this order, where ``p.jitter`` is set.
+    """In place, where ``p.jitter`` is set: brightness, contrast, saturation and hue, each
+    sample in its own order ``p.jitter_order``.
 
-    Samples that are not jittered get identity factors (1 for the blends, a zero hue shift),
-    which leave them exactly unchanged.
+    Without a per-sample loop or data-dependent indexing. Brightness, contrast and saturation
+    are one blend (:func:`~ssl_toolkit.data.functional.blend_`) that can apply a different one
+    to each sample, so each order position before a sample's hue is one blend pass, the costly
+    hue rotation runs once for the whole batch, and each position after the hue is one more
+    blend pass. Identity factors leave a sample exactly unchanged.
     """
-    b, c, s, h = policy.jitter
-    if b > 0:
-        BF.adjust_brightness_(x, torch.where(p.jitter, p.brightness, 1.0))
-    if c > 0:
-        BF.adjust_contrast_(x, torch.where(p.jitter, p.contrast, 1.0))
-    if s > 0:
-        BF.adjust_saturation_(x, torch.where(p.jitter, p.saturation, 1.0))
-    if h > 0:
-        BF.adjust_hue_(x, torch.where(p.jitter, p.hue, 0.0))
+    hue_position = p.jitter_order.argmax(dim=1)  # where op 3, the hue, sits in the order
+    brightness, contrast, saturation, hue = (
+        p.jitter & (strength > 0) for strength in policy.jitter
+    )  # per op: the samples it applies to
+    one, zero = torch.ones_like(p.brightness), torch.zeros_like(p.brightness)
+
+    def blend_positions(positions: range, before_hue: bool) -> None:
+        for position in positions:
+            due = p.jitter_order[:, position]
+            side = position < hue_position if before_hue else position > hue_position
+            b, c, s = (
+                side & (due == i) & mask
+                for i, mask in enumerate((brightness, contrast, saturation))
+            )
+            scale = torch.where(b, p.brightness, torch.where(c, p.contrast, one))
+            scale = torch.where(s, p.saturation, scale)
+            BF.blend_(
+                x,
+                scale,
+                torch.where(c, 1 - p.contrast, zero),
+                torch.where(s, 1 - p.saturation, zero),
+            )
+
+    if policy.jitter[:3] != (0.0, 0.0, 0.0):
+        blend_positions(range(3), before_hue=True)
+    if policy.jitter[3] > 0:
+        BF.adjust_hue_(x, torch.where(hue, p.hue, 0.0))
+    if policy.jitter[:3] != (0.0, 0.0, 0.0):
+        blend_positions(range(1, 4), before_hue=False)
 
 
 def _blur_selected(x: Tensor, p: ViewParams, kernel_size: int) -> Tensor:

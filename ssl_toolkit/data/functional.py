@@ -40,13 +40,22 @@ def to_grayscale_(x: Tensor, apply: Tensor) -> Tensor:
     return x.lerp_(grayscale(x).expand_as(x), _per_sample(apply, x))
 
 
-def resized_crop(x: Tensor, boxes: Tensor, flip: Tensor, out_size: tuple[int, int]) -> Tensor:
-    """Crop a box per sample, optionally mirror it, and resize it to ``out_size``, bilinearly.
+def resized_crop(
+    x: Tensor,
+    boxes: Tensor,
+    flip: Tensor,
+    out_size: tuple[int, int],
+    angle: Tensor | None = None,
+) -> Tensor:
+    """Crop a box per sample, optionally mirror and rotate it, and resize it to ``out_size``,
+    bilinearly.
 
     ``boxes`` is (B, 4) as (x0, y0, width, height) in input pixels (fractional values allowed);
-    ``flip`` is a (B,) bool. Crop, flip and resize are one ``grid_sample``; the flip is the sign
-    of the horizontal scale. Boxes are axis-aligned, so the sampling grid is an outer sum of a
-    per-sample column ramp and row ramp (no ``affine_grid`` matrix product).
+    ``flip`` is a (B,) bool; ``angle`` (B,) rotates the box about its centre, in radians
+    (positive angles turn the content clockwise as displayed). Crop, flip, rotation and
+    resize are one ``grid_sample``; the flip is the sign of the horizontal scale. Without
+    rotation the sampling grid is an outer sum of a per-sample column ramp and row ramp (no
+    ``affine_grid`` matrix product). Points outside the image take the nearest border pixel.
     """
     height, width = x.shape[-2:]
     out_h, out_w = out_size
@@ -55,29 +64,36 @@ def resized_crop(x: Tensor, boxes: Tensor, flip: Tensor, out_size: tuple[int, in
     # Output pixel centres in [-1, 1], then mapped into the box, in grid_sample's coordinates.
     cols = torch.linspace(1 / out_w - 1, 1 - 1 / out_w, out_w, device=x.device, dtype=x.dtype)
     rows = torch.linspace(1 / out_h - 1, 1 - 1 / out_h, out_h, device=x.device, dtype=x.dtype)
-    grid_x = cols * (sign * w / width).view(-1, 1) + ((2 * x0 + w) / width - 1).view(-1, 1)
-    grid_y = rows * (h / height).view(-1, 1) + ((2 * y0 + h) / height - 1).view(-1, 1)
-    grid = torch.stack(
-        [grid_x.unsqueeze(1).expand(-1, out_h, -1), grid_y.unsqueeze(2).expand(-1, -1, out_w)],
-        dim=-1,
-    )
+    if angle is None:
+        grid_x = cols * (sign * w / width).view(-1, 1) + ((2 * x0 + w) / width - 1).view(-1, 1)
+        grid_y = rows * (h / height).view(-1, 1) + ((2 * y0 + h) / height - 1).view(-1, 1)
+        grid_x, grid_y = grid_x.unsqueeze(1).expand(-1, out_h, -1), grid_y.unsqueeze(2)
+    else:
+        # Offsets from the box centre in input pixels, rotated, then normalised.
+        du = cols.view(1, 1, -1) * (sign * w / 2).view(-1, 1, 1)
+        dv = rows.view(1, -1, 1) * (h / 2).view(-1, 1, 1)
+        cos = angle.to(device=x.device, dtype=x.dtype).cos().view(-1, 1, 1)
+        sin = angle.to(device=x.device, dtype=x.dtype).sin().view(-1, 1, 1)
+        grid_x = (2 * (x0 + w / 2).view(-1, 1, 1) + 2 * (cos * du + sin * dv)) / width - 1
+        grid_y = (2 * (y0 + h / 2).view(-1, 1, 1) + 2 * (cos * dv - sin * du)) / height - 1
+    grid = torch.stack(torch.broadcast_tensors(grid_x, grid_y), dim=-1)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def adjust_brightness_(x: Tensor, factor: Tensor) -> Tensor:
-    """In place: scale intensities by ``factor`` per sample (0 gives black, 1 the input)."""
-    return x.mul_(_per_sample(factor, x)).clamp_(0.0, 1.0)
+def blend_(x: Tensor, scale: Tensor, toward_mean: Tensor, toward_gray: Tensor) -> Tensor:
+    """In place: ``clamp(scale·x + toward_mean·mean_grey + toward_gray·grey, 0, 1)`` per sample.
 
-
-def adjust_contrast_(x: Tensor, factor: Tensor) -> Tensor:
-    """In place: blend each sample with its mean grey level (0: flat grey, 1: the input)."""
-    mean = (x.mean(dim=(2, 3)) @ x.new_tensor(_LUMA)).view(-1, 1, 1, 1)
-    return x.lerp_(mean.expand_as(x), 1.0 - _per_sample(factor, x)).clamp_(0.0, 1.0)
-
-
-def adjust_saturation_(x: Tensor, factor: Tensor) -> Tensor:
-    """In place: blend each sample with its grayscale version (0: grey, 1: the input)."""
-    return x.lerp_(grayscale(x).expand_as(x), 1.0 - _per_sample(factor, x)).clamp_(0.0, 1.0)
+    Brightness, contrast and saturation are all this blend, as torchvision computes them:
+    brightness ``f`` is ``(f, 0, 0)``, contrast ``f`` is ``(f, 1 - f, 0)`` (toward the image's
+    mean grey level) and saturation ``f`` is ``(f, 0, 1 - f)`` (toward its grayscale version).
+    ``(1, 0, 0)`` leaves a sample exactly unchanged, so one pass can apply a different one of
+    the three to every sample.
+    """
+    gray = grayscale(x)
+    mean = gray.mean(dim=(2, 3), keepdim=True)
+    x.mul_(_per_sample(scale, x))
+    x.add_(mean * _per_sample(toward_mean, x)).add_(gray * _per_sample(toward_gray, x))
+    return x.clamp_(0.0, 1.0)
 
 
 def adjust_hue_(x: Tensor, shift: Tensor) -> Tensor:

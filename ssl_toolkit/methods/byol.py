@@ -151,15 +151,15 @@ class BYOL(Method):
         """Return the symmetric BYOL loss ``L(p_a, z'_b) + L(p_b, z'_a)``, in [0, 8].
 
         ``p`` are online predictions, ``z'`` target projections computed without gradient, and
-        ``L`` is :func:`byol_loss`. Both views go through each network in one forward pass
-        (batch concatenation), so batch-norm statistics cover all 2n views.
+        ``L`` is :func:`byol_loss`. Each view goes through each network in its own forward
+        pass, as in the authors' code, so batch-norm statistics are per view.
         """
-        n = view_a.shape[0]
-        views = torch.cat([view_a, view_b])
-        p = self.predictor(self.projector(self.backbone(views)))
+        p_a, p_b = (self.predictor(self.projector(self.backbone(v))) for v in (view_a, view_b))
         with torch.no_grad():
-            z = self.target["projector"](self.target["backbone"](views))
-        return byol_loss(p[:n], z[n:]) + byol_loss(p[n:], z[:n])
+            z_a, z_b = (
+                self.target["projector"](self.target["backbone"](v)) for v in (view_a, view_b)
+            )
+        return byol_loss(p_a, z_b) + byol_loss(p_b, z_a)
 
     def augmentation(self, data: DataConfig, generator: torch.Generator) -> BYOLAugment:
         """BYOL's asymmetric augmentation: blur 1.0 / 0.1 and solarisation 0 / 0.2 per view."""

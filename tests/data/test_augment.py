@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torchvision.transforms.v2 import functional as TF
 
 from ssl_toolkit.data import BYOLAugment, SimCLRAugment, TwoViewAugment, ViewPolicy
 from ssl_toolkit.data import augment as augment_module
@@ -254,3 +255,44 @@ def test_rejects_non_image_batches():
         SimCLRAugment()(torch.zeros(2, 1, 8, 8), generator=_generator("cpu"))
     with pytest.raises(TypeError, match="uint8"):
         SimCLRAugment()(torch.zeros(2, 3, 8, 8, dtype=torch.int32), generator=_generator("cpu"))
+
+
+def test_colour_jitter_runs_in_each_images_own_random_order():
+    """Every sample against torchvision's ops applied one by one in that sample's order."""
+    policy = ViewPolicy(jitter=(0.6, 0.6, 0.6, 0.2), jitter_p=0.75)
+    params = augment_module._sample_view(policy, 64, (12, 12), (12, 12), _generator("cpu", 3))
+    images = torch.rand(64, 3, 12, 12, generator=torch.Generator().manual_seed(4))
+    out = images.clone()
+    augment_module._color_jitter_(out, params, policy)
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    for i in range(64):
+        expected = images[i]
+        if params.jitter[i]:
+            factors = (params.brightness, params.contrast, params.saturation, params.hue)
+            for op in params.jitter_order[i].tolist():
+                expected = ops[op](expected, factors[op][i].item())
+        torch.testing.assert_close(out[i], expected, atol=5e-4, rtol=0, msg=str(i))
+    assert not params.jitter.all() and params.jitter.any()
+
+
+def test_jitter_orders_are_uniform_permutations():
+    params, _ = SimCLRAugment().sample_params(4800, (32, 32), _generator("cpu"))
+    orders = params.jitter_order
+    assert torch.equal(orders.sort(dim=1).values, torch.arange(4).expand(4800, 4))
+    counts = torch.unique(orders, dim=0, return_counts=True)[1]
+    assert len(counts) == 24  # every permutation occurs, each about 200 times
+    assert counts.min() > 140 and counts.max() < 260
+
+
+def test_overrides_change_both_views_and_rotation_draws_angles():
+    augment = BYOLAugment(32).with_overrides(flip_p=0.0, jitter_p=0.0, rotation=15.0)
+    assert [p.flip_p for p in augment.policies] == [0.0, 0.0]
+    assert [p.blur_p for p in augment.policies] == [1.0, 0.1]  # untouched
+    params, _ = augment.sample_params(2048, (32, 32), _generator("cpu"))
+    degrees = params.angle * 180 / math.pi
+    assert degrees.abs().max() <= 15.0 and degrees.std().item() == pytest.approx(
+        30 / math.sqrt(12), rel=0.05
+    )
+    assert not params.flip.any() and not params.jitter.any()
+    with pytest.raises(ValueError, match="rotation"):
+        BYOLAugment(32).with_overrides(rotation=200.0)

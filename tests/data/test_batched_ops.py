@@ -1,5 +1,7 @@
 """Batched per-sample image ops against torchvision's single-image functional ops."""
 
+import math
+
 import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
@@ -28,15 +30,38 @@ def images():
     return torch.rand(6, 3, 20, 20, generator=torch.Generator().manual_seed(0))
 
 
+FACTORS = [0.2, 0.5, 0.9, 1.0, 1.3, 1.8]
+
+
+def _blend(scale, toward_mean, toward_gray):
+    def run(x, factors):
+        f = torch.as_tensor(factors, device=x.device)
+        return BF.blend_(x, scale(f), toward_mean(f), toward_gray(f))
+
+    return run
+
+
+ZERO = torch.zeros_like
+
+
 # torchvision's luma uses 0.2989 for red, ours the ITU-R 601 0.299: a 1e-4 relative difference.
 @pytest.mark.parametrize(
     ("ours", "theirs", "factors"),
     [
-        (BF.adjust_brightness_, TF.adjust_brightness, [0.2, 0.5, 0.9, 1.0, 1.3, 1.8]),
-        (BF.adjust_contrast_, TF.adjust_contrast, [0.2, 0.5, 0.9, 1.0, 1.3, 1.8]),
-        (BF.adjust_saturation_, TF.adjust_saturation, [0.0, 0.5, 0.9, 1.0, 1.3, 1.8]),
+        (_blend(lambda f: f, ZERO, ZERO), TF.adjust_brightness, [0.2, 0.5, 0.9, 1.0, 1.3, 1.8]),
+        (
+            _blend(lambda f: f, lambda f: 1 - f, ZERO),
+            TF.adjust_contrast,
+            [0.2, 0.5, 1, 1.3, 1.8, 0],
+        ),
+        (
+            _blend(lambda f: f, ZERO, lambda f: 1 - f),
+            TF.adjust_saturation,
+            [0, 0.5, 0.9, 1, 1.3, 1.8],
+        ),
         (BF.adjust_hue_, TF.adjust_hue, [-0.5, -0.2, -0.01, 0.0, 0.1, 0.45]),
     ],
+    ids=["brightness", "contrast", "saturation", "hue"],
 )
 def test_colour_ops_match_torchvision_per_sample(device, images, ours, theirs, factors):
     batch = images.to(device).clone()
@@ -45,6 +70,22 @@ def test_colour_ops_match_torchvision_per_sample(device, images, ours, theirs, f
     out = out.cpu()
     expected = torch.stack([theirs(img, f) for img, f in zip(images, factors, strict=True)])
     torch.testing.assert_close(out, expected, atol=2e-4, rtol=0)
+
+
+def test_one_blend_applies_a_different_operation_to_each_sample(images):
+    """Per sample: brightness 1.3, contrast 0.5, saturation 0.2, and the identity."""
+    batch = images[:4]
+    scale = torch.tensor([1.3, 0.5, 0.2, 1.0])
+    out = BF.blend_(
+        batch.clone(), scale, torch.tensor([0.0, 0.5, 0.0, 0.0]), torch.tensor([0.0, 0.0, 0.8, 0.0])
+    )
+    expected = [
+        TF.adjust_brightness(batch[0], 1.3),
+        TF.adjust_contrast(batch[1], 0.5),
+        TF.adjust_saturation(batch[2], 0.2),
+    ]
+    torch.testing.assert_close(out[:3], torch.stack(expected), atol=2e-4, rtol=0)
+    assert torch.equal(out[3], batch[3])
 
 
 def test_zero_hue_shift_leaves_samples_exactly_unchanged(images):
@@ -123,3 +164,15 @@ def test_solarize_only_where_applied():
 @pytest.mark.parametrize("size, kernel", [(8, 3), (32, 3), (50, 5), (96, 9), (224, 23)])
 def test_blur_kernel_is_a_tenth_of_the_side_rounded_down_to_odd(size, kernel):
     assert BF.blur_kernel_size((size, size + 10)) == kernel
+
+
+def test_resized_crop_rotation_turns_the_content():
+    images = torch.rand(2, 3, 9, 9, generator=torch.Generator().manual_seed(5))
+    boxes = torch.tensor([[0.0, 0.0, 9.0, 9.0]] * 2)
+    no_flip = torch.tensor([False, False])
+    plain = BF.resized_crop(images, boxes, no_flip, (9, 9))
+    torch.testing.assert_close(
+        BF.resized_crop(images, boxes, no_flip, (9, 9), torch.zeros(2)), plain
+    )
+    quarter = BF.resized_crop(images, boxes, no_flip, (9, 9), torch.tensor([math.pi / 2] * 2))
+    torch.testing.assert_close(quarter, images.rot90(-1, dims=(-2, -1)), atol=1e-5, rtol=0)

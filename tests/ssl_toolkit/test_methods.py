@@ -111,6 +111,18 @@ def test_byol_backward_reaches_online_only_and_loss_is_symmetric_formula():
     assert got == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_byol_runs_one_forward_per_view_through_both_networks():
+    """As in the authors' code: batch-norm statistics of one view never mix with the other's."""
+    model = _byol()
+    sizes = {"online": [], "target": []}
+    model.backbone.register_forward_hook(lambda m, i, o: sizes["online"].append(i[0].shape[0]))
+    model.target["backbone"].register_forward_hook(
+        lambda m, i, o: sizes["target"].append(i[0].shape[0])
+    )
+    model(*_views(n=6))
+    assert sizes == {"online": [6, 6], "target": [6, 6]}
+
+
 def test_byol_update_target_is_ema_for_params_and_copy_for_buffers():
     model = _byol()
     with torch.no_grad():
@@ -133,7 +145,7 @@ def test_byol_update_target_is_ema_for_params_and_copy_for_buffers():
     for name, b in buffers.items():
         if name.startswith("target."):
             assert torch.equal(b, buffers[name.removeprefix("target.")]), name
-    assert buffers["target.backbone.1.num_batches_tracked"].item() == 1
+    assert buffers["target.backbone.1.num_batches_tracked"].item() == 2  # a forward per view
 
 
 def test_byol_update_target_endpoints():
