@@ -123,7 +123,8 @@ class Trainer:
         """What each micro-batch calls for its loss: :attr:`model`, compiled if asked."""
 
         accumulate = cfg.trainer.accumulate_grad_batches
-        self.steps_per_epoch = max(1, len(self.loader) // accumulate)
+        # Every micro-batch of an epoch is used: the epoch's last step takes what is left.
+        self.steps_per_epoch = -(-len(self.loader) // accumulate)
         total = cfg.trainer.epochs * self.steps_per_epoch
         self.total_steps = min(total, cfg.trainer.max_steps or total)
         self.global_batch = cfg.data.batch_size * accumulate * self.ctx.world_size
@@ -185,7 +186,7 @@ class Trainer:
         loss, knn, probes = float("nan"), None, None
         if self.step == self.total_steps:  # resumed from the end: report, train nothing
             probes = self.final_probes(self.step)
-        start = time.perf_counter()
+        start, images = time.perf_counter(), 0
         with TrainingProgress(
             self.console, total=self.total_steps, completed=self.step, enabled=self.ctx.is_main
         ) as progress:
@@ -194,7 +195,9 @@ class Trainer:
                 step = self.step
                 lr = self.lr_at(step)
                 set_lr(self.optimizer, lr)
-                window.add(self.train_step(batches), self.global_batch)
+                micro_batches = self.micro_batches_of(step)
+                images += self.images_of(micro_batches)
+                window.add(self.train_step(batches, micro_batches), self.images_of(micro_batches))
                 self.method.after_optimizer_step(step, self.total_steps)
                 if step == first or step % self.cfg.logging.trust_ratio_every == 0:
                     self._log_trust_ratios(step)
@@ -217,7 +220,7 @@ class Trainer:
             epochs=self.step / self.steps_per_epoch,
             final_loss=loss,
             knn_top1=probes.knn_top1 if probes is not None else knn,
-            images_per_s=(self.step - first + 1) * self.global_batch / max(seconds, 1e-9),
+            images_per_s=images / max(seconds, 1e-9),
             seconds=seconds,
             run_dir=self.run_dir,
             probes=probes,
@@ -241,9 +244,27 @@ class Trainer:
             for images, _ in self.loader:
                 yield images
 
-    def train_step(self, batches: Iterator[Tensor]) -> Tensor:
-        """One optimizer step over ``accumulate_grad_batches`` micro-batches; returns the loss."""
+    def micro_batches_of(self, step: int) -> int:
+        """How many micro-batches step ``step`` (1-based) accumulates: ``accumulate_grad_batches``,
+        except the last step of an epoch, which takes the epoch's remaining micro-batches."""
         accumulate = self.cfg.trainer.accumulate_grad_batches
+        if step % self.steps_per_epoch:
+            return accumulate
+        return len(self.loader) - (self.steps_per_epoch - 1) * accumulate
+
+    def images_of(self, micro_batches: int) -> int:
+        """Images in ``micro_batches`` micro-batches over all processes."""
+        return micro_batches * self.cfg.data.batch_size * self.ctx.world_size
+
+    def train_step(self, batches: Iterator[Tensor], micro_batches: int | None = None) -> Tensor:
+        """One optimizer step over ``micro_batches`` micro-batches (default
+        ``accumulate_grad_batches``); returns the loss, the mean over them.
+
+        Gradients are averaged over the micro-batches; what a loss computes over its batch
+        (negatives, batch-norm statistics, Barlow Twins' cross-correlation) stays per
+        micro-batch.
+        """
+        accumulate = micro_batches or self.cfg.trainer.accumulate_grad_batches
         precision = self.cfg.trainer.precision
         total = torch.zeros((), device=self.device)
         for micro in range(accumulate):
@@ -357,16 +378,8 @@ class Trainer:
                 self.augment_generator.set_state(ranks[self.ctx.rank]["augment_generator"])
                 restore_rng_state(ranks[self.ctx.rank]["rng"])
             else:
-                saved = state["config"]
-                micro_batch = saved["data"]["batch_size"] * len(ranks)  # over all ranks
-                images = self.step * micro_batch * saved["trainer"]["accumulate_grad_batches"]
-                self.step = images // self.global_batch
-                per_micro_batch = self.cfg.data.batch_size * self.ctx.world_size
-                loader = loader and {
-                    **loader,
-                    "position": loader["position"] * micro_batch // per_micro_batch,
-                }
-                self._reseed_after_resume(path, len(ranks), images)
+                loader = self._rescaled_loader_state(state, len(ranks))
+                self._reseed_after_resume(path, len(ranks))
             if loader is not None:
                 self.loader.load_state_dict(loader)
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
@@ -378,7 +391,22 @@ class Trainer:
             self.console.print(f"resumed from {path} at step {self.step}")
         return state.get("wandb_run_id")
 
-    def _reseed_after_resume(self, path: Path, saved_world_size: int, images: int) -> None:
+    def _rescaled_loader_state(self, state: dict[str, Any], saved_world_size: int) -> Any:
+        """The loader state and step of a checkpoint written by another number of processes:
+        the same epoch and, within it, as many images seen as the global batches allow."""
+        loader = state["loader"]
+        if loader is None:  # no position to keep: the step keeps its count of images
+            saved = state["config"]
+            images = self.step * saved["data"]["batch_size"] * saved_world_size
+            self.step = images * saved["trainer"]["accumulate_grad_batches"] // self.global_batch
+            return None
+        images = loader["position"] * state["config"]["data"]["batch_size"] * saved_world_size
+        accumulate = self.cfg.trainer.accumulate_grad_batches
+        steps = images // self.images_of(accumulate)  # whole optimizer steps of this run
+        self.step = loader["epoch"] * self.steps_per_epoch + steps
+        return {**loader, "position": steps * accumulate}
+
+    def _reseed_after_resume(self, path: Path, saved_world_size: int) -> None:
         """New random streams for a resume with another number of processes."""
         seed = self.cfg.trainer.seed + 1_000_003 * self.step
         _seed_everything(seed + self.ctx.rank)
@@ -386,8 +414,8 @@ class Trainer:
         if self.ctx.is_main:
             warnings.warn(
                 f"{path} was written by {saved_world_size} process(es) and this run has "
-                f"{self.ctx.world_size}: after {images} images it continues at step "
-                f"{self.step} of {self.total_steps}, and the augmentation and random streams "
+                f"{self.ctx.world_size}: it continues at step {self.step} of {self.total_steps} "
+                "from the same point of the epoch, and the augmentation and random streams "
                 "were re-seeded",
                 RuntimeWarning,
                 stacklevel=3,

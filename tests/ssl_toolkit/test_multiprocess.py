@@ -295,8 +295,8 @@ def test_resume_on_fewer_processes_keeps_the_images_seen(ddp_runs) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer = Trainer(cfg, resume=out / "resumed/checkpoints/last.pt", logger=_Rows())
-    message = "written by 2 process(es) and this run has 1: after 512 images it continues at "
-    assert any(f"{message}step 16 of 24" in str(w.message) for w in caught)
+    message = "written by 2 process(es) and this run has 1: it continues at step 16 of 24"
+    assert any(message in str(w.message) for w in caught)
     assert trainer.step == 16 and trainer.steps_per_epoch == 8
     assert trainer.fit().steps == 24  # one more epoch: three in all, as the config says
 

@@ -277,3 +277,19 @@ def test_an_unfinished_run_writes_a_summary_without_probes(tmp_path: Path) -> No
     summary = json.loads((Path(trainer.cfg.trainer.output_dir) / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["baseline"] is None
     assert summary["linear_top1"] is None and summary["knn_top1"] is None
+
+
+def test_accumulation_uses_every_micro_batch_of_an_epoch(tmp_path: Path) -> None:
+    """8 micro-batches per epoch, 3 per step: steps of 3, 3 and 2, nothing dropped."""
+    trainer = Trainer(
+        tiny_config(tmp_path, accumulate_grad_batches=3, epochs=2), logger=RecordingLogger()
+    )
+    assert trainer.steps_per_epoch == 3 and trainer.total_steps == 6
+    assert [trainer.micro_batches_of(s) for s in range(1, 7)] == [3, 3, 2, 3, 3, 2]
+    seen = []
+    augment = trainer.augment
+    trainer.augment = lambda images: seen.append(len(images)) or augment(images)
+    result = trainer.fit()
+    assert seen == [32] * 16  # both epochs' 256 images, in micro-batches of 32
+    assert trainer.loader.state_dict()["position"] == 8
+    assert result.steps == 6
