@@ -203,6 +203,11 @@ class EvalConfig(ConfigSection):
     """The kNN monitor on frozen backbone features, and the probes at the end of a run."""
 
     every_epochs: int = Field(5, ge=1, description="epochs between kNN evaluations (and the end)")
+    root: str | None = Field(
+        None,
+        description="a labelled image folder to evaluate on instead of `data` (needed when "
+        "`data.root` has no labels)",
+    )
     knn_k: int = Field(20, ge=1, description="neighbours that vote")
     knn_temperature: float = Field(0.1, gt=0.0, description="temperature of the vote weights")
     batch_size: int = Field(512, ge=1, description="images per batch when encoding")

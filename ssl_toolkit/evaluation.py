@@ -18,7 +18,13 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
 from ssl_toolkit.config import ExperimentConfig
-from ssl_toolkit.data import InMemoryImageDataset, build_dataset, build_loader, stratified_split
+from ssl_toolkit.data import (
+    DatasetNotFoundError,
+    InMemoryImageDataset,
+    build_dataset,
+    build_loader,
+    stratified_split,
+)
 from ssl_toolkit.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from ssl_toolkit.data.functional import normalize
 from ssl_toolkit.distributed import all_gather_rows, sum_over_ranks
@@ -227,11 +233,30 @@ def linear_probe(
     return (pred == y_test).float().mean().item()
 
 
-def eval_datasets(cfg: ExperimentConfig) -> tuple[Dataset, Dataset]:
-    """The labelled splits of ``cfg.data``: the kNN bank / probe training set, and the test set."""
+def eval_datasets(cfg: ExperimentConfig) -> tuple[Dataset, Dataset] | None:
+    """The labelled splits to evaluate on: the kNN bank / probe training set, and the test set.
+
+    They are ``eval.root``'s (a labelled image folder) when it is set, else ``cfg.data``'s;
+    ``None`` when the data has no labels (an unlabelled image folder) and ``eval.root`` is
+    unset.
+    """
+    size = cfg.data.image_size
+    if cfg.eval.root is not None:
+        bank, test = (
+            build_dataset("imagefolder", root=cfg.eval.root, train=train, image_size=size)
+            for train in (True, False)
+        )
+        if (bank.targets < 0).all():
+            raise DatasetNotFoundError(
+                f"eval.root={cfg.eval.root!r} has no class sub-folders: the kNN monitor and "
+                "the probes need labelled images"
+            )
+        return bank, test
     bank_split = {"split": "train"} if cfg.data.name == "stl10" else {}
-    bank = build_dataset(cfg.data.name, root=cfg.data.root, train=True, **bank_split)
-    return bank, build_dataset(cfg.data.name, root=cfg.data.root, train=False)
+    bank = build_dataset(cfg.data.name, root=cfg.data.root, image_size=size, **bank_split)
+    if (bank.targets < 0).all():
+        return None
+    return bank, build_dataset(cfg.data.name, root=cfg.data.root, train=False, image_size=size)
 
 
 def encode(
@@ -298,7 +323,8 @@ class Evaluator:
     step of the run (once, even when both hold). Every rank takes part: each encodes its shard
     of the bank and of the test set, the bank features are gathered on every rank, each rank
     classifies its test shard, and the correct counts are summed. No rank waits in a collective
-    while another works alone. The labelled splits are built on the first evaluation.
+    while another works alone. Without labelled data (:func:`eval_datasets` gives ``None``)
+    it is not :attr:`enabled` and nothing is due.
     """
 
     def __init__(
@@ -319,20 +345,27 @@ class Evaluator:
         self.memory_format = memory_format
         self.rank = rank
         self.world_size = world_size
-        self._shards: list[tuple[Dataset, int, int]] | None = None
+        datasets = eval_datasets(cfg)
+        self._shards = (
+            None
+            if datasets is None
+            else [(*shard_dataset(dataset, rank, world_size), len(dataset)) for dataset in datasets]
+        )
+
+    @property
+    def enabled(self) -> bool:
+        """True when there are labelled images to evaluate on."""
+        return self._shards is not None
 
     def should_evaluate(self, step: int) -> bool:
         """True after step ``step`` (1-based) when a kNN evaluation is due."""
-        return step % self.every_steps == 0 or step == self.total_steps
+        return self.enabled and (step % self.every_steps == 0 or step == self.total_steps)
 
     def _features(self, encoder: Callable[[Tensor], Tensor]) -> tuple[Tensor, ...]:
         """Bank features and labels (gathered, on every rank), then this rank's padded shard
         of test features and labels."""
         if self._shards is None:
-            self._shards = [
-                (*shard_dataset(dataset, self.rank, self.world_size), len(dataset))
-                for dataset in eval_datasets(self.cfg)
-            ]
+            raise RuntimeError("no labelled data to evaluate on (see Evaluator.enabled)")
         (bank, bank_labels), (test, test_labels) = (
             encode(encoder, shard, self.cfg, self.device, self.memory_format)
             for shard, _, _ in self._shards

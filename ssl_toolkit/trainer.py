@@ -36,7 +36,7 @@ from ssl_toolkit.checkpoint import (
     restore_rng_state,
 )
 from ssl_toolkit.config import ExperimentConfig
-from ssl_toolkit.data import TensorBatchLoader, build_dataset, build_loader
+from ssl_toolkit.data import CropViews, TensorBatchLoader, build_dataset, build_loader
 from ssl_toolkit.distributed import (
     DistContext,
     all_reduce_mean,
@@ -82,7 +82,16 @@ class Trainer:
         _seed_everything(cfg.trainer.seed + self.ctx.rank)  # this rank's own random streams
 
         self.train_set = build_dataset(
-            cfg.data.name, root=cfg.data.root, train=True, download=cfg.data.download
+            cfg.data.name,
+            root=cfg.data.root,
+            train=True,
+            download=cfg.data.download,
+            image_size=cfg.data.image_size,
+            views=CropViews(
+                size=cfg.data.image_size,
+                scale=(cfg.data.crop_min_scale, 1.0),
+                seed=cfg.trainer.seed,
+            ),
         )
         self.loader = build_loader(
             self.train_set,
@@ -184,7 +193,12 @@ class Trainer:
         batches = self.image_batches()
         window = _LogWindow(self.device)
         loss, knn, probes = float("nan"), None, None
-        if self.step == self.total_steps:  # resumed from the end: report, train nothing
+        if not self.evaluator.enabled and self.ctx.is_main:
+            self.console.print(
+                "kNN monitor and probes skipped: the data has no labels "
+                "(set eval.root to a labelled image folder)"
+            )
+        if self.step == self.total_steps and self.evaluator.enabled:  # resumed at the end
             probes = self.final_probes(self.step)
         start, images = time.perf_counter(), 0
         with TrainingProgress(
@@ -207,7 +221,7 @@ class Trainer:
                     self.logger.log({**row, **self._method_metrics()}, step=step)
                     progress.update(step, loss=loss, lr=lr, speed=speed)
                 progress.update(step)
-                if step == self.total_steps:
+                if step == self.total_steps and self.evaluator.enabled:
                     probes = self.final_probes(step)
                 elif self.evaluator.should_evaluate(step):
                     knn = self.evaluate(step)
@@ -238,11 +252,12 @@ class Trainer:
             )
         return result
 
-    def image_batches(self) -> Iterator[Tensor]:
-        """Images of each micro-batch, forever; the loader moves to the next epoch by itself."""
+    def image_batches(self) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
+        """Images of each micro-batch, forever: one batch, or a pair of batches already cropped
+        (one per view, from image folders). The loader moves to the next epoch by itself."""
         while True:
             for images, _ in self.loader:
-                yield images
+                yield tuple(images) if isinstance(images, list | tuple) else images
 
     def micro_batches_of(self, step: int) -> int:
         """How many micro-batches step ``step`` (1-based) accumulates: ``accumulate_grad_batches``,
@@ -256,7 +271,9 @@ class Trainer:
         """Images in ``micro_batches`` micro-batches over all processes."""
         return micro_batches * self.cfg.data.batch_size * self.ctx.world_size
 
-    def train_step(self, batches: Iterator[Tensor], micro_batches: int | None = None) -> Tensor:
+    def train_step(
+        self, batches: Iterator[Tensor | tuple[Tensor, Tensor]], micro_batches: int | None = None
+    ) -> Tensor:
         """One optimizer step over ``micro_batches`` micro-batches (default
         ``accumulate_grad_batches``); returns the loss, the mean over them.
 
@@ -268,7 +285,11 @@ class Trainer:
         precision = self.cfg.trainer.precision
         total = torch.zeros((), device=self.device)
         for micro in range(accumulate):
-            images = next(batches).to(self.device, non_blocking=True)
+            images = next(batches)
+            if isinstance(images, tuple):
+                images = tuple(x.to(self.device, non_blocking=True) for x in images)
+            else:
+                images = images.to(self.device, non_blocking=True)
             view_a, view_b = self.augment(images)
             view_a = view_a.contiguous(memory_format=self.memory_format)
             view_b = view_b.contiguous(memory_format=self.memory_format)

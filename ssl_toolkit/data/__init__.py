@@ -15,21 +15,31 @@ from ssl_toolkit.data.datasets import (
     build_dataset,
     stratified_split,
 )
-from ssl_toolkit.data.loader import EpochBatchSampler, TensorBatchLoader, build_loader
+from ssl_toolkit.data.folders import CropViews, ImageFiles, find_images
+from ssl_toolkit.data.loader import (
+    EpochBatchSampler,
+    TensorBatchLoader,
+    WorkerBatchLoader,
+    build_loader,
+)
 
 __all__ = [
     "DATASET_NAMES",
     "BYOLAugment",
+    "CropViews",
     "DatasetName",
     "DatasetNotFoundError",
     "EpochBatchSampler",
+    "ImageFiles",
     "InMemoryImageDataset",
     "SimCLRAugment",
     "TensorBatchLoader",
     "TwoViewAugment",
     "ViewParams",
     "ViewPolicy",
+    "WorkerBatchLoader",
     "build_dataset",
     "build_loader",
+    "find_images",
     "stratified_split",
 ]

@@ -31,6 +31,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Candidate boxes per sample for the random resized crop, as torchvision tries 10 times.
 _CROP_TRIES = 10
+CROP_UNIFORMS = 2 * _CROP_TRIES + 2
+"""Uniform draws one crop box takes (:func:`sample_crop_boxes`)."""
 # On CPU, views are computed in chunks of about this many output values (8 MiB of float32):
 # the ~40 passes over a chunk then mostly hit cache. At 96 px this measured 1.6x faster than
 # whole batches of 256; a batch of 256 at 32 px is a single chunk. Chunks keep at least
@@ -115,6 +117,13 @@ class ViewParams:
         """The parameters of a slice of the batch."""
         return ViewParams(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
+    def whole_image(self, image_size: tuple[int, int]) -> ViewParams:
+        """The same parameters with every crop box covering the whole (H, W) image."""
+        height, width = image_size
+        boxes = torch.zeros_like(self.boxes)
+        boxes[:, 2], boxes[:, 3] = width, height
+        return replace(self, boxes=boxes)
+
 
 class TwoViewAugment(nn.Module):
     """Produce two independently augmented, normalised float views of an image batch.
@@ -147,12 +156,19 @@ class TwoViewAugment(nn.Module):
         self.policies = tuple(replace(policy, **changes) for policy in self.policies)
         return self
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """Augment ``x`` twice, with parameters drawn from ``generator`` (or the module's)."""
+    def forward(
+        self, x: Tensor | tuple[Tensor, Tensor], generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Augment a batch ``x`` twice, or a pair of batches already cropped (one per view,
+        as image folders' workers cut them), with parameters drawn from ``generator`` (or the
+        module's). A pre-cropped pair keeps its crops and gets everything else."""
         generator = generator if generator is not None else self.generator
         if generator is None:
             raise ValueError("no random generator: pass generator= to the constructor or forward")
-        params = self.sample_params(x.shape[0], (x.shape[-2], x.shape[-1]), generator)
+        first = x[0] if isinstance(x, tuple) else x
+        params = self.sample_params(first.shape[0], (first.shape[-2], first.shape[-1]), generator)
+        if isinstance(x, tuple):
+            params = tuple(p.whole_image(first.shape[-2:]) for p in params)
         return self.apply(x, params)
 
     def sample_params(
@@ -171,29 +187,43 @@ class TwoViewAugment(nn.Module):
         return view1, view2
 
     @torch.no_grad()
-    def apply(self, x: Tensor, params: tuple[ViewParams, ViewParams]) -> tuple[Tensor, Tensor]:
-        """Apply previously drawn parameters to a batch; deterministic, never tracks gradients."""
-        _check_images(x)
-        out_size = self._out_size((x.shape[-2], x.shape[-1]))
-        params = (params[0].to(x.device), params[1].to(x.device))
+    def apply(
+        self, x: Tensor | tuple[Tensor, Tensor], params: tuple[ViewParams, ViewParams]
+    ) -> tuple[Tensor, Tensor]:
+        """Apply previously drawn parameters to a batch (or a pair of batches, one per view);
+        deterministic, never tracks gradients."""
+        inputs = x if isinstance(x, tuple) else (x, x)
+        for images in inputs:
+            _check_images(images)
+        first = inputs[0]
+        out_size = self._out_size((first.shape[-2], first.shape[-1]))
+        params = (params[0].to(first.device), params[1].to(first.device))
         chunk = max(_MIN_CHUNK, _CPU_CHUNK_VALUES // (3 * out_size[0] * out_size[1]))
-        if x.device.type != "cpu" or chunk >= x.shape[0]:
-            return self._apply_views(x, params, out_size)
+        if first.device.type != "cpu" or chunk >= first.shape[0]:
+            return self._apply_views(inputs, params, out_size)
         parts = [
             self._apply_views(
-                x[i : i + chunk], (params[0][i : i + chunk], params[1][i : i + chunk]), out_size
+                (inputs[0][i : i + chunk], inputs[1][i : i + chunk]),
+                (params[0][i : i + chunk], params[1][i : i + chunk]),
+                out_size,
             )
-            for i in range(0, x.shape[0], chunk)
+            for i in range(0, first.shape[0], chunk)
         ]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def _apply_views(
-        self, x: Tensor, params: tuple[ViewParams, ViewParams], out_size: tuple[int, int]
+        self,
+        inputs: tuple[Tensor, Tensor],
+        params: tuple[ViewParams, ViewParams],
+        out_size: tuple[int, int],
     ) -> tuple[Tensor, Tensor]:
-        images = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        same = inputs[0] is inputs[1]
+        images = [x.float().div_(255.0) if x.dtype == torch.uint8 else x.float() for x in inputs]
+        if same:  # one conversion for both views of one batch
+            images[1] = images[0]
         view1, view2 = (
-            self._apply_view(images, p, policy, out_size)
-            for p, policy in zip(params, self.policies, strict=True)
+            self._apply_view(x, p, policy, out_size)
+            for x, p, policy in zip(images, params, self.policies, strict=True)
         )
         return view1, view2
 
@@ -319,9 +349,9 @@ def _sample_view(
     generator: torch.Generator,
 ) -> ViewParams:
     # One draw of uniforms per call: 2 x tries for the crop candidates, then 12 scalars.
-    u = torch.rand(batch_size, 2 * _CROP_TRIES + 12, generator=generator, device=generator.device)
-    crop_u, u = u[:, : 2 * _CROP_TRIES], u[:, 2 * _CROP_TRIES :].unbind(1)
-    boxes = _sample_boxes(crop_u, u[0], u[1], image_size, policy.scale, policy.ratio)
+    u = torch.rand(batch_size, CROP_UNIFORMS + 10, generator=generator, device=generator.device)
+    boxes = sample_crop_boxes(u[:, :CROP_UNIFORMS], image_size, policy.scale, policy.ratio)
+    u = u[:, 2 * _CROP_TRIES :].unbind(1)  # u[0] and u[1] placed the box
     b, c, s, h = policy.jitter
     blur_enabled = min(out_size) >= policy.blur_min_size
     # Drawn after the uniforms above, so that the other parameters do not depend on it.
@@ -348,20 +378,21 @@ def _sample_view(
     )
 
 
-def _sample_boxes(
-    crop_u: Tensor,
-    u_x: Tensor,
-    u_y: Tensor,
+def sample_crop_boxes(
+    uniforms: Tensor,
     image_size: tuple[int, int],
     scale: tuple[float, float],
     ratio: tuple[float, float],
 ) -> Tensor:
-    """Random resized crop boxes as torchvision draws them, batched.
+    """Random resized crop boxes as torchvision draws them, batched: (B, 4) (x0, y0, w, h).
 
-    Each sample gets ``_CROP_TRIES`` candidates with area fraction uniform in ``scale`` and
-    log-uniform aspect ratio in ``ratio``; the first that fits in the image is used, else the
-    largest centred box with a clamped ratio (torchvision's fallback). Boxes are continuous.
+    ``uniforms`` is (B, :data:`CROP_UNIFORMS`) of uniform [0, 1) draws. Each sample gets
+    ``_CROP_TRIES`` candidates with area fraction uniform in ``scale`` and log-uniform aspect
+    ratio in ``ratio``; the first that fits in the image is used, else the largest centred box
+    with a clamped ratio (torchvision's fallback). The last two uniforms place the box. Boxes
+    are continuous.
     """
+    crop_u, u_x, u_y = uniforms[:, : 2 * _CROP_TRIES], *uniforms[:, 2 * _CROP_TRIES :].unbind(1)
     height, width = image_size
     area_u, ratio_u = crop_u.chunk(2, dim=1)
     area = _uniform(area_u, *scale) * (height * width)

@@ -19,6 +19,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ssl_toolkit.data.folders import (
+    CropViews,
+    ImageFiles,
+    ImageFolderCenter,
+    ImageFolderViews,
+    find_images,
+)
+
 DatasetName = Literal["digits", "synthetic", "cifar10", "cifar100", "stl10", "imagefolder"]
 """The datasets :func:`build_dataset` knows; ``data.name`` is validated against it."""
 DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)
@@ -64,9 +72,17 @@ def build_dataset(
     root: str | Path | None = None,
     train: bool = True,
     download: bool = False,
+    image_size: int | None = None,
+    views: CropViews | None = None,
     **kwargs: Any,
 ) -> Dataset:
     """Build the dataset ``name``, returning ``(image, label)`` items.
+
+    ``image_size`` sets the size of the stored images where a dataset has a choice (digits,
+    synthetic; image folders' evaluation crops). ``views`` asks datasets decoded in workers
+    (image folders) for pretraining items: two random resized crops of each image, cut from
+    the full image at native resolution (:class:`~ssl_toolkit.data.folders.CropViews`);
+    in-memory datasets ignore it, since their views are cut on the device.
 
     - ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 images, offline),
       upscaled bilinearly to ``image_size`` (default 32) RGB; a fixed stratified split
@@ -76,9 +92,11 @@ def build_dataset(
     - ``cifar10`` / ``cifar100``: torchvision's files under ``root``.
     - ``stl10``: ``split`` "train+unlabeled" when ``train`` (pretraining) else "test"; pass
       ``split=`` to choose another.
-    - ``imagefolder``: one sub-folder per class under ``root`` (``train/`` or ``val/`` if
-      present); images are decoded in DataLoader workers, resized and centre-cropped to
-      ``image_size`` (default 224) so that they batch into one uint8 tensor.
+    - ``imagefolder``: images under ``root`` (``train/`` or ``val/`` if present, else a fixed
+      stratified 80/20 split of a labelled folder), one sub-folder per class, or the images
+      directly in it for an unlabelled folder (labels -1). Decoded in DataLoader workers with
+      ``torchvision.io``; without ``views``, the shorter side is resized to
+      ``image_size / 0.875`` (default 224) and the centre crop kept.
 
     Missing files raise :class:`DatasetNotFoundError` (unless ``download=True``, for the
     torchvision datasets); an unknown name raises ``ValueError`` listing the valid names.
@@ -88,6 +106,10 @@ def build_dataset(
     builder = _BUILDERS[name]
     accepted = inspect.signature(builder).parameters
     common = {"name": name, "root": root, "train": train, "download": download}
+    if image_size is not None:
+        common["image_size"] = image_size
+    if views is not None:
+        common["views"] = views
     options = sorted(set(accepted) - set(common))
     unknown = sorted(set(kwargs) - set(options))
     if unknown:
@@ -200,26 +222,33 @@ def _not_found_message(name: str, root: str | Path | None) -> str:
     )
 
 
-def _imagefolder(*, root: str | Path | None, train: bool, image_size: int = 224) -> Dataset:
-    from torchvision.datasets import ImageFolder
-    from torchvision.transforms import v2
-
+def _imagefolder(
+    *, root: str | Path | None, train: bool, image_size: int = 224, views: CropViews | None = None
+) -> Dataset:
     if root is None or not Path(root).is_dir():
         raise DatasetNotFoundError(
             f"Dataset 'imagefolder' not found: data.root={root!r} is not a folder. Set data.root "
-            "to a folder with one sub-folder of images per class (optionally split into "
-            "train/ and val/)."
+            "to a folder of images, with one sub-folder per class when it is labelled "
+            "(optionally split into train/ and val/)."
         )
     split_dir = Path(root) / ("train" if train else "val")
     folder = split_dir if split_dir.is_dir() else Path(root)
-    transform = v2.Compose([v2.Resize(image_size), v2.CenterCrop(image_size), v2.PILToTensor()])
     try:
-        return ImageFolder(str(folder), transform=transform)
+        files = find_images(folder)
     except FileNotFoundError as err:
-        raise DatasetNotFoundError(
-            f"Dataset 'imagefolder' has no images under data.root={str(folder)!r}: expected "
-            f"one sub-folder of images per class ({err})."
-        ) from err
+        raise DatasetNotFoundError(f"Dataset 'imagefolder': {err} (data.root={root!r})") from err
+    if folder == Path(root) and files.labelled:
+        # No train/ and val/: a fixed stratified 80/20 split keeps the test images apart.
+        targets = torch.tensor(files.labels)
+        generator = torch.Generator().manual_seed(0)
+        split = stratified_split(targets, lambda n: round(0.8 * n), generator)
+        keep = split[0 if train else 1].sort().values.tolist()
+        files = ImageFiles(
+            [files.paths[i] for i in keep], [files.labels[i] for i in keep], files.classes
+        )
+    if views is not None:
+        return ImageFolderViews(files, views)
+    return ImageFolderCenter(files, image_size)
 
 
 def _class_names(targets: Tensor) -> list[str]:

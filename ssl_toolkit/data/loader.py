@@ -175,6 +175,97 @@ class TensorBatchLoader:
         self.batch_sampler.load_state_dict(state)
 
 
+class _EpochTagged:
+    """The batch sampler a ``DataLoader`` pulls from: lists of indices, or of ``(index, epoch)``
+    for datasets whose items depend on the epoch (fresh random crops each epoch, reproducible
+    on resume). It records the sampler's state where each pass starts, before any batch of
+    that pass reaches the consumer, however far the workers prefetch."""
+
+    def __init__(self, sampler: EpochBatchSampler, tag: bool) -> None:
+        self.sampler = sampler
+        self.tag = tag
+        self.pass_start: dict[str, Any] | None = None
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        for batch in self.sampler:
+            if self.pass_start is None:  # the sampler has begun (or rolled into) its epoch
+                state = self.sampler.state_dict()
+                self.pass_start = {**state, "position": state["position"] - 1}
+            indices = batch.tolist()
+            yield [(i, self.sampler.epoch) for i in indices] if self.tag else indices
+
+
+class WorkerBatchLoader:
+    """Batches decoded in ``DataLoader`` worker processes, resumable at any batch.
+
+    Order, sharding and epochs follow :class:`EpochBatchSampler`. The sampler runs ahead of
+    the consumer by the batches the workers prefetch, so the state saved is not the sampler's
+    but the batches actually handed out: ``state_dict()`` gives the epoch, the batches
+    consumed in it and the generator state at its start. Datasets with ``takes_epoch = True``
+    are indexed by ``(index, epoch)``.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        generator: torch.Generator | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 2,
+    ) -> None:
+        self.dataset = dataset
+        self.batch_sampler = EpochBatchSampler(
+            len(dataset),
+            batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            generator=generator,
+            rank=rank,
+            world_size=world_size,
+        )
+        self._batches = _EpochTagged(self.batch_sampler, getattr(dataset, "takes_epoch", False))
+        self._loader = DataLoader(
+            dataset,
+            batch_sampler=self._batches,
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+        )
+        self._epoch_state = self.batch_sampler.state_dict()
+        self._consumed = 0
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[Any]:
+        self._epoch_state, self._consumed = self.batch_sampler.state_dict(), 0
+        self._batches.pass_start = None
+        for batch in self._loader:
+            if self._consumed == 0 and self._batches.pass_start is not None:
+                self._epoch_state = self._batches.pass_start
+            self._consumed += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Epoch, batches handed out in it, and the generator state at its start."""
+        return {
+            **self._epoch_state,
+            "position": self._epoch_state["position"] + self._consumed,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; the next iteration continues that epoch exactly."""
+        self.batch_sampler.load_state_dict(state)
+        self._epoch_state = self.batch_sampler.state_dict()
+        self._consumed = 0
+
+
 def build_loader(
     dataset: Dataset,
     batch_size: int,
@@ -185,23 +276,15 @@ def build_loader(
     rank: int = 0,
     world_size: int = 1,
     num_workers: int = 2,
-) -> TensorBatchLoader | DataLoader:
+) -> TensorBatchLoader | WorkerBatchLoader:
     """Pick the batch iterator for a dataset from :func:`build_dataset`.
 
     In-memory datasets get a :class:`TensorBatchLoader`. Others (image folders) get a
-    ``DataLoader`` that decodes in ``num_workers`` processes and collates fixed-size uint8
-    images, with the same :class:`EpochBatchSampler` as ``batch_sampler``. Its sampler runs
-    ahead of the consumer by the prefetched batches, so after ``batch_sampler.state_dict()`` a
-    resume is exact only at an epoch boundary.
+    :class:`WorkerBatchLoader` that decodes in ``num_workers`` processes. Both resume exactly
+    at any batch.
     """
     kwargs = {"shuffle": shuffle, "drop_last": drop_last, "generator": generator}
     kwargs |= {"rank": rank, "world_size": world_size}
     if hasattr(dataset, "images") and hasattr(dataset, "targets"):
         return TensorBatchLoader(dataset, batch_size, **kwargs)
-    sampler = EpochBatchSampler(len(dataset), batch_size, **kwargs)
-    return DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-    )
+    return WorkerBatchLoader(dataset, batch_size, num_workers=num_workers, **kwargs)

@@ -144,9 +144,11 @@ def _write_image_folder(root, sizes):
 
 
 def test_imagefolder_batches_fixed_size_uint8(tmp_path):
+    """Without train/ and val/, a labelled folder is split 80/20 per class (2 + 1 of 3)."""
     _write_image_folder(tmp_path, [(20, 30), (40, 17), (16, 16)])
     ds = build_dataset("imagefolder", root=tmp_path, image_size=12)
-    image, label = ds[5]
+    assert len(ds) == 4 and len(build_dataset("imagefolder", root=tmp_path, train=False)) == 2
+    image, label = ds[3]
     assert image.dtype == torch.uint8
     assert image.shape == (3, 12, 12)
     assert label == 1
@@ -157,7 +159,7 @@ def test_imagefolder_batches_fixed_size_uint8(tmp_path):
     images, _ = batches[0]
     assert images.shape == (3, 3, 12, 12)
     assert images.dtype == torch.uint8
-    assert sorted(torch.cat([b[1] for b in batches]).tolist()) == [0, 0, 0, 1, 1, 1]
+    assert sorted(torch.cat([b[1] for b in batches]).tolist()) == [0, 0, 1, 1]
 
 
 def test_imagefolder_prefers_split_subfolders(tmp_path):

@@ -20,6 +20,7 @@ from ssl_toolkit.evaluation import encode, eval_datasets, knn_top1, linear_probe
 from ssl_toolkit.methods import METHODS, Method, MethodConfig, cosine_tau, register_method
 from ssl_toolkit.trainer import Trainer
 from ssl_toolkit.wandb_offline import read_offline_history
+from tests.data.test_folders import _jpeg, unlabelled_folder
 
 
 def tiny_config(tmp_path: Path, method: str = "simclr", **trainer: Any) -> ExperimentConfig:
@@ -293,3 +294,40 @@ def test_accumulation_uses_every_micro_batch_of_an_epoch(tmp_path: Path) -> None
     assert seen == [32] * 16  # both epochs' 256 images, in micro-batches of 32
     assert trainer.loader.state_dict()["position"] == 8
     assert result.steps == 6
+
+
+def _folder_config(tmp_path: Path, root: Path, **trainer: Any) -> ExperimentConfig:
+    cfg = tiny_config(tmp_path, **trainer).to_dict()
+    cfg["data"] = {"name": "imagefolder", "root": str(root), "batch_size": 8, "image_size": 32}
+    return ExperimentConfig.from_dict(cfg)
+
+
+def test_an_unlabelled_folder_of_mixed_jpegs_trains(tmp_path: Path) -> None:
+    root = unlabelled_folder(tmp_path / "images", count=40)
+    console = Console(record=True, width=120)
+    trainer = Trainer(
+        _folder_config(tmp_path, root, max_steps=5), logger=RecordingLogger(), console=console
+    )
+    assert trainer.steps_per_epoch == 5
+    result = trainer.fit()
+    assert result.steps == 5 and torch.isfinite(torch.tensor(result.final_loss))
+    assert "kNN monitor and probes skipped: the data has no labels" in console.export_text()
+    summary = json.loads((Path(trainer.cfg.trainer.output_dir) / "summary.json").read_text())
+    assert summary["knn_top1"] is None and summary["baseline"] is None
+
+
+def test_a_labelled_folder_resumes_mid_epoch_bit_identically(tmp_path: Path) -> None:
+    root = tmp_path / "labelled"
+    for i in range(24):
+        _jpeg(root / f"class{i % 2}" / f"{i}.jpg", 30 + i, 50 - i, seed=i)
+    straight = Trainer(_folder_config(tmp_path / "a", root, max_steps=4), logger=RecordingLogger())
+    straight_result = straight.fit()
+    assert straight_result.probes is not None  # labelled: the kNN and probes ran
+    cfg = _folder_config(tmp_path / "b", root, max_steps=4)
+    Trainer(cfg, logger=RecordingLogger()).fit(stop_at_step=1)  # mid-epoch (2 steps each)
+    resumed = Trainer(
+        cfg, resume=Path(cfg.trainer.output_dir) / "checkpoints/last.pt", logger=RecordingLogger()
+    )
+    resumed.fit()
+    a, b = _state(straight), _state(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
