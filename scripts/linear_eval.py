@@ -1,10 +1,16 @@
-"""Linear probe on frozen features of a pretrained run: top-1 with all labels and with few.
+"""Evaluate the frozen backbone of a pretrained run: kNN and linear probes, or the papers'
+SGD linear evaluation.
 
     python scripts/linear_eval.py runs/simclr_lars [--labels-per-class 10] [--checkpoint PATH]
+    python scripts/linear_eval.py runs/imagenet_simclr --protocol sgd [--epochs 90]
 
-Reads the run's ``config.yaml`` and last checkpoint, encodes the labelled train and test
-splits with the backbone, and trains a logistic-regression probe on the features. Exit 2 on a
-missing or mismatched run directory or checkpoint.
+Reads the run's ``config.yaml`` and last checkpoint and evaluates on the labelled splits of
+``data`` (or ``eval.root``). ``--protocol probe`` (the default, seconds): weighted kNN and
+L-BFGS logistic regression on un-augmented, L2-normalised features, with all labels and with
+``--labels-per-class``, as in the run's ``summary.json``. ``--protocol sgd`` (the papers'
+numbers, much longer): a linear classifier trained with SGD, Nesterov momentum and a cosine
+schedule on random-resized-crop and flip views for ``--epochs`` epochs. Exit 2 on a missing or
+mismatched run directory or checkpoint.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
 from optim import ConfigError
@@ -24,17 +31,51 @@ from ssl_toolkit.checkpoint import (
     load_checkpoint,
 )
 from ssl_toolkit.cli import USAGE_ERRORS, print_error
-from ssl_toolkit.config import load_config
+from ssl_toolkit.config import ExperimentConfig, load_config
 from ssl_toolkit.distributed import DEVICES, resolve_device
-from ssl_toolkit.evaluation import encode, eval_datasets, knn_top1, linear_probe
-from ssl_toolkit.methods import build_method
+from ssl_toolkit.evaluation import (
+    encode,
+    eval_datasets,
+    knn_top1,
+    linear_eval_sgd,
+    linear_probe,
+)
+from ssl_toolkit.methods import Method, build_method
+
+
+def _probes(method: Method, cfg: ExperimentConfig, device, labels_per_class: int) -> dict:
+    datasets = eval_datasets(cfg)
+    if datasets is None:
+        raise ConfigError(["eval.root: the data has no labels; set eval.root=LABELLED_FOLDER"])
+    (train, train_y), (test, test_y) = (encode(method.embed, d, cfg, device) for d in datasets)
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    common = {"num_classes": num_classes}
+    return {
+        f"kNN (k={cfg.eval.knn_k})": knn_top1(
+            train,
+            train_y,
+            test,
+            test_y,
+            k=cfg.eval.knn_k,
+            temperature=cfg.eval.knn_temperature,
+            **common,
+        ),
+        "linear probe (L-BFGS), all labels": linear_probe(train, train_y, test, test_y, **common),
+        f"linear probe (L-BFGS), {labels_per_class} labels per class": linear_probe(
+            train, train_y, test, test_y, labels_per_class=labels_per_class, **common
+        ),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, help="a run directory written by pretrain.py")
     parser.add_argument("--checkpoint", type=Path, help=f"default: RUN_DIR/{LAST_CHECKPOINT}")
+    parser.add_argument("--protocol", choices=["probe", "sgd"], default="probe")
     parser.add_argument("--labels-per-class", type=int, default=10, help="the few-label probe")
+    parser.add_argument("--epochs", type=int, default=90, help="sgd: epochs (the papers: 90)")
+    parser.add_argument("--batch-size", type=int, default=256, help="sgd: batch size")
+    parser.add_argument("--lr", type=float, default=0.1, help="sgd: lr per 256 images")
     parser.add_argument("--device", default="auto", choices=DEVICES)
     args = parser.parse_args(argv)
     console = Console()
@@ -51,38 +92,27 @@ def main(argv: list[str] | None = None) -> int:
             raise CheckpointError(f"checkpoint {checkpoint} does not match {args.run_dir}") from err
         device = resolve_device(args.device)
         method.to(device).eval()
-        (train, train_y), (test, test_y) = (
-            encode(method.embed, dataset, cfg, device) for dataset in eval_datasets(cfg)
-        )
+        if args.protocol == "probe":
+            rows = _probes(method, cfg, device, args.labels_per_class)
+        else:
+            with Progress(console=console) as progress:
+                task = progress.add_task("linear evaluation (SGD)", total=args.epochs)
+                top1 = linear_eval_sgd(
+                    method.embed,
+                    cfg,
+                    device,
+                    epochs=args.epochs,
+                    batch_size=args.batch_size,
+                    lr=args.lr,
+                    progress=lambda epoch, loss: progress.update(task, completed=epoch),
+                )
+            rows = {f"linear (SGD, {args.epochs} epochs, crops and flips)": top1}
     except USAGE_ERRORS as err:
         print_error(err, Console(stderr=True))
         return 2
-    num_classes = int(max(train_y.max(), test_y.max())) + 1
     table = Table(title=f"{args.run_dir} at step {state['step']}")
     table.add_column("evaluation")
     table.add_column("top-1", justify="right")
-    rows = {
-        f"kNN (k={cfg.eval.knn_k})": knn_top1(
-            train,
-            train_y,
-            test,
-            test_y,
-            k=cfg.eval.knn_k,
-            temperature=cfg.eval.knn_temperature,
-            num_classes=num_classes,
-        ),
-        "linear probe, all labels": linear_probe(
-            train, train_y, test, test_y, num_classes=num_classes
-        ),
-        f"linear probe, {args.labels_per_class} labels per class": linear_probe(
-            train,
-            train_y,
-            test,
-            test_y,
-            num_classes=num_classes,
-            labels_per_class=args.labels_per_class,
-        ),
-    }
     for name, top1 in rows.items():
         table.add_row(name, f"{100 * top1:.2f}%")
     console.print(table)

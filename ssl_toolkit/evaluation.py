@@ -19,13 +19,17 @@ from torch.utils.data import Dataset, Subset
 
 from ssl_toolkit.config import ExperimentConfig
 from ssl_toolkit.data import (
+    CropViews,
     DatasetNotFoundError,
     InMemoryImageDataset,
+    TwoViewAugment,
+    ViewPolicy,
     build_dataset,
     build_loader,
     stratified_split,
 )
 from ssl_toolkit.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from ssl_toolkit.data.folders import ImageFolderCenter, ImageFolderViews
 from ssl_toolkit.data.functional import normalize
 from ssl_toolkit.distributed import all_gather_rows, sum_over_ranks
 
@@ -37,6 +41,7 @@ __all__ = [
     "extract_features",
     "knn_correct",
     "knn_top1",
+    "linear_eval_sgd",
     "linear_probe",
     "shard_dataset",
 ]
@@ -68,12 +73,14 @@ def extract_features(
     transform: Callable[[Tensor], Tensor] | None = None,
     *,
     device: torch.device | str | None = None,
+    normalise: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Encode every ``(images, labels)`` batch and return ``(features, labels)``.
 
     Images are moved to ``device`` (if given), passed through ``transform`` (if given, e.g.
     normalisation done on the device), then ``encoder``. Runs under ``torch.inference_mode`` with
-    the encoder's module in eval mode. Features are flattened, cast to fp32 and L2-normalised;
+    the encoder's module in eval mode. Features are flattened, cast to fp32 and L2-normalised
+    (unless ``normalise=False``);
     features and labels are returned on the encoder's output device, shapes ``(N, D)``, ``(N,)``.
     """
     features, labels = [], []
@@ -84,7 +91,7 @@ def extract_features(
             if transform is not None:
                 images = transform(images)
             out = encoder(images).flatten(1).float()
-            features.append(F.normalize(out, dim=1))
+            features.append(F.normalize(out, dim=1) if normalise else out)
             labels.append(targets.to(out.device))
     if not features:
         raise ValueError("extract_features got no batches")
@@ -233,6 +240,78 @@ def linear_probe(
     return (pred == y_test).float().mean().item()
 
 
+def linear_eval_sgd(
+    encoder: Callable[[Tensor], Tensor],
+    cfg: ExperimentConfig,
+    device: torch.device,
+    *,
+    epochs: int = 90,
+    batch_size: int = 256,
+    lr: float = 0.1,
+    seed: int = 0,
+    progress: Callable[[int, float], None] | None = None,
+) -> float:
+    """The papers' linear evaluation: top-1 (a fraction) of a linear classifier on frozen
+    features, trained with SGD on random-resized-crop and flip views.
+
+    As SimCLR's appendix B.6 and BYOL's appendix C.1 do: Nesterov momentum 0.9, no weight
+    decay, an lr of ``lr x batch_size / 256`` decayed on a cosine over ``epochs`` epochs, views
+    cropped from the full image (area 0.08-1) and flipped, test images centre-cropped as
+    :func:`encode` prepares them. The encoder runs in eval mode, without gradients; its
+    features are used as they are (not normalised). ``progress(epoch, loss)`` is called after
+    each epoch. Deterministic for a ``seed`` on CPU.
+    """
+    datasets = eval_datasets(cfg)
+    if datasets is None:
+        raise DatasetNotFoundError("linear evaluation needs labels: set eval.root")
+    train_set, test_set = datasets
+    size = cfg.data.image_size
+    if isinstance(train_set, ImageFolderCenter):  # crop in the workers, from the full image
+        train_set = ImageFolderViews(train_set.files, CropViews(size=size, seed=seed))
+    loader = build_loader(
+        train_set,
+        batch_size,
+        generator=torch.Generator().manual_seed(seed),
+        num_workers=cfg.data.num_workers,
+    )
+    crop_and_flip = ViewPolicy(jitter_p=0.0, gray_p=0.0)
+    augment = TwoViewAugment(crop_and_flip, crop_and_flip, out_size=size)
+    augment_generator = torch.Generator(device).manual_seed(seed)
+    test, test_labels = _features(encoder, test_set, cfg, device, normalise=False)
+    generator = torch.Generator().manual_seed(seed)
+    classifier = nn.Linear(test.shape[1], int(train_set.targets.max()) + 1)
+    with torch.no_grad():
+        classifier.weight.normal_(0.0, 0.01, generator=generator)
+        classifier.bias.zero_()
+    classifier.to(device)
+    optimizer = torch.optim.SGD(
+        classifier.parameters(), lr=lr * batch_size / 256, momentum=0.9, nesterov=True
+    )
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * len(loader))
+    with _eval_mode(encoder):
+        for epoch in range(epochs):
+            loss_sum = torch.zeros((), device=device)
+            for images, labels in loader:
+                if isinstance(images, list | tuple):  # two crops cut in the workers
+                    images = tuple(x.to(device) for x in images)
+                else:
+                    images = images.to(device)
+                view, _ = augment(images, augment_generator)
+                with torch.no_grad():
+                    features = encoder(view).flatten(1).float()
+                loss = F.cross_entropy(classifier(features), labels.to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                loss_sum += loss.detach()
+            if progress is not None:
+                progress(epoch + 1, loss_sum.item() / len(loader))
+    with torch.no_grad():
+        predictions = classifier(test).argmax(dim=1)
+    return (predictions == test_labels.to(predictions.device)).float().mean().item()
+
+
 def eval_datasets(cfg: ExperimentConfig) -> tuple[Dataset, Dataset] | None:
     """The labelled splits to evaluate on: the kNN bank / probe training set, and the test set.
 
@@ -267,6 +346,18 @@ def encode(
     memory_format: torch.memory_format = torch.contiguous_format,
 ) -> tuple[Tensor, Tensor]:
     """L2-normalised features of every image: resized to ``data.image_size``, normalised."""
+    return _features(encoder, dataset, cfg, device, memory_format)
+
+
+def _features(
+    encoder: Callable[[Tensor], Tensor],
+    dataset: Dataset,
+    cfg: ExperimentConfig,
+    device: torch.device,
+    memory_format: torch.memory_format = torch.contiguous_format,
+    *,
+    normalise: bool = True,
+) -> tuple[Tensor, Tensor]:
     size = cfg.data.image_size
     mean = torch.tensor(IMAGENET_MEAN, device=device)
     std = torch.tensor(IMAGENET_STD, device=device)
@@ -284,7 +375,7 @@ def encode(
         drop_last=False,
         num_workers=cfg.data.num_workers,
     )
-    return extract_features(encoder, iter(loader), transform)
+    return extract_features(encoder, iter(loader), transform, normalise=normalise)
 
 
 def shard_dataset(dataset: Dataset, rank: int, world_size: int) -> tuple[Dataset, int]:

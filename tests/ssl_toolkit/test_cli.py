@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -147,3 +148,18 @@ def test_unknown_method_is_one_unbroken_line_listing_the_registered_ones(capsys)
         "error: method.name: unknown method 'mocov3'; did you mean 'simclr'? "
         "registered: barlow_twins, byol, simclr\n"
     )
+
+
+def test_linear_eval_script_runs_both_protocols(capsys, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert run_cli(capsys, "--config", "simclr_lars", *TINY, f"trainer.output_dir={run}")[0] == 0
+    spec = importlib.util.spec_from_file_location("linear_eval", ROOT / "scripts/linear_eval.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main([str(run), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "linear probe (L-BFGS), all labels" in out and "kNN (k=5)" in out
+    args = [str(run), "--protocol", "sgd", "--epochs", "1", "--batch-size", "64"]
+    assert script.main(args) == 0
+    assert "linear (SGD, 1 epochs, crops and flips)" in capsys.readouterr().out
+    assert script.main([str(tmp_path / "missing")]) == 2
