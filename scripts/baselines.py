@@ -3,7 +3,9 @@
 - :class:`PerParameterLARS`: the original LARS algorithm, one parameter at a time with a Python
   ``if`` on tensor norms (a host sync per parameter on GPU);
 - :func:`torchvision_pipeline` and :class:`TwoViewDataset`: SimCLR's augmentation per image
-  with ``torchvision.transforms.v2``, as most SSL code runs it in DataLoader workers.
+  with ``torchvision.transforms.v2``, as most SSL code runs it in DataLoader workers;
+  :func:`two_view_folder` does the same on an image folder read by torchvision's
+  ``ImageFolder`` (PIL decoding).
 """
 
 from __future__ import annotations
@@ -80,3 +82,11 @@ def torchvision_pipeline(size: int) -> v2.Compose:
         steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     return v2.Compose(steps)
+
+
+def two_view_folder(root: str, size: int) -> Dataset:
+    """torchvision's ``ImageFolder`` whose items are two SimCLR views of each image."""
+    from torchvision.datasets import ImageFolder
+
+    pipeline = v2.Compose([v2.ToImage(), torchvision_pipeline(size)])
+    return ImageFolder(root, transform=lambda image: (pipeline(image), pipeline(image)))
