@@ -121,16 +121,23 @@ def write_jpegs(folder: Path, count: int) -> None:
         )
 
 
-def _rate(batches: Iterator, batch_size: int, count: int, work=lambda batch: batch) -> float:
-    """Images/s over ``count`` batches after one warm-up batch."""
+def _rate(
+    batches: Iterator, batch_size: int, count: int, windows: int, work=lambda batch: batch
+) -> float:
+    """Median images/s over ``windows`` windows of ``count`` batches, after a warm-up batch."""
     work(next(batches))
-    start = time.perf_counter()
-    for _ in range(count):
-        work(next(batches))
-    return count * batch_size / (time.perf_counter() - start)
+    rates = []
+    for _ in range(windows):
+        start = time.perf_counter()
+        for _ in range(count):
+            work(next(batches))
+        rates.append(count * batch_size / (time.perf_counter() - start))
+    return statistics.median(rates)
 
 
-def bench_folder(folder: Path, size: int, batch_size: int, workers: int, count: int) -> tuple:
+def bench_folder(
+    folder: Path, size: int, batch_size: int, workers: int, count: int, windows: int
+) -> tuple[float, float]:
     """(baseline, ours) images/s of two augmented views per image of a JPEG folder."""
     baseline_loader = DataLoader(
         two_view_folder(str(folder), size),
@@ -141,13 +148,15 @@ def bench_folder(folder: Path, size: int, batch_size: int, workers: int, count: 
         persistent_workers=True,
         generator=torch.Generator().manual_seed(0),
     )
-    baseline = _rate(_forever(baseline_loader), batch_size, count)
+    baseline = _rate(_forever(baseline_loader), batch_size, count, windows)
     dataset = build_dataset("imagefolder", root=folder, views=CropViews(size=size))
     loader = WorkerBatchLoader(
         dataset, batch_size, generator=torch.Generator().manual_seed(0), num_workers=workers
     )
     augment = SimCLRAugment(size, generator=torch.Generator().manual_seed(1))
-    ours = _rate(_forever(loader), batch_size, count, lambda batch: augment(tuple(batch[0])))
+    ours = _rate(
+        _forever(loader), batch_size, count, windows, lambda batch: augment(tuple(batch[0]))
+    )
     return baseline, ours
 
 
@@ -198,16 +207,16 @@ def main() -> None:
     console.print(table)
     console.print("speed-up over per-image torchvision: " + ", ".join(speedups), highlight=False)
 
-    count = 3 if args.quick else 10
+    count, windows = (3, 1) if args.quick else (5, 3)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         write_jpegs(folder, args.folder_batch * (count + 2 + 2 * args.workers))
         baseline, ours = bench_folder(
-            folder, args.folder_size, args.folder_batch, args.workers, count
+            folder, args.folder_size, args.folder_batch, args.workers, count, windows
         )
     folders = Table(
         title=f"JPEG folder (500 x 375), two {args.folder_size} px views per image, "
-        f"batch {args.folder_batch}, {args.workers} workers each"
+        f"batch {args.folder_batch}, {args.workers} workers each, median of {windows}"
     )
     for column in ("pipeline", "images/s", "speed-up"):
         folders.add_column(column, justify="left" if column == "pipeline" else "right")

@@ -73,7 +73,14 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(
         "simclr_lars",
-        ["logging.wandb.mode=disabled", "trainer.device=cpu", "trainer.output_dir=runs/bench"],
+        [
+            "logging.wandb.mode=disabled",
+            "trainer.device=cpu",
+            "trainer.output_dir=runs/bench",
+            # SimCLR's own augmentation, as the torchvision baseline runs it (not the digits one).
+            "data.color_strength=1.0",
+            "data.augment={}",
+        ],
     )
     trainer = Trainer(cfg)
     batches = trainer.image_batches()
