@@ -1,6 +1,12 @@
 """Backbones and MLP heads for self-supervised pretraining (independent of ``ssl_toolkit``)."""
 
-from models.backbones import build_backbone, list_backbones
+from models.backbones import build_backbone, check_backbone_name, list_backbones
 from models.heads import PredictionHead, ProjectionHead
 
-__all__ = ["PredictionHead", "ProjectionHead", "build_backbone", "list_backbones"]
+__all__ = [
+    "PredictionHead",
+    "ProjectionHead",
+    "build_backbone",
+    "check_backbone_name",
+    "list_backbones",
+]

@@ -38,6 +38,21 @@ def list_backbones(include_timm: bool = False) -> list[str]:
     return names
 
 
+def check_backbone_name(name: str) -> str:
+    """``name`` if :func:`build_backbone` knows it, else ``ValueError`` listing close names.
+
+    Cheap: nothing is built (timm names are checked against timm's registry).
+    """
+    if name in _TORCHVISION:
+        return name
+    if name.startswith(TIMM_PREFIX):
+        import timm
+
+        if timm.is_model(name.removeprefix(TIMM_PREFIX)):
+            return name
+    raise ValueError(_unknown_name_message(name))
+
+
 def build_backbone(name: str, *, cifar_stem: bool = False, **kwargs: object) -> nn.Module:
     """Build a randomly initialised backbone whose forward returns pooled (B, D) features.
 

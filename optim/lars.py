@@ -104,12 +104,30 @@ class LARS(Optimizer):
         super().__init__(params, defaults)
         self.exclude_set = set(exclude_from_layer_adaptation or ())
         self.exclude_from_weight_decay = set(exclude_from_weight_decay or ())
+        self._check_exclusions()
         self.foreach = foreach
         self.fused = fused
         # GradScaler hands over `grad_scale` and `found_inf` instead of unscaling and checking
         # for overflow itself, which would cost a host sync per step.
         self._step_supports_amp_scaling = True
         self._last_ratios: list[_BucketRatios] = []
+
+    def _check_exclusions(self) -> None:
+        """Exclusion names must name parameters: a typo, or names given before ``param_name``
+        was set, would otherwise silently exclude nothing."""
+        names = {
+            getattr(p, "param_name", None) for group in self.param_groups for p in group["params"]
+        }
+        for option, excluded in (
+            ("exclude_from_layer_adaptation", self.exclude_set),
+            ("exclude_from_weight_decay", self.exclude_from_weight_decay),
+        ):
+            unknown = sorted(excluded - names)
+            if unknown:
+                raise ValueError(
+                    f"LARS {option} names no parameter: {', '.join(unknown)}. Names are "
+                    "matched against param.param_name (optim.name_parameters(model) sets it)."
+                )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

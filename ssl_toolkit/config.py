@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from models import check_backbone_name
 from optim import ConfigError, OptimizerConfig, parse_optimizer_config
 from optim.errors import from_validation_error
 from optim.schedules import LRScaling
@@ -49,6 +50,7 @@ __all__ = [
     "WandbConfig",
     "apply_overrides",
     "load_config",
+    "merge_configs",
     "resolve_config_path",
 ]
 
@@ -81,6 +83,12 @@ class ModelConfig(ConfigSection):
     cifar_stem: bool = Field(
         False, description="3x3 stride-1 stem without max-pool, for 32 px images (ResNets)"
     )
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, name: str) -> str:
+        return check_backbone_name(name)
+
     sync_bn: SyncBNSetting = Field(
         "auto",
         description="batch-norm statistics over all processes' batches (every BatchNorm of "
@@ -308,7 +316,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         try:
             value = yaml.safe_load(_quote_selectors(raw)) if raw.strip() else None
         except yaml.YAMLError as err:
-            problems.append(f"{key}: cannot parse {raw!r} as YAML ({err.problem})")
+            reason = getattr(err, "problem", None) or " ".join(str(err).split())
+            problems.append(f"{key}: cannot parse {raw!r} as YAML ({reason})")
             continue
         try:
             _set_dotted(data, key, value)
@@ -319,18 +328,65 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(name_or_path: str, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read a YAML config (``yaml.safe_load``), apply overrides and validate."""
-    path = resolve_config_path(name_or_path)
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """One YAML file as a mapping (``yaml.safe_load``); errors name the file and line."""
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError([f"{path}:{where} invalid YAML: {err}"]) from None
-    except OSError as err:
-        raise ConfigError([f"{path}: cannot read ({err.strerror})"]) from None
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+        raise ConfigError([f"{path}: cannot read ({reason})"]) from None
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: expected a mapping at the top level"])
+    return data
+
+
+def merge_configs(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """``child`` over ``base``, key by key: mappings merge, anything else the child replaces.
+
+    A mapping that names a different registered component than its base (``method`` or
+    ``optim`` with another ``name``) replaces it whole, since the base's keys belong to
+    another config class.
+    """
+    merged = dict(base)
+    for key, value in child.items():
+        inherited = merged.get(key)
+        if (
+            isinstance(value, dict)
+            and isinstance(inherited, dict)
+            and value.get("name", inherited.get("name")) == inherited.get("name")
+        ):
+            merged[key] = merge_configs(inherited, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _with_bases(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The YAML at ``path`` merged over its ``base:`` chain (bare names from ``configs/``)."""
+    data = _read_yaml(path)
+    if "base" not in data:
+        return data
+    base = data.pop("base")
+    if not isinstance(base, str) or not base:
+        raise ConfigError([f"{path}: base: expected a config name or path, got {base!r}"])
+    beside = path.parent / base
+    try:
+        base_path = beside if beside.is_file() else resolve_config_path(base)
+    except ConfigError:
+        raise ConfigError([f"{path}: base: no config {base!r} beside it or in configs/"]) from None
+    resolved = [p.resolve() for p in (*chain, path)]
+    if base_path.resolve() in resolved:
+        cycle = " -> ".join(str(p) for p in (*chain, path, base_path))
+        raise ConfigError([f"{path}: base: a cycle of bases ({cycle})"])
+    return merge_configs(_with_bases(base_path, (*chain, path)), data)
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML config and its ``base:`` chain, apply dotted overrides, and validate."""
+    data = _with_bases(resolve_config_path(name_or_path))
     return ExperimentConfig.from_dict(apply_overrides(data, overrides or []))

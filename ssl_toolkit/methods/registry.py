@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from models import build_backbone
+from optim import ConfigError
 from optim.registry import Registry
 
 from .base import Method, MethodConfig
@@ -72,5 +73,8 @@ def parse_method_config(
 
 def build_method(cfg: ExperimentConfig) -> Method:
     """The method of ``cfg.method`` on a fresh backbone of ``cfg.model``."""
-    backbone = build_backbone(cfg.model.backbone, cifar_stem=cfg.model.cifar_stem)
+    try:
+        backbone = build_backbone(cfg.model.backbone, cifar_stem=cfg.model.cifar_stem)
+    except ValueError as err:  # e.g. cifar_stem on a backbone without a ResNet stem
+        raise ConfigError([f"model: {err}"]) from None
     return get_method(cfg.method.name).build(cfg.method, backbone)

@@ -9,7 +9,7 @@ import torch
 from conftest import SmallResNet, make_batch
 from torch import nn
 
-from optim import LARS, build_optimizer
+from optim import LARS, build_optimizer, name_parameters
 from optim.op_count import count_ops
 
 PATHS = [dict(foreach=False), dict(foreach=True)]
@@ -232,3 +232,15 @@ def test_step_compiles_without_graph_break(small_resnet: SmallResNet) -> None:
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     explained = torch._dynamo.explain(opt.step)()
     assert explained.graph_break_count == 0
+
+
+def test_exclusion_names_that_match_no_parameter_are_an_error() -> None:
+    """Names given before param_name is set would otherwise silently exclude nothing."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    norm = {"1.weight", "1.bias"}
+    with pytest.raises(ValueError, match=r"adaptation names no parameter: 1\.bias, 1\.weight"):
+        LARS(model.parameters(), lr=0.1, exclude_from_layer_adaptation=norm)
+    name_parameters(model)
+    LARS(model.parameters(), lr=0.1, exclude_from_layer_adaptation=norm)
+    with pytest.raises(ValueError, match=r"exclude_from_weight_decay names no parameter: 2\.bias"):
+        LARS(model.parameters(), lr=0.1, exclude_from_weight_decay={"2.bias"})

@@ -36,6 +36,19 @@ def run_cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
     [
         (["--config", "simclr_lars", "optim.lr=-1"], "optim.lr: Input should be greater than"),
         (["--config", "simclr_lars", "optim.momentun=0.9"], "optim.momentun: unknown key"),
+        (
+            ["--config", "simclr_lars", "model.backbone=resnet1800"],
+            "model.backbone: Unknown backbone 'resnet1800'. Close names: resnet18",
+        ),
+        (
+            [
+                "--config",
+                "simclr_lars",
+                "model.backbone=timm/vit_tiny_patch16_224",
+                "model.cifar_stem=true",
+            ],
+            "model: cifar_stem=True is only supported for ResNet-style backbones",
+        ),
         (["--config", "nope"], "--config: no file 'nope'"),
         (
             ["--config", "simclr_lars", "data.name=cifar10", "data.root=/nonexistent/cifar"],

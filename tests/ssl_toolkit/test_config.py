@@ -115,3 +115,57 @@ def test_resolved_config_round_trips() -> None:
     again = ExperimentConfig.from_dict(cfg.to_dict())
     assert again == cfg
     assert apply_overrides({}, ["a.b.c=1"]) == {"a": {"b": {"c": 1}}}
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_base_is_merged_key_by_key_with_the_child_winning(tmp_path: Path) -> None:
+    _write(
+        tmp_path / "parent.yaml",
+        "method: {name: simclr, temperature: 0.3}\n"
+        "optim: {name: lars, lr: 0.5, exclude_from_weight_decay: ['@bias']}\n"
+        "trainer: {epochs: 7, seed: 3}\nlogging: {wandb: {mode: disabled, tags: [a, b]}}\n",
+    )
+    child = _write(
+        tmp_path / "child.yaml",
+        "base: parent.yaml\ntrainer: {epochs: 9}\noptim: {lr: 0.1}\n"
+        "logging: {wandb: {tags: [c]}}\n",
+    )
+    cfg = load_config(str(child))
+    assert (cfg.trainer.epochs, cfg.trainer.seed) == (9, 3)
+    assert (cfg.optim.lr, cfg.optim.exclude_from_weight_decay) == (0.1, ["@bias"])
+    assert cfg.method.temperature == 0.3
+    assert cfg.logging.wandb.tags == ["c"] and cfg.logging.wandb.mode == "disabled"
+    # Another method replaces the section: SimCLR's temperature does not leak into BYOL.
+    other = _write(tmp_path / "byol.yaml", "base: child.yaml\nmethod: {name: byol}\n")
+    assert load_config(str(other)).method.name == "byol"
+    assert load_config(str(child), ["trainer.epochs=11"]).trainer.epochs == 11
+
+
+def test_a_shipped_config_extends_another_by_name() -> None:
+    byol, simclr = load_config("imagenet/byol"), load_config("imagenet/simclr")
+    assert byol.data == simclr.data and byol.model == simclr.model
+    assert byol.method.name == "byol" and byol.trainer.epochs == 300
+
+
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        (
+            {"a.yaml": "base: nowhere\n"},
+            "a.yaml: base: no config 'nowhere' beside it or in configs/",
+        ),
+        ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"}, "base: a cycle of bases"),
+        ({"a.yaml": "base: a.yaml\n"}, "base: a cycle of bases"),
+        ({"a.yaml": "base: [x]\n"}, "a.yaml: base: expected a config name or path, got ['x']"),
+    ],
+)
+def test_bad_bases_are_config_errors(tmp_path: Path, files: dict, message: str) -> None:
+    for name, text in files.items():
+        _write(tmp_path / name, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(tmp_path / "a.yaml"))
+    assert message in str(info.value) and len(info.value.problems) == 1
