@@ -13,7 +13,9 @@ import contextlib
 import os
 import random
 import re
+import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,8 +30,10 @@ __all__ = [
     "capture_rng_state",
     "checkpoint_path",
     "load_checkpoint",
+    "load_latest",
     "restore_rng_state",
     "save_checkpoint",
+    "step_checkpoints",
 ]
 
 
@@ -164,13 +168,59 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-class Checkpointer:
-    """The trainer's checkpoint component: saves ``state()`` to ``last.pt`` when due.
+def _link(source: Path, target: Path) -> None:
+    """Make ``target`` name the same file as ``source``, atomically (a hard link renamed into
+    place; a copy where the file system has no hard links)."""
+    tmp = target.with_name(f".{target.name}.link")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
 
-    A save is due every ``every_steps`` steps, at the end of every epoch, and at the last step
-    of a ``fit`` call (the run's end, or an early stop). Every process calls :meth:`save` and
-    ``state()`` when a save is due (gathering sharded state is collective); only the process
-    with ``enabled`` writes.
+
+def step_checkpoints(directory: Path) -> list[Path]:
+    """The ``step-NNNNNNNN.pt`` checkpoints in ``directory``, newest first."""
+    return sorted(directory.glob("step-*.pt"), reverse=True)
+
+
+def load_latest(run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest loadable checkpoint of a run: ``last.pt``, or, when that is truncated or
+    corrupt, the newest good ``step-*.pt`` (with a warning). ``None`` when there is none."""
+    directory = checkpoint_path(run_dir).parent
+    candidates = [checkpoint_path(run_dir), *step_checkpoints(directory)]
+    broken = []
+    for path in candidates:
+        if not path.is_file():
+            continue
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError as err:
+            broken.append(str(err))
+            continue
+        if broken:
+            warnings.warn(
+                f"{'; '.join(broken)}; resuming from {path} instead",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return path, state
+    if broken:
+        raise CheckpointError(f"no loadable checkpoint in {directory}: {'; '.join(broken)}")
+    return None
+
+
+class Checkpointer:
+    """The trainer's checkpoint component: saves ``state()`` when due and keeps the latest.
+
+    A save is due every ``every_steps`` steps, at the end of every epoch, at the last step of a
+    ``fit`` call (the run's end, or an early stop), and when the caller asks for ``best``.
+    Each save writes ``checkpoints/step-NNNNNNNN.pt`` atomically and points ``last.pt`` (and
+    ``best.pt`` when asked) at it; only the newest ``keep`` step files stay. Every process
+    calls :meth:`save` and ``state()`` when a save is due (gathering sharded state is
+    collective); only the process with ``enabled`` writes.
     """
 
     def __init__(
@@ -180,23 +230,32 @@ class Checkpointer:
         *,
         every_steps: int,
         steps_per_epoch: int,
+        keep: int = 2,
         enabled: bool = True,
     ) -> None:
         self.path = checkpoint_path(run_dir)
         self.state = state
         self.every_steps = every_steps
         self.steps_per_epoch = steps_per_epoch
+        self.keep = keep
         self.enabled = enabled
 
     def should_save(self, step: int, *, last_step: bool = False) -> bool:
         """True when the state after step ``step`` (1-based) is to be saved."""
         return last_step or step % self.every_steps == 0 or step % self.steps_per_epoch == 0
 
-    def save(self, step: int, *, last_step: bool = False) -> bool:
+    def save(self, step: int, *, last_step: bool = False, best: bool = False) -> bool:
         """Write the checkpoint if it is due after step ``step``; True when it was due."""
-        due = self.should_save(step, last_step=last_step)
+        due = best or self.should_save(step, last_step=last_step)
         if due:
             state = self.state()
             if self.enabled:
-                save_checkpoint(self.path, state)
+                written = self.path.parent / f"step-{step:08d}.pt"
+                save_checkpoint(written, state)
+                _link(written, self.path)
+                if best:
+                    _link(written, self.path.with_name("best.pt"))
+                for stale in step_checkpoints(self.path.parent)[self.keep :]:
+                    stale.unlink()
+                _fsync_directory(self.path.parent)
         return due

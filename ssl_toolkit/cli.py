@@ -3,7 +3,8 @@
     python scripts/pretrain.py --config simclr_lars [--dry-run] [--resume auto|PATH] [key=value ...]
 
 Exit codes: 0 success, 2 any config, usage, data or checkpoint error (one message naming the
-key or file, no traceback), 1 a failure while training.
+key or file, no traceback), 1 a failure while training (a divergence is one line too), 143 or
+130 after SIGTERM or SIGINT, with a checkpoint at the last finished step.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import yaml
 from rich.console import Console
 
 from optim import ConfigError, name_parameters, render_param_table, resolve_params
-from ssl_toolkit.checkpoint import LAST_CHECKPOINT, CheckpointError, checkpoint_path
+from ssl_toolkit.checkpoint import LAST_CHECKPOINT, CheckpointError
 from ssl_toolkit.config import ExperimentConfig, load_config
 from ssl_toolkit.data import DatasetNotFoundError
 from ssl_toolkit.distributed import (
@@ -24,7 +25,9 @@ from ssl_toolkit.distributed import (
     cleanup_distributed,
     is_main_process,
 )
+from ssl_toolkit.health import Diverged
 from ssl_toolkit.methods import build_method
+from ssl_toolkit.preemption import Preempted
 from ssl_toolkit.trainer import Trainer
 
 __all__ = ["USAGE_ERRORS", "main", "print_error"]
@@ -58,22 +61,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--resume",
         metavar="auto|PATH",
-        help=f"continue from a checkpoint; 'auto' uses <output_dir>/{LAST_CHECKPOINT} if present",
+        help=f"continue from a checkpoint; 'auto' uses <output_dir>/{LAST_CHECKPOINT} if present "
+        "(or, if that is corrupt, the newest good step checkpoint)",
     )
     parser.add_argument("overrides", nargs="*", metavar="dotted.key=value")
     return parser
 
 
-def _resume_path(resume: str | None, cfg: ExperimentConfig, console: Console) -> Path | None:
-    if resume is None:
-        return None
-    if resume == "auto":
-        path = checkpoint_path(cfg.trainer.output_dir)
-        if path.is_file():
-            return path
-        if is_main_process():
-            console.print(f"--resume auto: no checkpoint at {path}, starting from scratch")
-        return None
+def _resume(resume: str | None) -> Path | str | None:
+    """``--resume``: ``auto`` as it is (the trainer finds the newest good checkpoint), or a
+    path that must exist."""
+    if resume is None or resume == "auto":
+        return resume
     path = Path(resume)
     if not path.is_file():
         raise CheckpointError(f"--resume: checkpoint {path} does not exist")
@@ -97,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             dry_run(cfg, Console(width=160))
             return 0
-        trainer = Trainer(cfg, resume=_resume_path(args.resume, cfg, err), console=err)
+        trainer = Trainer(cfg, resume=_resume(args.resume), console=err)
         trainer.fit()
         cleanup_distributed(sync=True)
         if trainer.ctx.is_main:
@@ -106,6 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     except USAGE_ERRORS as error:
         print_error(error, err)
         return 2
+    except Preempted as stop:
+        if is_main_process():
+            err.print(str(stop), markup=False, highlight=False, soft_wrap=True)
+        return stop.exit_code
+    except Diverged as error:
+        print_error(error, err)
+        return 1
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130

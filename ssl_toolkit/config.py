@@ -175,6 +175,17 @@ class TrainerConfig(ConfigSection):
         500, ge=1, description="steps between checkpoints (also at every epoch end)"
     )
     log_every_steps: int = Field(10, ge=1, description="steps between loss / lr log rows")
+    keep_checkpoints: int = Field(
+        2, ge=1, description="step checkpoints kept (besides `last.pt` and `best.pt`)"
+    )
+    max_skipped_steps: int = Field(
+        20, ge=1, description="fp16: stop after this many overflow-skipped steps in a row"
+    )
+    deterministic: bool = Field(
+        False,
+        description="deterministic algorithms only (`torch.use_deterministic_algorithms`, "
+        "cuDNN without benchmarking): slower, reproducible on GPU too",
+    )
 
     @model_validator(mode="after")
     def _supported(self) -> TrainerConfig:

@@ -7,6 +7,7 @@ records the calls. Steps are optimizer steps, counted from 1.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 from torch import Tensor
@@ -28,6 +29,10 @@ class MetricLogger(Protocol):
 
     def log_trust_ratios(self, ratios: Mapping[str, Tensor], step: int) -> None:
         """Log LARS trust ratios (``param_name`` → 0-d tensor) at step ``step``."""
+        ...
+
+    def log_artifact(self, path: Path, name: str, kind: str) -> None:
+        """Keep the file at ``path`` with the run (W&B: an artifact of type ``kind``)."""
         ...
 
     def finish(self) -> None:

@@ -28,6 +28,7 @@ from ssl_toolkit.distributed import DistContext
 
 __all__ = [
     "Strategy",
+    "full_model_state",
     "full_state",
     "gradient_sync",
     "load_full_state",
@@ -98,6 +99,12 @@ _SAVE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 _LOAD = StateDictOptions(full_state_dict=True)
 
 
+def full_model_state(method: nn.Module) -> dict[str, Any]:
+    """The full model state keyed by parameter name, on the CPU; collective like
+    :func:`full_state` (the main rank gets the tensors)."""
+    return get_model_state_dict(method, options=_SAVE)
+
+
 def full_state(method: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Full model and optimizer state, keyed by parameter name, on the CPU.
 
@@ -105,7 +112,7 @@ def full_state(method: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str,
     main rank gets the tensors and the others empty dicts.
     """
     return {
-        "model": get_model_state_dict(method, options=_SAVE),
+        "model": full_model_state(method),
         "optimizer": get_optimizer_state_dict(method, optimizer, options=_SAVE),
     }
 

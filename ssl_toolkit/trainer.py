@@ -13,6 +13,7 @@ generator) is saved in the checkpoint, so a resumed run on CPU continues bit for
 
 from __future__ import annotations
 
+import os
 import random
 import time
 import warnings
@@ -33,7 +34,9 @@ from ssl_toolkit.checkpoint import (
     CheckpointError,
     capture_rng_state,
     load_checkpoint,
+    load_latest,
     restore_rng_state,
+    save_checkpoint,
 )
 from ssl_toolkit.config import ExperimentConfig
 from ssl_toolkit.data import CropViews, TensorBatchLoader, build_dataset, build_loader
@@ -44,9 +47,18 @@ from ssl_toolkit.distributed import (
     setup_distributed,
 )
 from ssl_toolkit.evaluation import Evaluator, Probes
+from ssl_toolkit.export import BACKBONE_FILE, backbone_state
+from ssl_toolkit.health import TrainingHealth
 from ssl_toolkit.methods import Method, build_method
 from ssl_toolkit.metric_logger import MetricLogger
-from ssl_toolkit.parallel import full_state, gradient_sync, load_full_state, parallelize
+from ssl_toolkit.parallel import (
+    full_model_state,
+    full_state,
+    gradient_sync,
+    load_full_state,
+    parallelize,
+)
+from ssl_toolkit.preemption import Preempted, PreemptionGuard
 from ssl_toolkit.report import TrainingProgress, TrainResult, print_summary, write_summary
 from ssl_toolkit.sync_batch_norm import convert_sync_batchnorm, wants_sync_bn
 from ssl_toolkit.wandb_logger import WandbLogger
@@ -59,20 +71,23 @@ _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 class Trainer:
     """Pretrain ``cfg.method`` on ``cfg.data``; ``fit()`` runs to the end and returns a result.
 
-    ``resume`` is a checkpoint path to continue from (``None``: start fresh). ``logger`` may be
-    passed to record calls in tests; by default a ``WandbLogger`` writes under the run dir.
+    ``resume`` is a checkpoint path to continue from, ``"auto"`` for the run directory's
+    newest loadable checkpoint (start fresh when there is none), or ``None`` to start fresh.
+    ``logger`` may be passed to record calls in tests; by default a ``WandbLogger`` writes
+    under the run dir.
     """
 
     def __init__(
         self,
         cfg: ExperimentConfig,
         *,
-        resume: Path | None = None,
+        resume: Path | str | None = None,
         logger: MetricLogger | None = None,
         console: Console | None = None,
         ctx: DistContext | None = None,
     ) -> None:
         self.cfg = cfg
+        _set_deterministic(cfg.trainer.deterministic)
         self.ctx = ctx or setup_distributed(
             cfg.trainer.device, timedelta(minutes=cfg.trainer.collective_timeout_minutes)
         )
@@ -157,9 +172,17 @@ class Trainer:
             self.state_dict,
             every_steps=cfg.trainer.checkpoint_every_steps,
             steps_per_epoch=self.steps_per_epoch,
+            keep=cfg.trainer.keep_checkpoints,
             enabled=self.ctx.is_main,
         )
-        run_id = self._load(resume) if resume is not None else None
+        self.health = TrainingHealth(
+            self.device,
+            fp16=cfg.trainer.precision == "fp16",
+            max_skipped_steps=cfg.trainer.max_skipped_steps,
+        )
+        self.preemption = PreemptionGuard(distributed=self.ctx.is_distributed)
+        self.best_knn = float("-inf")
+        run_id = self._resume(resume) if resume is not None else None
         self.logger: MetricLogger = logger or WandbLogger(
             **cfg.logging.wandb.model_dump(),
             run_dir=self.run_dir,
@@ -201,9 +224,12 @@ class Trainer:
         if self.step == self.total_steps and self.evaluator.enabled:  # resumed at the end
             probes = self.final_probes(self.step)
         start, images = time.perf_counter(), 0
-        with TrainingProgress(
-            self.console, total=self.total_steps, completed=self.step, enabled=self.ctx.is_main
-        ) as progress:
+        with (
+            TrainingProgress(
+                self.console, total=self.total_steps, completed=self.step, enabled=self.ctx.is_main
+            ) as progress,
+            self.preemption,
+        ):
             while self.step < end:
                 self.step += 1
                 step = self.step
@@ -216,18 +242,34 @@ class Trainer:
                 if step == first or step % self.cfg.logging.trust_ratio_every == 0:
                     self._log_trust_ratios(step)
                 if step % self.cfg.trainer.log_every_steps == 0 or step == end:
+                    self.health.check()
                     loss, speed = window.flush()
                     row = {"train/loss": loss, "train/lr": lr, "train/img_per_s": speed}
-                    self.logger.log({**row, **self._method_metrics()}, step=step)
+                    self.logger.log(
+                        {**row, **self._health_metrics(), **self._method_metrics()}, step=step
+                    )
                     progress.update(step, loss=loss, lr=lr, speed=speed)
                 progress.update(step)
+                knn_now = None
                 if step == self.total_steps and self.evaluator.enabled:
                     probes = self.final_probes(step)
+                    knn_now = probes.knn_top1
                 elif self.evaluator.should_evaluate(step):
-                    knn = self.evaluate(step)
-                self.checkpointer.save(step, last_step=step == end)
+                    knn = knn_now = self.evaluate(step)
+                best = knn_now is not None and knn_now > self.best_knn
+                if best:
+                    self.best_knn = knn_now
+                signum = self.preemption.requested()
+                last = step == end or bool(signum)
+                if best or self.checkpointer.should_save(step, last_step=last):
+                    self.health.check()  # a checkpoint never holds a diverged state
+                    self.checkpointer.save(step, last_step=last, best=best)
+                if signum:
+                    self._stop(signum, step)
         seconds = time.perf_counter() - start
         baseline = self.baseline_probes(self.step) if probes is not None else None
+        if self.step == self.total_steps:
+            self.export_backbone()
         self.logger.finish()
         result = TrainResult(
             steps=self.step,
@@ -301,9 +343,13 @@ class Trainer:
                     loss = self.compute_loss(view_a, view_b) / accumulate
                 self.scaler.scale(loss).backward()
             total += loss.detach().float()
+        scale = self.scaler._scale.clone() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        # An overflow makes the scaler skip the step and lower its scale (no host sync here).
+        skipped = self.scaler._scale < scale if scale is not None else None
+        self.health.record(self.step, total, skipped)
         return total
 
     def _log_trust_ratios(self, step: int) -> None:
@@ -311,6 +357,27 @@ class Trainer:
         trust_ratios = getattr(self.optimizer, "trust_ratios", None)
         if trust_ratios is not None:
             self.logger.log_trust_ratios(trust_ratios(adapted_only=True), step=step)
+
+    def _stop(self, signum: int, step: int) -> None:
+        """After a stop signal: log it, close the logger and raise :class:`Preempted`."""
+        self.logger.log({"train/preempted_at": step}, step=step)
+        self.logger.finish()
+        raise Preempted(signum, step, self.checkpointer.path)
+
+    def _health_metrics(self) -> dict[str, Any]:
+        """``train/skipped_steps`` with fp16 (steps the scaler skipped on overflow)."""
+        return {"train/skipped_steps": self.health.skipped_steps} if self.health.fp16 else {}
+
+    def export_backbone(self) -> Path | None:
+        """Write ``backbone.pt`` (the backbone's weights as a plain state dict) in the run
+        directory and log it as an artifact; every rank calls it, the main one writes."""
+        state = full_model_state(self.method)
+        if not self.ctx.is_main:
+            return None
+        path = self.run_dir / BACKBONE_FILE
+        save_checkpoint(path, backbone_state(state))
+        self.logger.log_artifact(path, name=f"backbone-{self.run_dir.name}", kind="model")
+        return path
 
     def _method_metrics(self) -> dict[str, Any]:
         """The method's ``method/*`` metrics, tensors averaged over ranks."""
@@ -372,11 +439,27 @@ class Trainer:
             "epoch": self.step // self.steps_per_epoch,
             "loader": self.loader.state_dict() if hasattr(self.loader, "state_dict") else None,
             "ranks": gather_objects(per_rank),
+            "best_knn": self.best_knn,
             "wandb_run_id": getattr(self.logger, "run_id", None),
             "config": self.cfg.to_dict(),
         }
 
-    def _load(self, path: Path) -> str | None:
+    def _resume(self, resume: Path | str) -> str | None:
+        """Continue from ``resume`` (a path, or ``"auto"``); returns the W&B run id."""
+        if resume != "auto":
+            return self._load(Path(resume))
+        found = load_latest(self.run_dir)
+        if found is None:
+            if self.ctx.is_main:
+                self.console.print(
+                    f"--resume auto: no checkpoint in {self.checkpointer.path.parent}, "
+                    "starting from scratch",
+                    soft_wrap=True,
+                )
+            return None
+        return self._load(*found)
+
+    def _load(self, path: Path, state: dict[str, Any] | None = None) -> str | None:
         """Restore a :meth:`state_dict` from ``path`` on every rank; returns the W&B run id.
 
         With as many processes as wrote it, every rank gets its own random streams back and the
@@ -385,7 +468,7 @@ class Trainer:
         order continues from the same image of the epoch, and each rank's random streams are
         re-seeded, with a warning.
         """
-        state = load_checkpoint(path)
+        state = state if state is not None else load_checkpoint(path)
         if "ranks" not in state:
             raise CheckpointError(
                 f"checkpoint {path} holds no per-process state (an older format); start a new run"
@@ -394,6 +477,7 @@ class Trainer:
             load_full_state(self.method, self.optimizer, state)
             self.scaler.load_state_dict(state["scaler"])
             self.step = int(state["step"])
+            self.best_knn = float(state.get("best_knn", float("-inf")))
             ranks, loader = state["ranks"], state["loader"]
             if len(ranks) == self.ctx.world_size:
                 self.augment_generator.set_state(ranks[self.ctx.rank]["augment_generator"])
@@ -409,7 +493,7 @@ class Trainer:
                 f"checkpoint {path} does not match this config ({first_line})"
             ) from None
         if self.ctx.is_main:
-            self.console.print(f"resumed from {path} at step {self.step}")
+            self.console.print(f"resumed from {path} at step {self.step}", soft_wrap=True)
         return state.get("wandb_run_id")
 
     def _rescaled_loader_state(self, state: dict[str, Any], saved_world_size: int) -> Any:
@@ -473,6 +557,16 @@ def _probe_metrics(probes: Probes, prefix: str) -> dict[str, float]:
         f"probe/{prefix}linear_top1": probes.linear_top1,
         f"probe/{prefix}linear_top1_few_labels": probes.linear_top1_few_labels,
     }
+
+
+def _set_deterministic(enabled: bool) -> None:
+    """Deterministic algorithms only, or torch's defaults (a process-wide setting)."""
+    if enabled:
+        # cuBLAS needs a fixed workspace to be deterministic; set before CUDA starts.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = False
 
 
 def _augment_seed(seed: int, rank: int) -> int:

@@ -123,6 +123,8 @@ class WandbLogger:
         self._run.define_metric("global_step")
         for prefix in METRIC_PREFIXES:
             self._run.define_metric(f"{prefix}/*", step_metric="global_step")
+        # The run's summary shows the best kNN accuracy, not the last one.
+        self._run.define_metric("knn/top1", step_metric="global_step", summary="max")
 
     @staticmethod
     def _start(mode: str, init_kwargs: dict[str, Any]) -> Any:
@@ -182,6 +184,20 @@ class WandbLogger:
             self._warn_log_failure(exc)
             return
         self.log(metrics, step)
+
+    def log_artifact(self, path: Path, name: str, kind: str) -> None:
+        """Log the file at ``path`` as a W&B artifact ``name`` of type ``kind`` (offline runs
+        keep it for ``wandb sync``). Failures are warned about, never raised."""
+        if self._run is None:
+            return
+        try:
+            import wandb
+
+            artifact = wandb.Artifact(name, type=kind)
+            artifact.add_file(str(path))
+            self._run.log_artifact(artifact)
+        except Exception as exc:
+            self._warn_log_failure(exc)
 
     def finish(self, timeout: float = 30.0) -> None:
         """Close the run; later calls on this logger are no-ops.

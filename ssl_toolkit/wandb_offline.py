@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["read_offline_history", "run_file_complete"]
+__all__ = ["read_offline_history", "read_offline_summary", "run_file_complete"]
 
 # The .wandb transaction log uses LevelDB's log format: a 7-byte file header, then 32 KiB
 # blocks of records, each with a 7-byte header (CRC-32 of type byte + payload, length, type);
@@ -115,12 +115,8 @@ def read_offline_history(run_dir: Path) -> list[dict[str, Any]]:
     decoded JSON values and includes W&B's ``_step``, ``_runtime`` and ``_timestamp``. Raises
     ``FileNotFoundError`` if there is no ``.wandb`` file.
     """
-    run_dir = Path(run_dir)
-    files = [run_dir] if run_dir.is_file() else {p.resolve() for p in run_dir.rglob("*.wandb")}
-    if not files:
-        raise FileNotFoundError(f"no W&B run file (*.wandb) under {run_dir}")
     sessions = []
-    for path in files:
+    for path in _run_files(run_dir):
         rows = [
             _history_row(r.history)
             for r in _records(path)
@@ -130,3 +126,29 @@ def read_offline_history(run_dir: Path) -> list[dict[str, Any]]:
             sessions.append(rows)
     sessions.sort(key=lambda rows: rows[0].get("_timestamp", 0.0))
     return [row for rows in sessions for row in rows]
+
+
+def _run_files(run_dir: Path) -> list[Path]:
+    """``run_dir`` itself if it is a ``.wandb`` file, else the ones under it."""
+    run_dir = Path(run_dir)
+    files = (
+        [run_dir] if run_dir.is_file() else sorted({p.resolve() for p in run_dir.rglob("*.wandb")})
+    )
+    if not files:
+        raise FileNotFoundError(f"no W&B run file (*.wandb) under {run_dir}")
+    return files
+
+
+def read_offline_summary(run_dir: Path) -> dict[str, Any]:
+    """The run summary of the offline W&B runs in ``run_dir``: every summary key's last value
+    (``knn/top1`` is ``{"max": ...}`` since the logger asks W&B for the best). Sessions of a
+    resumed run are read in file-name (start-time) order."""
+    summary: dict[str, Any] = {}
+    for path in _run_files(run_dir):
+        for record in _records(path):
+            if record.WhichOneof("record_type") != "summary":
+                continue
+            for item in record.summary.update:
+                key = "/".join(item.nested_key) if item.nested_key else item.key
+                summary[key] = json.loads(item.value_json)
+    return summary

@@ -190,6 +190,9 @@ class _Rows:
     def log_trust_ratios(self, ratios: dict[str, torch.Tensor], step: int) -> None:
         """Not recorded."""
 
+    def log_artifact(self, path: Path, name: str, kind: str) -> None:
+        """Not recorded."""
+
     def finish(self) -> None:
         """Nothing to close."""
 
@@ -427,5 +430,6 @@ def test_torchrun_fsdp2_writes_one_run_and_prints_once(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("run directory:") == 1
     assert proc.stderr.count("pretraining summary") == 1
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["last.pt"]
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["best.pt", "last.pt", "step-00000002.pt"]
     assert len(list((out / "wandb").glob("offline-run-*"))) == 1

@@ -62,6 +62,7 @@ class RecordingLogger:
     def __init__(self) -> None:
         self.rows: list[tuple[int, dict[str, Any]]] = []
         self.trust_ratios: list[tuple[int, dict[str, float]]] = []
+        self.artifacts: list[tuple[Path, str, str]] = []
         self.finished = False
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
@@ -69,6 +70,9 @@ class RecordingLogger:
 
     def log_trust_ratios(self, ratios: dict[str, torch.Tensor], step: int) -> None:
         self.trust_ratios.append((step, {k: v.item() for k, v in ratios.items()}))
+
+    def log_artifact(self, path: Path, name: str, kind: str) -> None:
+        self.artifacts.append((Path(path), name, kind))
 
     def finish(self) -> None:
         self.finished = True
