@@ -2,7 +2,7 @@
 
     python scripts/export_backbone.py RUN_DIR [--out PATH] [--checkpoint PATH]
 
-Writes ``RUN_DIR/backbone.pt`` (or ``--out``) from the run's last checkpoint (or
+Writes ``RUN_DIR/backbone.pt`` (or ``--out``) from the run's newest loadable checkpoint (or
 ``--checkpoint``). Load it in another project with ``load_state_dict(..., strict=True)`` into
 ``models.build_backbone(name, cifar_stem=...)``, or for a plain backbone into
 ``torchvision.models.<name>()`` with ``fc = torch.nn.Identity()`` or
@@ -26,14 +26,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, help="a run directory written by pretrain.py")
     parser.add_argument("--out", type=Path, help="default: RUN_DIR/backbone.pt")
-    parser.add_argument("--checkpoint", type=Path, help="default: the run's last checkpoint")
+    parser.add_argument(
+        "--checkpoint", type=Path, help="default: the run's newest loadable checkpoint"
+    )
     args = parser.parse_args(argv)
     try:
         path = export_backbone(args.run_dir, args.out, args.checkpoint)
     except (*USAGE_ERRORS, ValueError) as err:
         print_error(err, Console(stderr=True))
         return 2
-    Console().print(f"backbone written to {path}")
+    Console().print(f"backbone written to {path}", soft_wrap=True)
     return 0
 
 

@@ -218,9 +218,10 @@ class Checkpointer:
     A save is due every ``every_steps`` steps, at the end of every epoch, at the last step of a
     ``fit`` call (the run's end, or an early stop), and when the caller asks for ``best``.
     Each save writes ``checkpoints/step-NNNNNNNN.pt`` atomically and points ``last.pt`` (and
-    ``best.pt`` when asked) at it; only the newest ``keep`` step files stay. Every process
-    calls :meth:`save` and ``state()`` when a save is due (gathering sharded state is
-    collective); only the process with ``enabled`` writes.
+    ``best.pt`` when asked) at it; only the newest ``keep`` step files stay, and files of later
+    steps than the one saved (left by a run resumed from an earlier checkpoint) are removed.
+    Every process calls :meth:`save` and ``state()`` when a save is due (gathering sharded
+    state is collective); only the process with ``enabled`` writes.
     """
 
     def __init__(
@@ -239,6 +240,8 @@ class Checkpointer:
         self.steps_per_epoch = steps_per_epoch
         self.keep = keep
         self.enabled = enabled
+        self.last_saved = 0
+        """The step of this run's newest checkpoint (saved, or resumed from); 0 before any."""
 
     def should_save(self, step: int, *, last_step: bool = False) -> bool:
         """True when the state after step ``step`` (1-based) is to be saved."""
@@ -249,13 +252,20 @@ class Checkpointer:
         due = best or self.should_save(step, last_step=last_step)
         if due:
             state = self.state()
+            self.last_saved = step
             if self.enabled:
                 written = self.path.parent / f"step-{step:08d}.pt"
                 save_checkpoint(written, state)
                 _link(written, self.path)
                 if best:
                     _link(written, self.path.with_name("best.pt"))
-                for stale in step_checkpoints(self.path.parent)[self.keep :]:
+                files = step_checkpoints(self.path.parent)
+                # A later step's file is from a timeline this run left (it resumed from an
+                # earlier checkpoint, or under another world size): it must never outrank
+                # this save, in keeping or in ``load_latest``'s fallback.
+                abandoned = [p for p in files if p.name > written.name]
+                current = [p for p in files if p.name <= written.name]
+                for stale in abandoned + current[self.keep :]:
                     stale.unlink()
                 _fsync_directory(self.path.parent)
         return due

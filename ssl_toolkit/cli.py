@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.fit()
         cleanup_distributed(sync=True)
         if trainer.ctx.is_main:
-            out.print(f"run directory: {cfg.trainer.output_dir}")
+            out.print(f"run directory: {cfg.trainer.output_dir}", soft_wrap=True)
         return 0
     except USAGE_ERRORS as error:
         print_error(error, err)
@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             err.print(str(stop), markup=False, highlight=False, soft_wrap=True)
         return stop.exit_code
     except Diverged as error:
-        print_error(error, err)
+        if is_main_process():
+            print_error(error, err)
         return 1
     except KeyboardInterrupt:
         err.print("interrupted")

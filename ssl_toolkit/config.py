@@ -183,8 +183,9 @@ class TrainerConfig(ConfigSection):
     )
     deterministic: bool = Field(
         False,
-        description="deterministic algorithms only (`torch.use_deterministic_algorithms`, "
-        "cuDNN without benchmarking): slower, reproducible on GPU too",
+        description="deterministic algorithms where torch has them "
+        "(`torch.use_deterministic_algorithms(warn_only=True)`, cuDNN without benchmarking): "
+        "slower; the CUDA kernels with no deterministic version warn",
     )
 
     @model_validator(mode="after")
@@ -282,13 +283,21 @@ class ExperimentConfig(ConfigSection):
         return self.model_dump(mode="json")
 
 
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False for a name the OS refuses (too long, say) instead of raising."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def resolve_config_path(name_or_path: str) -> Path:
     """A path as given, or a bare name looked up in ``configs/`` (``.yaml`` optional)."""
     path = Path(name_or_path)
-    if path.is_file():
+    if _is_file(path):
         return path
     for candidate in (CONFIG_DIR / name_or_path, CONFIG_DIR / f"{name_or_path}.yaml"):
-        if candidate.is_file():
+        if _is_file(candidate):
             return candidate
     known = sorted(str(p.relative_to(CONFIG_DIR)) for p in CONFIG_DIR.rglob("*.yaml"))
     raise ConfigError(
@@ -356,24 +365,37 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+# Top-level sections whose ``name`` picks a registered config class: another name there
+# means another set of keys, so the base's section does not carry over.
+_REGISTERED_SECTIONS = frozenset({"method", "optim"})
+
+
 def merge_configs(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
     """``child`` over ``base``, key by key: mappings merge, anything else the child replaces.
 
-    A mapping that names a different registered component than its base (``method`` or
-    ``optim`` with another ``name``) replaces it whole, since the base's keys belong to
-    another config class.
+    A ``method`` or ``optim`` section that names another registered component than its base
+    replaces the base's section whole, since the base's keys belong to another config class.
+    Every other mapping merges, whatever its ``name`` (``data.name``, ``logging.wandb.name``).
     """
+    merged = _merge_mappings(base, child)
+    for key in _REGISTERED_SECTIONS & child.keys():
+        inherited, value = base.get(key), child[key]
+        if (
+            isinstance(inherited, dict)
+            and isinstance(value, dict)
+            and value.get("name", inherited.get("name")) != inherited.get("name")
+        ):
+            merged[key] = value
+    return merged
+
+
+def _merge_mappings(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """A deep merge: nested mappings merge, anything else the child replaces."""
     merged = dict(base)
     for key, value in child.items():
         inherited = merged.get(key)
-        if (
-            isinstance(value, dict)
-            and isinstance(inherited, dict)
-            and value.get("name", inherited.get("name")) == inherited.get("name")
-        ):
-            merged[key] = merge_configs(inherited, value)
-        else:
-            merged[key] = value
+        both_mappings = isinstance(value, dict) and isinstance(inherited, dict)
+        merged[key] = _merge_mappings(inherited, value) if both_mappings else value
     return merged
 
 
@@ -387,7 +409,7 @@ def _with_bases(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError([f"{path}: base: expected a config name or path, got {base!r}"])
     beside = path.parent / base
     try:
-        base_path = beside if beside.is_file() else resolve_config_path(base)
+        base_path = beside if _is_file(beside) else resolve_config_path(base)
     except ConfigError:
         raise ConfigError([f"{path}: base: no config {base!r} beside it or in configs/"]) from None
     resolved = [p.resolve() for p in (*chain, path)]

@@ -15,7 +15,13 @@ from pathlib import Path
 
 from torch import Tensor
 
-from ssl_toolkit.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from ssl_toolkit.checkpoint import (
+    CheckpointError,
+    checkpoint_path,
+    load_checkpoint,
+    load_latest,
+    save_checkpoint,
+)
 
 __all__ = ["BACKBONE_FILE", "backbone_state", "export_backbone"]
 
@@ -35,10 +41,19 @@ def backbone_state(model_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def export_backbone(
     run_dir: str | Path, out: str | Path | None = None, checkpoint: str | Path | None = None
 ) -> Path:
-    """Write the backbone of a run's checkpoint (default: its ``last.pt``) to ``out`` (default:
-    ``RUN_DIR/backbone.pt``), atomically; returns the path. Raises ``CheckpointError`` for a
-    missing or unloadable checkpoint."""
+    """Write the backbone of a checkpoint (default: the run's newest loadable one, as
+    ``--resume auto`` picks it) to ``out`` (default: ``RUN_DIR/backbone.pt``), atomically;
+    returns the path. Raises ``CheckpointError`` when there is no such checkpoint or it holds
+    no model state."""
     out = Path(out) if out is not None else Path(run_dir) / BACKBONE_FILE
-    state = load_checkpoint(Path(checkpoint) if checkpoint else checkpoint_path(run_dir))
-    save_checkpoint(out, backbone_state(state["model"]))
+    if checkpoint is not None:
+        source, state = Path(checkpoint), load_checkpoint(Path(checkpoint))
+    elif (found := load_latest(run_dir)) is not None:
+        source, state = found
+    else:
+        raise CheckpointError(f"no checkpoint in {checkpoint_path(run_dir).parent}")
+    model = state.get("model")
+    if not isinstance(model, Mapping):
+        raise CheckpointError(f"checkpoint {source} holds no model state (not a run's checkpoint)")
+    save_checkpoint(out, backbone_state(model))
     return out

@@ -33,6 +33,8 @@ class TrainingHealth:
         self.max_skipped_steps = max_skipped_steps
         self._first_nonfinite = torch.full((), _NONE, dtype=torch.int64, device=device)
         self._skipped_in_a_row = torch.zeros((), dtype=torch.int64, device=device)
+        # The longest run since training began, so a run that ends between checks is seen.
+        self._longest_run = torch.zeros((), dtype=torch.int64, device=device)
         self._skipped = torch.zeros((), dtype=torch.int64, device=device)
         self._last_step = 0
 
@@ -44,6 +46,7 @@ class TrainingHealth:
                 skipped = skipped.to(torch.int64)
                 self._skipped = self._skipped + skipped
                 self._skipped_in_a_row = (self._skipped_in_a_row + skipped) * skipped
+                self._longest_run = torch.maximum(self._longest_run, self._skipped_in_a_row)
             return
         step_if_bad = torch.where(torch.isfinite(loss), _NONE, step)
         self._first_nonfinite = torch.minimum(self._first_nonfinite, step_if_bad)
@@ -57,18 +60,14 @@ class TrainingHealth:
         """Raise :class:`Diverged` if training has diverged (a host sync; every rank must
         call it, and all of them raise or none)."""
         first = self._first_nonfinite.clone()
-        run = self._skipped_in_a_row.clone()
+        run = self._longest_run.clone()
         if world_size() > 1:
             dist.all_reduce(first, op=dist.ReduceOp.MIN)
             dist.all_reduce(run, op=dist.ReduceOp.MAX)
         if int(first) != _NONE:
-            raise Diverged(
-                f"the loss became non-finite at step {int(first)}; training stopped and the "
-                "last checkpoint, written before it, is intact"
-            )
+            raise Diverged(f"the loss became non-finite at step {int(first)}")
         if run >= self.max_skipped_steps:
             raise Diverged(
-                f"fp16: {int(run)} steps in a row skipped on overflow up to step "
-                f"{self._last_step} (trainer.max_skipped_steps={self.max_skipped_steps}); "
-                "training stopped and the last checkpoint is intact"
+                f"fp16: {int(run)} steps in a row skipped on overflow by step "
+                f"{self._last_step} (trainer.max_skipped_steps={self.max_skipped_steps})"
             )

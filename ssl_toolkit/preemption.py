@@ -10,6 +10,7 @@ through one all-reduce of a CPU tensor per step over a gloo group: no device syn
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from pathlib import Path
@@ -19,10 +20,30 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["STOP_SIGNALS", "Preempted", "PreemptionGuard"]
+__all__ = ["STOP_SIGNALS", "Preempted", "PreemptionGuard", "outlive_stop_signals"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 """The signals that stop training after the step in flight."""
+
+
+def outlive_stop_signals(worker_id: int = 0) -> None:
+    """A ``DataLoader`` ``worker_init_fn``: decoding workers outlive the stop signals.
+
+    Ctrl-C and SLURM signal every process of the group. A worker that died of it would make
+    the loader raise in the main process, mid-step or at its next batch, before that process
+    could save. So a worker ignores SIGINT, and SIGTERM from anyone but its parent (whose
+    ``terminate()`` at exit must still end it): the main process decides when to stop.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_exit_on_sigterm_from_parent, daemon=True).start()
+
+
+def _exit_on_sigterm_from_parent() -> None:
+    """Wait for SIGTERMs; the parent's ends the worker, anyone else's is dropped."""
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == os.getppid():
+            os._exit(0)
 
 
 class Preempted(Exception):
@@ -58,6 +79,7 @@ class PreemptionGuard:
         self._group = dist.new_group(backend="gloo") if distributed else None
 
     def __enter__(self) -> PreemptionGuard:
+        self._signum = 0  # a signal from an earlier ``fit`` was handled there
         if threading.current_thread() is threading.main_thread():
             for signum in STOP_SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._record)

@@ -48,7 +48,7 @@ from ssl_toolkit.distributed import (
 )
 from ssl_toolkit.evaluation import Evaluator, Probes
 from ssl_toolkit.export import BACKBONE_FILE, backbone_state
-from ssl_toolkit.health import TrainingHealth
+from ssl_toolkit.health import Diverged, TrainingHealth
 from ssl_toolkit.methods import Method, build_method
 from ssl_toolkit.metric_logger import MetricLogger
 from ssl_toolkit.parallel import (
@@ -242,7 +242,7 @@ class Trainer:
                 if step == first or step % self.cfg.logging.trust_ratio_every == 0:
                     self._log_trust_ratios(step)
                 if step % self.cfg.trainer.log_every_steps == 0 or step == end:
-                    self.health.check()
+                    self._check_health()
                     loss, speed = window.flush()
                     row = {"train/loss": loss, "train/lr": lr, "train/img_per_s": speed}
                     self.logger.log(
@@ -257,12 +257,15 @@ class Trainer:
                 elif self.evaluator.should_evaluate(step):
                     knn = knn_now = self.evaluate(step)
                 best = knn_now is not None and knn_now > self.best_knn
-                if best:
-                    self.best_knn = knn_now
+                if knn_now is not None:
+                    self.best_knn = max(self.best_knn, knn_now)
+                    # The best so far, carried by checkpoints: right across resumed sessions,
+                    # where W&B's per-session summary max of knn/top1 is not.
+                    self.logger.log({"knn/best": self.best_knn}, step=step)
                 signum = self.preemption.requested()
                 last = step == end or bool(signum)
                 if best or self.checkpointer.should_save(step, last_step=last):
-                    self.health.check()  # a checkpoint never holds a diverged state
+                    self._check_health()  # a checkpoint never holds a diverged state
                     self.checkpointer.save(step, last_step=last, best=best)
                 if signum:
                     self._stop(signum, step)
@@ -357,6 +360,21 @@ class Trainer:
         trust_ratios = getattr(self.optimizer, "trust_ratios", None)
         if trust_ratios is not None:
             self.logger.log_trust_ratios(trust_ratios(adapted_only=True), step=step)
+
+    def _check_health(self) -> None:
+        """Raise :class:`Diverged` if training diverged, saying which checkpoint is left, after
+        closing the logger (so the run's files are complete)."""
+        try:
+            self.health.check()
+        except Diverged as error:
+            self.logger.finish()
+            last = self.checkpointer.path
+            left = (
+                f"the last checkpoint, {last} (step {self.checkpointer.last_saved}), is intact"
+                if self.checkpointer.last_saved
+                else "no checkpoint had been written yet"
+            )
+            raise Diverged(f"{error}; training stopped and {left}") from None
 
     def _stop(self, signum: int, step: int) -> None:
         """After a stop signal: log it, close the logger and raise :class:`Preempted`."""
@@ -492,6 +510,7 @@ class Trainer:
             raise CheckpointError(
                 f"checkpoint {path} does not match this config ({first_line})"
             ) from None
+        self.checkpointer.last_saved = self.step
         if self.ctx.is_main:
             self.console.print(f"resumed from {path} at step {self.step}", soft_wrap=True)
         return state.get("wandb_run_id")
@@ -560,11 +579,16 @@ def _probe_metrics(probes: Probes, prefix: str) -> dict[str, float]:
 
 
 def _set_deterministic(enabled: bool) -> None:
-    """Deterministic algorithms only, or torch's defaults (a process-wide setting)."""
+    """Deterministic algorithms where torch has them, or torch's defaults (process-wide).
+
+    ``warn_only``: a few CUDA kernels have no deterministic version (the backward of
+    ``AdaptiveAvgPool2d``, which every ResNet has, among them); torch warns on those instead of
+    stopping the run, and they stay the one source of run-to-run differences on GPU.
+    """
     if enabled:
         # cuBLAS needs a fixed workspace to be deterministic; set before CUDA starts.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(enabled)
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
     torch.backends.cudnn.deterministic = enabled
     torch.backends.cudnn.benchmark = False
 

@@ -123,7 +123,8 @@ class WandbLogger:
         self._run.define_metric("global_step")
         for prefix in METRIC_PREFIXES:
             self._run.define_metric(f"{prefix}/*", step_metric="global_step")
-        # The run's summary shows the best kNN accuracy, not the last one.
+        # The run's summary shows the best kNN accuracy, not the last one. W&B takes that max
+        # over one session; ``knn/best``, logged by the trainer, is the best over all of them.
         self._run.define_metric("knn/top1", step_metric="global_step", summary="max")
 
     @staticmethod

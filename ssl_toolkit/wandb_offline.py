@@ -141,8 +141,9 @@ def _run_files(run_dir: Path) -> list[Path]:
 
 def read_offline_summary(run_dir: Path) -> dict[str, Any]:
     """The run summary of the offline W&B runs in ``run_dir``: every summary key's last value
-    (``knn/top1`` is ``{"max": ...}`` since the logger asks W&B for the best). Sessions of a
-    resumed run are read in file-name (start-time) order."""
+    (``knn/top1`` is ``{"max": ...}`` since the logger asks W&B for the best in each session;
+    ``knn/best`` is the best over every session). Sessions of a resumed run are read in
+    file-name (start-time) order."""
     summary: dict[str, Any] = {}
     for path in _run_files(run_dir):
         for record in _records(path):

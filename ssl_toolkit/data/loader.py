@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ssl_toolkit.preemption import outlive_stop_signals
+
 
 class EpochBatchSampler:
     """Yield batches of dataset indices (int64 tensors), one shuffled pass per epoch.
@@ -236,6 +238,7 @@ class WorkerBatchLoader:
             batch_sampler=self._batches,
             num_workers=num_workers,
             persistent_workers=num_workers > 0,
+            worker_init_fn=outlive_stop_signals,
         )
         self._epoch_state = self.batch_sampler.state_dict()
         self._consumed = 0

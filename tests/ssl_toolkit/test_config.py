@@ -94,6 +94,8 @@ def test_byol_predictor_must_output_the_projection_width() -> None:
 def test_unknown_config_file_lists_known_ones() -> None:
     with pytest.raises(ConfigError, match=r"--config: no file 'simclr_lasr'.*simclr_lars\.yaml"):
         load_config("simclr_lasr")
+    with pytest.raises(ConfigError, match=r"--config: no file 'aaaa"):
+        load_config("a" * 5000)  # a name too long for the OS is not a file either
 
 
 def test_invalid_yaml_names_file_and_line(tmp_path: Path) -> None:
@@ -145,6 +147,28 @@ def test_base_is_merged_key_by_key_with_the_child_winning(tmp_path: Path) -> Non
     assert load_config(str(child), ["trainer.epochs=11"]).trainer.epochs == 11
 
 
+def test_only_method_and_optim_sections_are_replaced_by_another_name(tmp_path: Path) -> None:
+    _write(
+        tmp_path / "parent.yaml",
+        "data: {name: digits, batch_size: 64, image_size: 16}\n"
+        "optim: {name: lars, lr: 0.5, momentum: 0.8}\n"
+        "logging: {wandb: {name: first, mode: disabled, tags: [a]}}\n",
+    )
+    child = _write(
+        tmp_path / "child.yaml",
+        "base: parent.yaml\ndata: {name: cifar10}\noptim: {name: sgd, lr: 0.1}\n"
+        "logging: {wandb: {name: second}}\n",
+    )
+    merged = load_config(str(child))
+    # data.name and logging.wandb.name are plain values: the rest of their section is kept.
+    assert (merged.data.name, merged.data.batch_size, merged.data.image_size) == ("cifar10", 64, 16)
+    assert (merged.logging.wandb.name, merged.logging.wandb.tags) == ("second", ["a"])
+    assert merged.logging.wandb.mode == "disabled"
+    # optim.name picks another config class: LARS's lr and momentum do not carry over.
+    assert merged.optim.name == "sgd"
+    assert (merged.optim.lr, merged.optim.momentum) == (0.1, 0.9)
+
+
 def test_a_shipped_config_extends_another_by_name() -> None:
     byol, simclr = load_config("imagenet/byol"), load_config("imagenet/simclr")
     assert byol.data == simclr.data and byol.model == simclr.model
@@ -161,6 +185,7 @@ def test_a_shipped_config_extends_another_by_name() -> None:
         ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"}, "base: a cycle of bases"),
         ({"a.yaml": "base: a.yaml\n"}, "base: a cycle of bases"),
         ({"a.yaml": "base: [x]\n"}, "a.yaml: base: expected a config name or path, got ['x']"),
+        ({"a.yaml": f"base: {'b' * 5000}\n"}, "a.yaml: base: no config 'bbbb"),
     ],
 )
 def test_bad_bases_are_config_errors(tmp_path: Path, files: dict, message: str) -> None:
