@@ -24,18 +24,16 @@ def _decay_groups(config: OptimizerConfig, model: nn.Module) -> list[dict[str, o
 def build_lars(config: LARSConfig, model: nn.Module) -> LARS:
     """LARS with the config's rules.
 
-    A group keeps its weight decay for the trust ratio; parameters excluded from decay are passed
-    by name, so their update drops the decay term exactly as ``LARS`` documents.
+    A group keeps its weight decay for the trust ratio; parameters excluded from decay or from
+    adaptation are passed by name, so exclusions never split a group (one multi-tensor bucket
+    per device and dtype) and their update drops the term exactly as ``LARS`` documents.
     """
     rows = resolve_params(model, config)
     groups = group_params(
         model,
         rows,
         config.lr,
-        key=lambda row: {
-            "weight_decay": row.group_weight_decay,
-            "layer_adaptation": row.adapted,
-        },
+        key=lambda row: {"weight_decay": row.group_weight_decay},
     )
     return LARS(
         groups,
@@ -44,6 +42,7 @@ def build_lars(config: LARSConfig, model: nn.Module) -> LARS:
         weight_decay=config.weight_decay,
         eta=config.eta,
         epsilon=config.epsilon,
+        exclude_from_layer_adaptation={row.name for row in rows if not row.adapted},
         exclude_from_weight_decay={
             row.name for row in rows if row.weight_decay != row.group_weight_decay
         },

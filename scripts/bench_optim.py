@@ -46,11 +46,22 @@ def parameter_set(name: str, device: torch.device) -> list[nn.Parameter]:
     return params
 
 
+def excluded(params: list[nn.Parameter]) -> dict[str, set[str]]:
+    """The usual SSL exclusions: norms and biases (here the 1-d tensors) keep ratio 1 and get
+    no weight decay."""
+    names = {p.param_name for p in params if p.ndim <= 1}
+    return {"exclude_from_layer_adaptation": names, "exclude_from_weight_decay": names}
+
+
 def optimizers(lr: float = 0.1, wd: float = 1e-6) -> dict[str, Callable]:
     common = dict(lr=lr, momentum=0.9, weight_decay=wd)
     return {
+        "LARS default (foreach=None)": lambda ps: LARS(ps, **common),
         "LARS single-tensor": lambda ps: LARS(ps, **common, foreach=False),
         "LARS multi-tensor": lambda ps: LARS(ps, **common, foreach=True),
+        "LARS multi-tensor, norms/biases excluded": lambda ps: LARS(
+            ps, **common, **excluded(ps), foreach=True
+        ),
         "LARS fused (compiled)": lambda ps: LARS(ps, **common, fused=True),
         "per-parameter LARS (original style)": lambda ps: PerParameterLARS(ps, **common),
         "timm Lars single-tensor": lambda ps: timm.optim.Lars(ps, **common, foreach=False),
@@ -59,31 +70,35 @@ def optimizers(lr: float = 0.1, wd: float = 1e-6) -> dict[str, Callable]:
     }
 
 
-def time_steps(opt: torch.optim.Optimizer, device: torch.device, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
+def time_step(opt: torch.optim.Optimizer, device: torch.device) -> float:
+    """Milliseconds of one step, the device's queue drained before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1e3
 
 
 def bench(model_name: str, device: torch.device, repeats: int, console: Console) -> None:
-    rows = []
+    """One table: every optimizer built first, then timed in turn, one step each per round,
+    so that a noisy spell of the machine touches every row alike."""
+    built = {}
     for label, make in optimizers().items():
-        params = parameter_set(model_name, device)
-        opt = make(params)
-        start = time.perf_counter()
-        opt.step()  # creates state; compiles the fused path
-        first_ms = (time.perf_counter() - start) * 1e3
+        opt = make(parameter_set(model_name, device))
+        first_ms = time_step(opt, device)  # creates state; compiles the fused path
         # Dispatch modes cannot see inside a compiled graph: the fused row has no counts.
         counts = None if "fused" in label else count_ops(opt.step)
-        times = time_steps(opt, device, repeats)
-        rows.append((label, counts, statistics.median(times), first_ms))
+        built[label] = (opt, counts, first_ms)
+    times: dict[str, list[float]] = {label: [] for label in built}
+    for _ in range(repeats):
+        for label, (opt, _, _) in built.items():
+            times[label].append(time_step(opt, device))
+    rows = [
+        (label, counts, statistics.median(times[label]), first_ms)
+        for label, (_, counts, first_ms) in built.items()
+    ]
     sgd_ms = next(ms for label, _, ms, _ in rows if label == "torch SGD foreach")
     n_params = len(parameter_set(model_name, torch.device("cpu")))
     table = Table(title=f"{model_name} ({n_params} tensors) on {device.type}, {repeats} steps")

@@ -74,6 +74,34 @@ def test_hand_computed_ratio_and_excluded_report_one(path: dict) -> None:
 
 
 @pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_interleaved_exclusions_in_one_bucket_hand_computed(path: dict) -> None:
+    """Excluded and adapted tensors in any order share a bucket; each keeps its own flags.
+    w: r = 0.01 * 5 / (1 + 0.1 * 5) = 1/30; c (no decay): r = 0.01 * 2 / (1 + 0.1 * 2) = 1/60."""
+    b, w, c = _named(torch.tensor([1.0]), torch.tensor([3.0, 4.0]), torch.tensor([0.0, 2.0]))
+    b.grad, w.grad, c.grad = torch.tensor([2.0]), torch.tensor([0.6, 0.8]), torch.tensor([1.0, 0.0])
+    opt = LARS(
+        [b, w, c],
+        lr=1.0,
+        momentum=0.0,
+        weight_decay=0.1,
+        eta=0.01,
+        epsilon=0.0,
+        exclude_from_layer_adaptation={"p0"},
+        exclude_from_weight_decay={"p0", "p2"},
+        **path,
+    )
+    opt.step()
+    ratios = opt.trust_ratios()
+    assert ratios["p0"].item() == 1.0
+    assert ratios["p1"].item() == pytest.approx(1 / 30, rel=1e-6)
+    assert ratios["p2"].item() == pytest.approx(1 / 60, rel=1e-6)
+    assert list(opt.trust_ratios(adapted_only=True)) == ["p1", "p2"]
+    torch.testing.assert_close(b.detach(), torch.tensor([1.0 - 2.0]))
+    torch.testing.assert_close(w.detach(), torch.tensor([3.0 - 0.9 / 30, 4.0 - 1.2 / 30]))
+    torch.testing.assert_close(c.detach(), torch.tensor([0.0 - 1 / 60, 2.0]))
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
 def test_parameters_without_gradient_are_skipped(path: dict) -> None:
     w, frozen = _named(torch.ones(2), torch.ones(2))
     w.grad = torch.ones(2)

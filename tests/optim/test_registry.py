@@ -78,8 +78,9 @@ def test_lars_groups_carry_rules(small_resnet: SmallResNet) -> None:
         small_resnet,
     )
     by_name = {p.param_name: g for g in opt.param_groups for p in g["params"]}
-    assert by_name["conv1.weight"]["layer_adaptation"] is True
-    assert by_name["bn1.weight"]["layer_adaptation"] is False
+    assert opt.exclude_set == opt.exclude_from_weight_decay
+    assert "bn1.weight" in opt.exclude_set and "conv1.weight" not in opt.exclude_set
+    assert len(opt.param_groups) == 2  # exclusions do not split groups; the lr scale does
     assert by_name["fc.weight"]["lr"] == pytest.approx(0.1)
     assert opt.exclude_from_weight_decay == {
         n for n in by_name if n.startswith(("bn", "downsample.1")) or n == "fc.bias"

@@ -148,9 +148,9 @@ def test_recipe_gives_biases_and_norms_their_own_lr_without_adaptation_or_decay(
     assert any(".bn1." in n for n in others) and any(n.endswith(".bias") for n in others)
     assert weights and others
     for name in weights:
-        assert groups[name]["lr"] == 1.0 and groups[name]["layer_adaptation"], name
+        assert groups[name]["lr"] == 1.0 and name not in optimizer.exclude_set, name
         assert groups[name]["weight_decay"] == 1.5e-6, name
     for name in others:
         assert groups[name]["lr"] == pytest.approx(0.024), name
-        assert not groups[name]["layer_adaptation"], name
+        assert name in optimizer.exclude_set, name
         assert name in optimizer.exclude_from_weight_decay, name
