@@ -460,11 +460,6 @@ def _color_jitter_(x: Tensor, p: ViewParams, policy: ViewPolicy) -> None:
 
 
 def _blur_selected(x: Tensor, p: ViewParams, kernel_size: int) -> Tensor:
-    """Blur only the samples drawn for blurring (all of them skips the gather/scatter)."""
-    if bool(p.blur.all()):
-        return BF.gaussian_blur(x, p.blur_sigma, kernel_size)
-    index = p.blur.nonzero().squeeze(1)
-    if index.numel() == 0:
-        return x
-    blurred = BF.gaussian_blur(x.index_select(0, index), p.blur_sigma[index], kernel_size)
-    return x.index_copy(0, index, blurred)
+    """Blur the samples drawn for blurring; the others pass through exactly, with no host
+    sync to find them."""
+    return BF.gaussian_blur(x, p.blur_sigma, kernel_size, apply=p.blur)

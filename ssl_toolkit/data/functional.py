@@ -129,12 +129,16 @@ def blur_kernel_size(image_size: tuple[int, int]) -> int:
     return max(3, int(0.1 * min(image_size)) // 2 * 2 + 1)
 
 
-def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
+def gaussian_blur(
+    x: Tensor, sigma: Tensor, kernel_size: int, apply: Tensor | None = None
+) -> Tensor:
     """Separable Gaussian blur with one ``sigma`` per sample and reflect padding.
 
     ``kernel_size`` must be odd and is shared by the batch (see :func:`blur_kernel_size`).
     Samples and channels are folded into the channel dimension of one depthwise convolution,
     so every (sample, channel) pair gets its own kernel in a single call per direction.
+    Samples where the bool ``apply`` is False get the identity kernel (a one at the centre),
+    which returns them exactly; picking the others out instead would need a host sync.
     """
     if kernel_size % 2 != 1:
         raise ValueError(f"kernel_size must be odd, got {kernel_size}")
@@ -143,7 +147,11 @@ def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
     offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     sigma = sigma.to(device=x.device, dtype=x.dtype).view(-1, 1)
     kernels = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernels = (kernels / kernels.sum(dim=1, keepdim=True)).repeat_interleave(channels, dim=0)
+    kernels = kernels / kernels.sum(dim=1, keepdim=True)
+    if apply is not None:
+        identity = (offsets == 0).to(x.dtype)
+        kernels = torch.where(apply.to(x.device).view(-1, 1), kernels, identity)
+    kernels = kernels.repeat_interleave(channels, dim=0)
     groups = batch * channels
     padded = F.pad(x, (radius, radius, radius, radius), mode="reflect")
     padded = padded.view(1, groups, height + 2 * radius, width + 2 * radius)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from optim.op_count import count_ops
 from ssl_toolkit.data import functional as BF
 
 DEVICES = [
@@ -128,6 +129,18 @@ def test_gaussian_blur_matches_torchvision_per_sample(device, images, kernel_siz
         ]
     )
     torch.testing.assert_close(out.cpu(), expected, atol=1e-5, rtol=0)
+
+
+def test_gaussian_blur_leaves_unselected_samples_exactly_as_they_were(device, images):
+    """Identity kernels instead of a gather of the selected samples: no host sync, and the
+    others come back bit for bit."""
+    images = images.to(device)
+    sigma = torch.tensor([0.1, 0.5, 1.0, 1.5, 2.0, 0.3], device=device)
+    apply = torch.tensor([True, False, True, False, False, True], device=device)
+    out = BF.gaussian_blur(images, sigma, 9, apply=apply)
+    assert torch.equal(out[~apply], images[~apply])
+    torch.testing.assert_close(out[apply], BF.gaussian_blur(images[apply], sigma[apply], 9))
+    assert count_ops(lambda: BF.gaussian_blur(images, sigma, 9, apply=apply)).syncs == 0
 
 
 def test_gaussian_blur_needs_an_odd_kernel(images):
