@@ -5,7 +5,9 @@
 - :func:`torchvision_pipeline` and :class:`TwoViewDataset`: SimCLR's augmentation per image
   with ``torchvision.transforms.v2``, as most SSL code runs it in DataLoader workers;
   :func:`two_view_folder` does the same on an image folder read by torchvision's
-  ``ImageFolder`` (PIL decoding).
+  ``ImageFolder`` (PIL decoding);
+- :func:`lightly_two_view`: lightly's own ``SimCLRTransform`` on PIL images, when lightly is
+  installed (``pip install .[bench]``).
 """
 
 from __future__ import annotations
@@ -90,3 +92,17 @@ def two_view_folder(root: str, size: int) -> Dataset:
 
     pipeline = v2.Compose([v2.ToImage(), torchvision_pipeline(size)])
     return ImageFolder(root, transform=lambda image: (pipeline(image), pipeline(image)))
+
+
+def lightly_two_view(images: torch.Tensor, size: int) -> Dataset | None:
+    """lightly's SimCLR pipeline per PIL image with this toolkit's SimCLR settings (blur from
+    96 px, as ``SimCLRAugment``), or None without lightly."""
+    try:
+        from lightly.transforms import SimCLRTransform
+    except ImportError:
+        return None
+    from torchvision.transforms.v2.functional import to_pil_image
+
+    simclr = SimCLRTransform(input_size=size, gaussian_blur=0.5 if size >= 96 else 0.0)
+    view = simclr.transforms[0]  # both views run the same transform
+    return TwoViewDataset(images, lambda image: view(to_pil_image(image)))

@@ -67,7 +67,18 @@ def optimizers(lr: float = 0.1, wd: float = 1e-6) -> dict[str, Callable]:
         "timm Lars single-tensor": lambda ps: timm.optim.Lars(ps, **common, foreach=False),
         "timm Lars foreach": lambda ps: timm.optim.Lars(ps, **common, foreach=True),
         "torch SGD foreach": lambda ps: torch.optim.SGD(ps, **common, foreach=True),
+        **lightly_lars(common),
     }
+
+
+def lightly_lars(common: dict) -> dict[str, Callable]:
+    """lightly's LARS (``lightly.utils.lars``) when lightly is installed (``pip install
+    .[bench]``); nothing otherwise."""
+    try:
+        from lightly.utils.lars import LARS as LightlyLARS
+    except ImportError:
+        return {}
+    return {"lightly LARS": lambda ps: LightlyLARS(ps, **common)}
 
 
 def time_step(opt: torch.optim.Optimizer, device: torch.device) -> float:

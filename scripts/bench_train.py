@@ -2,11 +2,14 @@
 
 Same run, same ResNet-18 SimCLR model at 32 px on the digits data, batch 128:
 
-- this trainer: in-memory batches, batched ``SimCLRAugment``, this LARS (multi-tensor), and
+- this trainer: in-memory batches, batched ``SimCLRAugment``, this LARS (the CPU default), and
   the trust ratios moved to the host in one transfer (done every step here, every
-  ``logging.trust_ratio_every`` steps in training);
+  ``logging.trust_ratio_every`` steps in training); the same with the model and its loss
+  compiled, as ``trainer.compile=true`` does (the warm-up step pays the compilation);
 - baseline: a per-image ``torchvision.transforms.v2`` pipeline in a 2-worker DataLoader, the
-  model stepped by timm's ``Lars``.
+  model stepped by timm's ``Lars``;
+- lightly, when installed (``pip install .[bench]``): lightly's ``SimCLRTransform`` per PIL
+  image in a 2-worker DataLoader and lightly's ``LARS``, same settings.
 
 Columns are medians over the timed steps: data (batch + augmentation), forward + backward,
 optimizer step, logging, and images/s of the whole step.
@@ -24,16 +27,20 @@ from collections.abc import Callable, Iterator
 
 import timm.optim
 import torch
-from baselines import TwoViewDataset, torchvision_pipeline
+from baselines import TwoViewDataset, lightly_two_view, torchvision_pipeline
 from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader
 
+from optim import build_optimizer
 from ssl_toolkit.config import load_config
 from ssl_toolkit.trainer import Trainer
 from ssl_toolkit.wandb_logger import trust_ratio_metrics
 
 PHASES = ("data", "forward+backward", "optimizer", "logging")
+COMPILED = "this trainer, trainer.compile=true"
+BASELINE = "torchvision per-image + timm Lars"
+LIGHTLY = "lightly SimCLRTransform per image + lightly LARS"
 
 
 def time_steps(
@@ -92,6 +99,16 @@ def main() -> None:
         args.steps,
     )
 
+    compiled_model = copy.deepcopy(trainer.method)
+    compiled_optimizer = build_optimizer(cfg.optim, compiled_model.trainable_module())
+    compiled = time_steps(
+        lambda: trainer.augment(next(batches)),
+        torch.compile(compiled_model),  # what trainer.compile=true does
+        compiled_optimizer,
+        lambda: trust_ratio_metrics(compiled_optimizer.trust_ratios(adapted_only=True)),
+        args.steps,
+    )
+
     baseline_model = copy.deepcopy(trainer.method)
     lars = timm.optim.Lars(
         baseline_model.parameters(), lr=0.15, momentum=0.9, weight_decay=1e-6, trust_coeff=1e-3
@@ -106,19 +123,44 @@ def main() -> None:
     )
     views = forever(loader)
     baseline = time_steps(lambda: next(views), baseline_model, lars, lambda: None, args.steps)
+    rows = {"this trainer": ours, COMPILED: compiled, BASELINE: baseline}
+    lightly_set = lightly_two_view(trainer.train_set.images, cfg.data.image_size)
+    if lightly_set is not None:
+        from lightly.utils.lars import LARS as LightlyLARS
+
+        lightly_model = copy.deepcopy(trainer.method)
+        lightly_lars = LightlyLARS(
+            lightly_model.parameters(), lr=0.15, momentum=0.9, weight_decay=1e-6
+        )
+        lightly_views = forever(
+            DataLoader(
+                lightly_set,
+                batch_size=cfg.data.batch_size,
+                shuffle=True,
+                drop_last=True,
+                num_workers=2,
+                persistent_workers=True,
+            )
+        )
+        rows[LIGHTLY] = time_steps(
+            lambda: next(lightly_views), lightly_model, lightly_lars, lambda: None, args.steps
+        )
 
     table = Table(title=f"SimCLR ResNet-18, 32 px, batch {cfg.data.batch_size}, CPU, ms per step")
     table.add_column("pipeline")
     for column in (*PHASES, "images/s"):
         table.add_column(column, justify="right")
     speeds = {}
-    for name, phases in (("this trainer", ours), ("torchvision per-image + timm Lars", baseline)):
+    for name, phases in rows.items():
         speeds[name] = cfg.data.batch_size / (sum(phases.values()) / 1e3)
         table.add_row(name, *(f"{phases[p]:.1f}" for p in PHASES), f"{speeds[name]:.0f}")
     console = Console(width=120)
     console.print(table)
-    ratio = speeds["this trainer"] / speeds["torchvision per-image + timm Lars"]
-    console.print(f"this trainer / baseline images/s: {ratio:.2f}x")
+    for ours_name in ("this trainer", COMPILED):
+        for name in (BASELINE, LIGHTLY):
+            if name in speeds:
+                ratio = speeds[ours_name] / speeds[name]
+                console.print(f"{ours_name} / {name} images/s: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

@@ -169,7 +169,9 @@ class TrainerConfig(ConfigSection):
     channels_last: bool = Field(
         True, description="channels-last memory format (images only under `fsdp2`)"
     )
-    compile: bool = Field(False, description="`torch.compile` the model")
+    compile: bool = Field(
+        False, description="`torch.compile` the model and its loss (forward and backward)"
+    )
     accumulate_grad_batches: int = Field(1, ge=1, description="micro-batches per optimizer step")
     checkpoint_every_steps: int = Field(
         500, ge=1, description="steps between checkpoints (also at every epoch end)"
