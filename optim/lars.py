@@ -378,15 +378,12 @@ def _single_tensor_lars(
     if overflow is not None:
         # An overflowed gradient holds inf or nan, which no multiplication can zero out.
         grads = [torch.where(overflow.keep, g, 0.0) for g in grads]
-    ratios = None
-    step_size: float | Tensor = lr
+    norms = None
     if adapted:
         norms = torch.stack([_norm(t) for t in (*params[:adapted], *grads[:adapted])])
-        ratios = _bucket_ratios(norms, lr, weight_decay, eta, epsilon, trust_clip)
-        step_size = F.pad(ratios, (0, len(params) - adapted), value=1.0) * lr
-    if overflow is not None:
-        step_size = overflow.step_mask * step_size
-    steps = _per_tensor(step_size, len(params))
+    ratios, steps = _bucket_steps(
+        norms, len(params), lr, weight_decay, eta, epsilon, trust_clip, overflow
+    )
     decayed_steps = _decayed_steps(steps, decays)
     held = momentum if overflow is None else overflow.momentum
     for index, (p, g, buf) in enumerate(zip(params, grads, bufs)):
@@ -445,16 +442,10 @@ def _multi_tensor_lars(
         grads = torch._foreach_div(grads, grad_scale.to(params[0].device))
     if overflow is not None:
         grads = [torch.where(overflow.keep, g, 0.0) for g in grads]
-    ratios = None
-    step_size: float | Tensor | Sequence[Tensor] = lr
-    if adapted:
-        norms = _bucket_norms(params[:adapted], grads[:adapted], norm_group)
-        ratios = _bucket_ratios(norms, lr, weight_decay, eta, epsilon, trust_clip)
-        # The tensors after the adapted ones are not adapted: ratio 1.
-        step_size = F.pad(ratios, (0, len(params) - adapted), value=1.0) * lr
-    if overflow is not None:
-        step_size = overflow.step_mask * step_size
-    steps = _per_tensor(step_size, len(params))
+    norms = _bucket_norms(params[:adapted], grads[:adapted], norm_group) if adapted else None
+    ratios, steps = _bucket_steps(
+        norms, len(params), lr, weight_decay, eta, epsilon, trust_clip, overflow
+    )
     # buf = momentum * buf + step * g + step * decay * p: g + decay * p is never materialised,
     # since a temporary the size of the model costs more than the extra multiply-add.
     decayed_steps = _decayed_steps(steps, decays)
@@ -516,18 +507,29 @@ def _foreach_add_scaled_(
             out.add_(tensor, alpha=scale)
 
 
-def _bucket_ratios(
-    norms: Tensor,
+def _bucket_steps(
+    norms: Tensor | None,
+    count: int,
     lr: float | Tensor,
     weight_decay: float,
     eta: float,
     epsilon: float,
     trust_clip: bool,
-) -> Tensor:
-    """The applied ratios of a bucket from its weight norms followed by its gradient norms."""
-    w_norms, g_norms = norms.chunk(2)
-    ratios = _trust_ratio(w_norms, g_norms, weight_decay, eta, epsilon)
-    return _applied_ratio(ratios, lr, trust_clip)
+    overflow: _Overflow | None,
+) -> tuple[Tensor | None, float | list[Tensor]]:
+    """The applied ratios of the adapted tensors (from their weight norms followed by their
+    gradient norms; None when none is adapted) and every tensor's step size: lr times its
+    ratio, 1 past the adapted ones, and 0 on a GradScaler overflow."""
+    ratios = None
+    step_size: float | Tensor = lr
+    if norms is not None:
+        w_norms, g_norms = norms.chunk(2)
+        ratios = _trust_ratio(w_norms, g_norms, weight_decay, eta, epsilon)
+        ratios = _applied_ratio(ratios, lr, trust_clip)
+        step_size = F.pad(ratios, (0, count - len(ratios)), value=1.0) * lr
+    if overflow is not None:
+        step_size = overflow.step_mask * step_size
+    return ratios, _per_tensor(step_size, count)
 
 
 def _bucket_norms(params: list[Tensor], grads: list[Tensor], norm_group: Any) -> Tensor:
