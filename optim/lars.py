@@ -274,7 +274,7 @@ def lars(
         eta=eta,
         epsilon=epsilon,
         adapted=len(params) if adapted is None else adapted,
-        decays=_decays(weight_decay, decayed, len(params)),
+        decays=_decays(weight_decay, decayed),
         trust_clip=trust_clip,
         nesterov=nesterov,
         grad_scale=grad_scale,
@@ -290,7 +290,7 @@ def lars(
     return _multi_tensor_lars(params, grads, bufs, lr=lr, norm_group=norm_group, **kwargs)
 
 
-def _decays(weight_decay: float, decayed: Sequence[bool] | None, count: int) -> float | list[float]:
+def _decays(weight_decay: float, decayed: Sequence[bool] | None) -> float | list[float]:
     """The weight-decay coefficient of every tensor: one float when they all share it."""
     if decayed is None or all(decayed):
         return weight_decay
@@ -387,8 +387,7 @@ def _single_tensor_lars(
     decayed_steps = _decayed_steps(steps, decays)
     held = momentum if overflow is None else overflow.momentum
     for index, (p, g, buf) in enumerate(zip(params, grads, bufs)):
-        step = steps if isinstance(steps, float) else steps[index]
-        decayed_step = _item(decayed_steps, index)
+        step, decayed_step = _item(steps, index), _item(decayed_steps, index)
         # buf = momentum * buf + step * g + step * decay * p (see _multi_tensor_lars).
         buf.mul_(held)
         _add_scaled_(buf, g, step)
@@ -502,9 +501,8 @@ def _foreach_add_scaled_(
         torch._foreach_add_(outs, tensors, alpha=scales)
     elif isinstance(scales[0], Tensor):
         torch._foreach_addcmul_(outs, tensors, scales)
-    else:
-        for out, tensor, scale in zip(outs, tensors, scales):
-            out.add_(tensor, alpha=scale)
+    else:  # a float each: only a bucket of unadapted tensors with mixed decay, at a float lr
+        torch._foreach_add_(outs, torch._foreach_mul(tensors, scales))
 
 
 def _bucket_steps(

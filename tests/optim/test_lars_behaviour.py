@@ -102,6 +102,21 @@ def test_interleaved_exclusions_in_one_bucket_hand_computed(path: dict) -> None:
 
 
 @pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_unadapted_group_with_mixed_decay_hand_computed(path: dict) -> None:
+    """No ratios at all (a float step) and a decay term for p0 only: p -= lr * (g + wd * p)."""
+    w, b = _named(torch.tensor([2.0, -4.0]), torch.tensor([1.0]))
+    w.grad, b.grad = torch.tensor([1.0, 1.0]), torch.tensor([3.0])
+    group = {"params": [w, b], "layer_adaptation": False}
+    opt = LARS(
+        [group], lr=0.1, momentum=0.0, weight_decay=0.5, exclude_from_weight_decay={"p1"}, **path
+    )
+    opt.step()
+    torch.testing.assert_close(w.detach(), torch.tensor([2.0 - 0.1 * 2.0, -4.0 - 0.1 * -1.0]))
+    torch.testing.assert_close(b.detach(), torch.tensor([1.0 - 0.1 * 3.0]))
+    assert opt.trust_ratios(adapted_only=True) == {}
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
 def test_parameters_without_gradient_are_skipped(path: dict) -> None:
     w, frozen = _named(torch.ones(2), torch.ones(2))
     w.grad = torch.ones(2)
