@@ -63,14 +63,13 @@ def build_backbone(name: str, *, cifar_stem: bool = False, **kwargs: object) -> 
     supported for ResNets only. Extra ``kwargs`` go to the model constructor. The returned module
     has ``num_features`` set to D. Unknown names raise ``ValueError`` listing close names.
     """
+    check_backbone_name(name)
     if name.startswith(TIMM_PREFIX):
         model = _build_timm(name.removeprefix(TIMM_PREFIX), **kwargs)
-    elif name in _TORCHVISION:
+    else:
         model = _TORCHVISION[name](weights=None, **kwargs)
         model.num_features = model.fc.in_features
         model.fc = nn.Identity()
-    else:
-        raise ValueError(_unknown_name_message(name))
     if cifar_stem:
         _use_cifar_stem(model, name)
     return model
@@ -79,8 +78,6 @@ def build_backbone(name: str, *, cifar_stem: bool = False, **kwargs: object) -> 
 def _build_timm(arch: str, **kwargs: object) -> nn.Module:
     import timm
 
-    if not timm.is_model(arch):
-        raise ValueError(_unknown_name_message(TIMM_PREFIX + arch))
     model = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
     if not isinstance(getattr(model, "num_features", None), int):
         raise ValueError(f"timm model {arch!r} does not report num_features")

@@ -19,6 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -33,36 +34,21 @@ from ssl_toolkit.checkpoint import (
 from ssl_toolkit.cli import USAGE_ERRORS, print_error
 from ssl_toolkit.config import ExperimentConfig, load_config
 from ssl_toolkit.distributed import DEVICES, resolve_device
-from ssl_toolkit.evaluation import (
-    encode,
-    eval_datasets,
-    knn_top1,
-    linear_eval_sgd,
-    linear_probe,
-)
+from ssl_toolkit.evaluation import Evaluator, linear_eval_sgd
 from ssl_toolkit.methods import Method, build_method
 
 
-def _probes(method: Method, cfg: ExperimentConfig, device, labels_per_class: int) -> dict:
-    datasets = eval_datasets(cfg)
-    if datasets is None:
+def _probes(method: Method, cfg: ExperimentConfig, device: torch.device) -> dict[str, float]:
+    """The run's own end-of-run probes (``Evaluator.probes``), as in its ``summary.json``."""
+    evaluator = Evaluator(cfg, steps_per_epoch=1, total_steps=1, device=device)
+    if not evaluator.enabled:
         raise ConfigError(["eval.root: the data has no labels; set eval.root=LABELLED_FOLDER"])
-    (train, train_y), (test, test_y) = (encode(method.embed, d, cfg, device) for d in datasets)
-    num_classes = int(max(train_y.max(), test_y.max())) + 1
-    common = {"num_classes": num_classes}
+    probes = evaluator.probes(method.embed)
     return {
-        f"kNN (k={cfg.eval.knn_k})": knn_top1(
-            train,
-            train_y,
-            test,
-            test_y,
-            k=cfg.eval.knn_k,
-            temperature=cfg.eval.knn_temperature,
-            **common,
-        ),
-        "linear probe (L-BFGS), all labels": linear_probe(train, train_y, test, test_y, **common),
-        f"linear probe (L-BFGS), {labels_per_class} labels per class": linear_probe(
-            train, train_y, test, test_y, labels_per_class=labels_per_class, **common
+        f"kNN (k={cfg.eval.knn_k})": probes.knn_top1,
+        "linear probe (L-BFGS), all labels": probes.linear_top1,
+        f"linear probe (L-BFGS), {probes.labels_per_class} labels per class": (
+            probes.linear_top1_few_labels
         ),
     }
 
@@ -72,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path, help="a run directory written by pretrain.py")
     parser.add_argument("--checkpoint", type=Path, help=f"default: RUN_DIR/{LAST_CHECKPOINT}")
     parser.add_argument("--protocol", choices=["probe", "sgd"], default="probe")
-    parser.add_argument("--labels-per-class", type=int, default=10, help="the few-label probe")
+    parser.add_argument(
+        "--labels-per-class", type=int, help="the few-label probe (default: the run's config)"
+    )
     parser.add_argument("--epochs", type=int, default=90, help="sgd: epochs (the papers: 90)")
     parser.add_argument("--batch-size", type=int, default=256, help="sgd: batch size")
     parser.add_argument("--lr", type=float, default=0.1, help="sgd: lr per 256 images")
@@ -82,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not (args.run_dir / "config.yaml").is_file():
             raise ConfigError([f"{args.run_dir}: no config.yaml, not a run directory"])
-        cfg = load_config(str(args.run_dir / "config.yaml"))
+        few = [f"eval.labels_per_class={args.labels_per_class}"] if args.labels_per_class else []
+        cfg = load_config(str(args.run_dir / "config.yaml"), few)
         checkpoint = args.checkpoint or checkpoint_path(args.run_dir)
         state = load_checkpoint(checkpoint)
         method = build_method(cfg)
@@ -93,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         method.to(device).eval()
         if args.protocol == "probe":
-            rows = _probes(method, cfg, device, args.labels_per_class)
+            rows = _probes(method, cfg, device)
         else:
             with Progress(console=console) as progress:
                 task = progress.add_task("linear evaluation (SGD)", total=args.epochs)

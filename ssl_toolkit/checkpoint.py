@@ -18,7 +18,7 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ __all__ = [
     "LAST_CHECKPOINT",
     "CheckpointError",
     "Checkpointer",
+    "atomic_write",
     "capture_rng_state",
     "checkpoint_path",
     "load_checkpoint",
@@ -74,19 +75,19 @@ def _describe(exc: Exception) -> str:
     return f"it is corrupt or truncated ({type(exc).__name__}: {first_sentence})"
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Atomically write ``state`` to ``path`` with ``torch.save``, creating parent directories.
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write a file through ``write(file)``, atomically, creating parent directories.
 
     The data goes to a temporary file in the same directory, is flushed and fsynced, then
     ``os.replace`` swaps it in. On any failure the temporary file is removed and an existing
-    checkpoint at ``path`` is left untouched.
+    file at ``path`` is left untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
@@ -95,6 +96,11 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
             os.unlink(tmp_name)
         raise
     _fsync_directory(path.parent)
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Atomically write ``state`` to ``path`` with ``torch.save`` (see :func:`atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
@@ -191,10 +197,15 @@ def load_latest(run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
     corrupt, the newest good ``step-*.pt`` (with a warning). ``None`` when there is none."""
     directory = checkpoint_path(run_dir).parent
     candidates = [checkpoint_path(run_dir), *step_checkpoints(directory)]
-    broken = []
+    broken, tried = [], set()
     for path in candidates:
         if not path.is_file():
             continue
+        stat = path.stat()
+        inode = (stat.st_dev, stat.st_ino)
+        if inode in tried:  # last.pt is a link to the newest step file: read once
+            continue
+        tried.add(inode)
         try:
             state = load_checkpoint(path)
         except CheckpointError as err:
@@ -233,8 +244,12 @@ class Checkpointer:
         steps_per_epoch: int,
         keep: int = 2,
         enabled: bool = True,
+        before_save: Callable[[], None] | None = None,
     ) -> None:
         self.path = checkpoint_path(run_dir)
+        self.before_save = before_save
+        """Called on every process when a save is due, before the state is taken (the trainer
+        checks there that it is not saving a diverged state)."""
         self.state = state
         self.every_steps = every_steps
         self.steps_per_epoch = steps_per_epoch
@@ -251,6 +266,8 @@ class Checkpointer:
         """Write the checkpoint if it is due after step ``step``; True when it was due."""
         due = best or self.should_save(step, last_step=last_step)
         if due:
+            if self.before_save is not None:
+                self.before_save()
             state = self.state()
             self.last_saved = step
             if self.enabled:

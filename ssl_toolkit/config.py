@@ -293,14 +293,21 @@ def _is_file(path: Path) -> bool:
         return False
 
 
+def _find_config(name: str, *directories: Path) -> Path | None:
+    """``name`` or ``name.yaml`` in the first of ``directories`` that has it."""
+    for directory in directories:
+        for candidate in (directory / name, directory / f"{name}.yaml"):
+            if _is_file(candidate):
+                return candidate
+    return None
+
+
 def resolve_config_path(name_or_path: str) -> Path:
     """A path as given, or a bare name looked up in ``configs/`` (``.yaml`` optional)."""
     path = Path(name_or_path)
-    if _is_file(path):
-        return path
-    for candidate in (CONFIG_DIR / name_or_path, CONFIG_DIR / f"{name_or_path}.yaml"):
-        if _is_file(candidate):
-            return candidate
+    found = path if _is_file(path) else _find_config(name_or_path, CONFIG_DIR)
+    if found is not None:
+        return found
     known = sorted(str(p.relative_to(CONFIG_DIR)) for p in CONFIG_DIR.rglob("*.yaml"))
     raise ConfigError(
         [f"--config: no file {name_or_path!r} here or in configs/; known: {', '.join(known)}"]
@@ -402,18 +409,17 @@ def _merge_mappings(base: dict[str, Any], child: dict[str, Any]) -> dict[str, An
 
 
 def _with_bases(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """The YAML at ``path`` merged over its ``base:`` chain (bare names from ``configs/``)."""
+    """The YAML at ``path`` merged over its ``base:`` chain: a base is looked up beside its
+    child, then in ``configs/`` (``.yaml`` optional), never in the working directory."""
     data = _read_yaml(path)
     if "base" not in data:
         return data
     base = data.pop("base")
     if not isinstance(base, str) or not base:
         raise ConfigError([f"{path}: base: expected a config name or path, got {base!r}"])
-    beside = path.parent / base
-    try:
-        base_path = beside if _is_file(beside) else resolve_config_path(base)
-    except ConfigError:
-        raise ConfigError([f"{path}: base: no config {base!r} beside it or in configs/"]) from None
+    base_path = _find_config(base, path.parent, CONFIG_DIR)
+    if base_path is None:
+        raise ConfigError([f"{path}: base: no config {base!r} beside it or in configs/"])
     resolved = [p.resolve() for p in (*chain, path)]
     if base_path.resolve() in resolved:
         cycle = " -> ".join(str(p) for p in (*chain, path, base_path))

@@ -277,7 +277,7 @@ def linear_eval_sgd(
     crop_and_flip = ViewPolicy(jitter_p=0.0, gray_p=0.0)
     augment = TwoViewAugment(crop_and_flip, crop_and_flip, out_size=size)
     augment_generator = torch.Generator(device).manual_seed(seed)
-    test, test_labels = _features(encoder, test_set, cfg, device, normalise=False)
+    test, test_labels = encode(encoder, test_set, cfg, device, normalise=False)
     generator = torch.Generator().manual_seed(seed)
     classifier = nn.Linear(test.shape[1], int(train_set.targets.max()) + 1)
     with torch.no_grad():
@@ -344,20 +344,11 @@ def encode(
     cfg: ExperimentConfig,
     device: torch.device,
     memory_format: torch.memory_format = torch.contiguous_format,
-) -> tuple[Tensor, Tensor]:
-    """L2-normalised features of every image: resized to ``data.image_size``, normalised."""
-    return _features(encoder, dataset, cfg, device, memory_format)
-
-
-def _features(
-    encoder: Callable[[Tensor], Tensor],
-    dataset: Dataset,
-    cfg: ExperimentConfig,
-    device: torch.device,
-    memory_format: torch.memory_format = torch.contiguous_format,
     *,
     normalise: bool = True,
 ) -> tuple[Tensor, Tensor]:
+    """Features of every image (L2-normalised unless ``normalise=False``): resized to
+    ``data.image_size``, normalised."""
     size = cfg.data.image_size
     mean = torch.tensor(IMAGENET_MEAN, device=device)
     std = torch.tensor(IMAGENET_STD, device=device)

@@ -37,6 +37,7 @@ class TrainingHealth:
         self._longest_run = torch.zeros((), dtype=torch.int64, device=device)
         self._skipped = torch.zeros((), dtype=torch.int64, device=device)
         self._last_step = 0
+        self._checked_step = -1
 
     def record(self, step: int, loss: Tensor, skipped: Tensor | None = None) -> None:
         """Note step ``step``'s loss and, with fp16, whether the scaler skipped it."""
@@ -58,16 +59,27 @@ class TrainingHealth:
 
     def check(self) -> None:
         """Raise :class:`Diverged` if training has diverged (a host sync; every rank must
-        call it, and all of them raise or none)."""
-        first = self._first_nonfinite.clone()
-        run = self._longest_run.clone()
+        call it, and all of them raise or none). A second check with no step recorded in
+        between costs nothing."""
+        if self._checked_step == self._last_step:
+            return
+        self._checked_step = self._last_step
+        if self.fp16:  # the scaler skips non-finite steps: only their runs matter
+            run = self._reduced(self._longest_run, dist.ReduceOp.MAX)
+            if run >= self.max_skipped_steps:
+                raise Diverged(
+                    f"fp16: {run} steps in a row skipped on overflow by step "
+                    f"{self._last_step} (trainer.max_skipped_steps={self.max_skipped_steps})"
+                )
+            return
+        first = self._reduced(self._first_nonfinite, dist.ReduceOp.MIN)
+        if first != _NONE:
+            raise Diverged(f"the loss became non-finite at step {first}")
+
+    @staticmethod
+    def _reduced(value: Tensor, op: dist.ReduceOp) -> int:
+        """``value`` reduced over ranks with ``op``, read on the host."""
+        value = value.clone()
         if world_size() > 1:
-            dist.all_reduce(first, op=dist.ReduceOp.MIN)
-            dist.all_reduce(run, op=dist.ReduceOp.MAX)
-        if int(first) != _NONE:
-            raise Diverged(f"the loss became non-finite at step {int(first)}")
-        if run >= self.max_skipped_steps:
-            raise Diverged(
-                f"fp16: {int(run)} steps in a row skipped on overflow by step "
-                f"{self._last_step} (trainer.max_skipped_steps={self.max_skipped_steps})"
-            )
+            dist.all_reduce(value, op=op)
+        return int(value)

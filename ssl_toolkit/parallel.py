@@ -100,7 +100,8 @@ _LOAD = StateDictOptions(full_state_dict=True)
 
 
 def full_model_state(method: nn.Module) -> dict[str, Any]:
-    """The full model state keyed by parameter name, on the CPU; collective like
+    """The full state of ``method`` (or of one of its submodules) keyed by parameter name,
+    on the CPU; collective like
     :func:`full_state` (the main rank gets the tensors)."""
     return get_model_state_dict(method, options=_SAVE)
 

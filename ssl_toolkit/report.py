@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -16,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ssl_toolkit.checkpoint import atomic_write
 from ssl_toolkit.evaluation import Probes
 
 __all__ = ["TrainResult", "TrainingProgress", "print_summary", "write_summary"]
@@ -42,13 +40,13 @@ class TrainResult:
             key: getattr(self, key)
             for key in ("steps", "epochs", "final_loss", "images_per_s", "seconds", "knn_top1")
         }
-        probes = dataclasses.asdict(self.probes) if self.probes else {}
-        probes.pop("knn_top1", None)
+        probes = {
+            key: getattr(self.probes, key, None)
+            for key in ("linear_top1", "linear_top1_few_labels", "labels_per_class")
+        }
         return {
             **summary,
-            "linear_top1": probes.get("linear_top1"),
-            "linear_top1_few_labels": probes.get("linear_top1_few_labels"),
-            "labels_per_class": probes.get("labels_per_class"),
+            **probes,
             "baseline": dataclasses.asdict(self.baseline) if self.baseline else None,
         }
 
@@ -102,17 +100,8 @@ class TrainingProgress:
 
 def write_summary(path: Path, result: TrainResult) -> None:
     """Write :meth:`TrainResult.to_dict` as JSON, atomically (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(result.to_dict(), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    text = json.dumps(result.to_dict(), indent=2) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _percent(value: float | None) -> str:

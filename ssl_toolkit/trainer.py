@@ -47,7 +47,7 @@ from ssl_toolkit.distributed import (
     setup_distributed,
 )
 from ssl_toolkit.evaluation import Evaluator, Probes
-from ssl_toolkit.export import BACKBONE_FILE, backbone_state
+from ssl_toolkit.export import BACKBONE_FILE
 from ssl_toolkit.health import Diverged, TrainingHealth
 from ssl_toolkit.methods import Method, build_method
 from ssl_toolkit.metric_logger import MetricLogger
@@ -174,6 +174,7 @@ class Trainer:
             steps_per_epoch=self.steps_per_epoch,
             keep=cfg.trainer.keep_checkpoints,
             enabled=self.ctx.is_main,
+            before_save=self._check_health,  # a checkpoint never holds a diverged state
         )
         self.health = TrainingHealth(
             self.device,
@@ -264,9 +265,7 @@ class Trainer:
                     self.logger.log({"knn/best": self.best_knn}, step=step)
                 signum = self.preemption.requested()
                 last = step == end or bool(signum)
-                if best or self.checkpointer.should_save(step, last_step=last):
-                    self._check_health()  # a checkpoint never holds a diverged state
-                    self.checkpointer.save(step, last_step=last, best=best)
+                self.checkpointer.save(step, last_step=last, best=best)
                 if signum:
                     self._stop(signum, step)
         seconds = time.perf_counter() - start
@@ -389,11 +388,11 @@ class Trainer:
     def export_backbone(self) -> Path | None:
         """Write ``backbone.pt`` (the backbone's weights as a plain state dict) in the run
         directory and log it as an artifact; every rank calls it, the main one writes."""
-        state = full_model_state(self.method)
+        state = full_model_state(self.method.backbone)  # gathers the backbone alone
         if not self.ctx.is_main:
             return None
         path = self.run_dir / BACKBONE_FILE
-        save_checkpoint(path, backbone_state(state))
+        save_checkpoint(path, state)
         self.logger.log_artifact(path, name=f"backbone-{self.run_dir.name}", kind="model")
         return path
 
@@ -455,7 +454,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "step": self.step,
             "epoch": self.step // self.steps_per_epoch,
-            "loader": self.loader.state_dict() if hasattr(self.loader, "state_dict") else None,
+            "loader": self.loader.state_dict(),
             "ranks": gather_objects(per_rank),
             "best_knn": self.best_knn,
             "wandb_run_id": getattr(self.logger, "run_id", None),
@@ -503,8 +502,7 @@ class Trainer:
             else:
                 loader = self._rescaled_loader_state(state, len(ranks))
                 self._reseed_after_resume(path, len(ranks))
-            if loader is not None:
-                self.loader.load_state_dict(loader)
+            self.loader.load_state_dict(loader)
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
             raise CheckpointError(
@@ -515,15 +513,12 @@ class Trainer:
             self.console.print(f"resumed from {path} at step {self.step}", soft_wrap=True)
         return state.get("wandb_run_id")
 
-    def _rescaled_loader_state(self, state: dict[str, Any], saved_world_size: int) -> Any:
+    def _rescaled_loader_state(
+        self, state: dict[str, Any], saved_world_size: int
+    ) -> dict[str, Any]:
         """The loader state and step of a checkpoint written by another number of processes:
         the same epoch and, within it, as many images seen as the global batches allow."""
         loader = state["loader"]
-        if loader is None:  # no position to keep: the step keeps its count of images
-            saved = state["config"]
-            images = self.step * saved["data"]["batch_size"] * saved_world_size
-            self.step = images * saved["trainer"]["accumulate_grad_batches"] // self.global_batch
-            return None
         images = loader["position"] * state["config"]["data"]["batch_size"] * saved_world_size
         accumulate = self.cfg.trainer.accumulate_grad_batches
         steps = images // self.images_of(accumulate)  # whole optimizer steps of this run

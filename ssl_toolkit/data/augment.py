@@ -203,7 +203,7 @@ class TwoViewAugment(nn.Module):
             return self._apply_views(inputs, params, out_size)
         parts = [
             self._apply_views(
-                (inputs[0][i : i + chunk], inputs[1][i : i + chunk]),
+                _chunk_views(inputs, i, chunk),
                 (params[0][i : i + chunk], params[1][i : i + chunk]),
                 out_size,
             )
@@ -217,10 +217,9 @@ class TwoViewAugment(nn.Module):
         params: tuple[ViewParams, ViewParams],
         out_size: tuple[int, int],
     ) -> tuple[Tensor, Tensor]:
-        same = inputs[0] is inputs[1]
-        images = [x.float().div_(255.0) if x.dtype == torch.uint8 else x.float() for x in inputs]
-        if same:  # one conversion for both views of one batch
-            images[1] = images[0]
+        images = [_to_float(inputs[0])]
+        # One conversion for both views of one batch.
+        images.append(images[0] if inputs[1] is inputs[0] else _to_float(inputs[1]))
         view1, view2 = (
             self._apply_view(x, p, policy, out_size)
             for x, p, policy in zip(images, params, self.policies, strict=True)
@@ -457,6 +456,17 @@ def _color_jitter_(x: Tensor, p: ViewParams, policy: ViewPolicy) -> None:
         BF.adjust_hue_(x, torch.where(hue, p.hue, 0.0))
     if policy.jitter[:3] != (0.0, 0.0, 0.0):
         blend_positions(range(1, 4), before_hue=False)
+
+
+def _chunk_views(inputs: tuple[Tensor, Tensor], start: int, size: int) -> tuple[Tensor, Tensor]:
+    """Rows ``start:start + size`` of both views' inputs; one slice when both are one batch."""
+    first = inputs[0][start : start + size]
+    return (first, first) if inputs[1] is inputs[0] else (first, inputs[1][start : start + size])
+
+
+def _to_float(images: Tensor) -> Tensor:
+    """Images as floats in [0, 1] (uint8 is scaled)."""
+    return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
 
 
 def _blur_selected(x: Tensor, p: ViewParams, kernel_size: int) -> Tensor:

@@ -128,10 +128,15 @@ def _digits(*, train: bool, image_size: int = 32) -> InMemoryImageDataset:
     pixels = F.interpolate(pixels, size=(image_size, image_size), mode="bilinear")
     images = pixels.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8).expand(-1, 3, -1, -1)
     targets = torch.from_numpy(digits.target).long()
-    split = stratified_split(targets, lambda n: round(0.8 * n), torch.Generator().manual_seed(0))
-    index = split[0 if train else 1].sort().values
+    index = _fixed_split(targets, train)
     classes = [str(c) for c in digits.target_names]
     return InMemoryImageDataset(images[index].contiguous(), targets[index], classes)
+
+
+def _fixed_split(targets: Tensor, train: bool) -> Tensor:
+    """The sorted indices of a fixed stratified 80/20 split: the train part, or the test part."""
+    split = stratified_split(targets, lambda n: round(0.8 * n), torch.Generator().manual_seed(0))
+    return split[0 if train else 1].sort().values
 
 
 def stratified_split(
@@ -239,10 +244,7 @@ def _imagefolder(
         raise DatasetNotFoundError(f"Dataset 'imagefolder': {err} (data.root={root!r})") from err
     if folder == Path(root) and files.labelled:
         # No train/ and val/: a fixed stratified 80/20 split keeps the test images apart.
-        targets = torch.tensor(files.labels)
-        generator = torch.Generator().manual_seed(0)
-        split = stratified_split(targets, lambda n: round(0.8 * n), generator)
-        keep = split[0 if train else 1].sort().values.tolist()
+        keep = _fixed_split(torch.tensor(files.labels), train).tolist()
         files = ImageFiles(
             [files.paths[i] for i in keep], [files.labels[i] for i in keep], files.classes
         )

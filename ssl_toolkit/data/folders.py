@@ -123,8 +123,9 @@ class ImageFolderViews(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> tuple[tuple[Tensor, Tensor], int]:
         index, epoch = item
         image = _decode(self.files.paths[index])
+        # One seed per (seed, epoch, index): index < len(self), so no two of them share one.
         generator = torch.Generator().manual_seed(
-            (self.views.seed * 1_000_003 + epoch) * 1_000_033 + index
+            (self.views.seed * 1_000_003 + epoch) * len(self) + index
         )
         height, width = image.shape[-2:]
         uniforms = torch.rand(2, CROP_UNIFORMS, generator=generator)
