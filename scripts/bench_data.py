@@ -88,16 +88,7 @@ def bench_torchvision(images: torch.Tensor, batch_size: int, windows: int, worke
         persistent_workers=True,
         generator=torch.Generator().manual_seed(0),
     )
-    batches = iter(_forever(loader))
-    for _ in range(2 * workers + 1):  # start-up and the batches prefetched meanwhile
-        next(batches)
-    times = []
-    for _ in range(windows):
-        start = time.perf_counter()
-        for _ in range(workers):
-            next(batches)
-        times.append(time.perf_counter() - start)
-    return workers * batch_size / statistics.median(times)
+    return _rate(_forever(loader), batch_size, workers, windows, warmup=2 * workers + 1)
 
 
 def _forever(loader):
@@ -122,10 +113,18 @@ def write_jpegs(folder: Path, count: int) -> None:
 
 
 def _rate(
-    batches: Iterator, batch_size: int, count: int, windows: int, work=lambda batch: batch
+    batches: Iterator,
+    batch_size: int,
+    count: int,
+    windows: int,
+    *,
+    warmup: int,
+    work=lambda batch: batch,
 ) -> float:
-    """Median images/s over ``windows`` windows of ``count`` batches, after a warm-up batch."""
-    work(next(batches))
+    """Median images/s over ``windows`` windows of ``count`` batches, after ``warmup``
+    batches (with workers: the start-up and the batches they prefetched meanwhile)."""
+    for _ in range(warmup):
+        work(next(batches))
     rates = []
     for _ in range(windows):
         start = time.perf_counter()
@@ -148,14 +147,20 @@ def bench_folder(
         persistent_workers=True,
         generator=torch.Generator().manual_seed(0),
     )
-    baseline = _rate(_forever(baseline_loader), batch_size, count, windows)
+    warmup = 2 * workers + 1
+    baseline = _rate(_forever(baseline_loader), batch_size, count, windows, warmup=warmup)
     dataset = build_dataset("imagefolder", root=folder, views=CropViews(size=size))
     loader = WorkerBatchLoader(
         dataset, batch_size, generator=torch.Generator().manual_seed(0), num_workers=workers
     )
     augment = SimCLRAugment(size, generator=torch.Generator().manual_seed(1))
     ours = _rate(
-        _forever(loader), batch_size, count, windows, lambda batch: augment(tuple(batch[0]))
+        _forever(loader),
+        batch_size,
+        count,
+        windows,
+        warmup=warmup,
+        work=lambda batch: augment(tuple(batch[0])),
     )
     return baseline, ours
 
@@ -208,6 +213,8 @@ def main() -> None:
     console.print("speed-up over per-image torchvision: " + ", ".join(speedups), highlight=False)
 
     count, windows = (3, 1) if args.quick else (5, 3)
+    threads = max(args.threads)
+    torch.set_num_threads(threads)  # the batched augmentation's, in the main process
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         write_jpegs(folder, args.folder_batch * (count + 2 + 2 * args.workers))
@@ -216,7 +223,8 @@ def main() -> None:
         )
     folders = Table(
         title=f"JPEG folder (500 x 375), two {args.folder_size} px views per image, "
-        f"batch {args.folder_batch}, {args.workers} workers each, median of {windows}"
+        f"batch {args.folder_batch}, {args.workers} workers each, {threads} torch threads, "
+        f"median of {windows}"
     )
     for column in ("pipeline", "images/s", "speed-up"):
         folders.add_column(column, justify="left" if column == "pipeline" else "right")

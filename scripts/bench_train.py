@@ -87,6 +87,7 @@ def main() -> None:
             # SimCLR's own augmentation, as the torchvision baseline runs it (not the digits one).
             "data.color_strength=1.0",
             "data.augment={}",
+            "data.crop_min_scale=0.08",
         ],
     )
     trainer = Trainer(cfg)
