@@ -11,8 +11,10 @@ interchangeable implementations:
 
 * single-tensor: a Python loop over parameters (the reference shape of the algorithm);
 * multi-tensor: ``torch._foreach_*`` kernels, a constant number of ops whatever the bucket size;
-* fused: the multi-tensor code compiled by ``torch.compile`` into a few kernels, so each parameter
-  crosses memory as few times as the equations allow.
+* fused: compiled by ``torch.compile`` so that each parameter crosses memory as few times as the
+  equations allow: on CUDA the multi-tensor code becomes a few kernels; on CPU each tensor's
+  update becomes one kernel over its flat memory, after the single-tensor path's norms (one
+  small graph for every size, so the first step compiles in seconds).
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ class LARS(Optimizer):
         trust_clip: LARC clipping, effective lr = min(lr, r) instead of lr * r.
         nesterov: Nesterov momentum.
         foreach: multi-tensor path; ``None`` picks the faster path for the device.
-        fused: compile the whole update with ``torch.compile`` (needs a working compiler).
+        fused: compile the update with ``torch.compile`` (needs a working compiler; the first
+            step pays the compilation).
     """
 
     def __init__(
@@ -281,7 +284,15 @@ def lars(
         found_inf=found_inf,
     )
     if fused:
-        lr_tensor = torch.full((), lr, dtype=torch.float32, device=params[0].device)
+        # The same precision as the ratios: a float64 bucket keeps its float64 learning rate.
+        norm_dtype = _norm_dtype(params[0].dtype)
+        lr_tensor = torch.full((), lr, dtype=norm_dtype, device=params[0].device)
+        if params[0].device.type == "cpu":
+            # The single-tensor shape, each tensor's update one compiled kernel: compiling
+            # the whole bucket instead took 26 s on ResNet-50 on a 2-core CPU.
+            return _single_tensor_lars(
+                params, grads, bufs, lr=lr_tensor, update_=_fused_tensor_update_, **kwargs
+            )
         return _compiled_multi_tensor_lars()(params, grads, bufs, lr=lr_tensor, **kwargs)
     if foreach is None:
         foreach = _FOREACH_BY_DEFAULT.get(params[0].device.type, False)
@@ -353,6 +364,64 @@ def _overflow(found_inf: Tensor | None, momentum: float, like: Tensor) -> _Overf
     return _Overflow(keep, mask, held)
 
 
+def _tensor_update_(
+    p: Tensor,
+    g: Tensor,
+    buf: Tensor,
+    step: float | Tensor,
+    decayed_step: float | Tensor | None,
+    momentum: float,
+    held: float | Tensor,
+    nesterov: bool,
+    step_mask: Tensor | None,
+) -> None:
+    """One tensor's update in place: ``buf = held * buf + step * g + decayed_step * p`` (see
+    _multi_tensor_lars), then ``p -= buf``, or the Nesterov look-ahead; ``step_mask`` is 0 on
+    a GradScaler overflow."""
+    buf.mul_(held)
+    _add_scaled_(buf, g, step)
+    if decayed_step is not None:
+        _add_scaled_(buf, p, decayed_step)
+    if nesterov:
+        update = buf.mul(momentum)
+        _add_scaled_(update, g, step)
+        if decayed_step is not None:
+            _add_scaled_(update, p, decayed_step)
+    else:
+        update = buf
+    p.sub_(update if step_mask is None else update * step_mask)
+
+
+def _fused_tensor_update_(
+    p: Tensor, g: Tensor, buf: Tensor, step: Tensor, decayed_step: Tensor | None, *args: Any
+) -> None:
+    """:func:`_tensor_update_` compiled into one kernel over the tensors' flat memory, so one
+    graph serves every size and memory format. Single elements (a graph of their own) and
+    tensors laid out differently from each other (rare: a gradient in another memory format)
+    take the eager update."""
+    if p.numel() > 1 and _is_dense(p) and p.stride() == g.stride() == buf.stride():
+        # `step` is a view of the bucket's step sizes: detached, the graph's guards need not
+        # check its base.
+        flat = (_flat(p), _flat(g), _flat(buf))
+        _compiled_tensor_update()(*flat, step.detach(), decayed_step, *args)
+    else:
+        _tensor_update_(p, g, buf, step, decayed_step, *args)
+
+
+def _is_dense(tensor: Tensor) -> bool:
+    """Whether the tensor's elements fill one gap-free block of memory (any memory format)."""
+    return any(tensor.is_contiguous(memory_format=f) for f in _MEMORY_FORMATS)
+
+
+_MEMORY_FORMATS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
+
+
+def _flat(tensor: Tensor) -> Tensor:
+    """A 1-d alias of a dense tensor's memory, in memory order. Detached, so that the compiled
+    graph sees a plain tensor, not a view whose base's rank its guards would check."""
+    return tensor.as_strided((tensor.numel(),), (1,), tensor.storage_offset()).detach()
+
+
 def _single_tensor_lars(
     params: list[Tensor],
     grads: list[Tensor],
@@ -369,9 +438,11 @@ def _single_tensor_lars(
     nesterov: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    update_: Callable[..., None] = _tensor_update_,
 ) -> Tensor | None:
     """One parameter at a time: each tensor's update runs while it is still in cache, which
-    makes this the faster path on CPU. The ratios of the bucket are computed together."""
+    makes this the faster path on CPU. The ratios of the bucket are computed together;
+    ``update_`` updates one tensor (eager, or compiled for the fused path)."""
     overflow = _overflow(found_inf, momentum, params[0])
     if grad_scale is not None:
         grads = [g / grad_scale for g in grads]
@@ -386,21 +457,10 @@ def _single_tensor_lars(
     )
     decayed_steps = _decayed_steps(steps, decays)
     held = momentum if overflow is None else overflow.momentum
+    step_mask = None if overflow is None else overflow.step_mask
     for index, (p, g, buf) in enumerate(zip(params, grads, bufs)):
         step, decayed_step = _item(steps, index), _item(decayed_steps, index)
-        # buf = momentum * buf + step * g + step * decay * p (see _multi_tensor_lars).
-        buf.mul_(held)
-        _add_scaled_(buf, g, step)
-        if decayed_step is not None:
-            _add_scaled_(buf, p, decayed_step)
-        if nesterov:
-            update = buf.mul(momentum)
-            _add_scaled_(update, g, step)
-            if decayed_step is not None:
-                _add_scaled_(update, p, decayed_step)
-        else:
-            update = buf
-        p.sub_(update if overflow is None else update * overflow.step_mask)
+        update_(p, g, buf, step, decayed_step, momentum, held, nesterov, step_mask)
     return ratios
 
 
@@ -550,3 +610,10 @@ def _compiled_multi_tensor_lars() -> Callable[..., Tensor | None]:
     travels as a tensor, so a schedule never triggers a recompile.
     """
     return torch.compile(_multi_tensor_lars, fullgraph=True, dynamic=False)
+
+
+@functools.cache
+def _compiled_tensor_update() -> Callable[..., None]:
+    """The per-tensor update compiled once per process, for 1-d tensors of any length: the
+    fused path's first step on CPU compiles one small graph, not one per parameter shape."""
+    return torch.compile(_tensor_update_, fullgraph=True, dynamic=True)

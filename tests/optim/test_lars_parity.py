@@ -128,7 +128,9 @@ def test_parity_with_float64_equations(options: dict, path: dict) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("options", ["seed-defaults", "norm-bias-excluded-both"])
+@pytest.mark.parametrize(
+    "options", ["seed-defaults", "norm-bias-excluded-both", "nesterov", "trust-clip"]
+)
 def test_fused_path_parity(options: str) -> None:
     _run_parity(OPTIONS[options], {"fused": True}, steps=5)
 
