@@ -12,8 +12,8 @@ interchangeable implementations:
 * single-tensor: a Python loop over parameters (the reference shape of the algorithm);
 * multi-tensor: ``torch._foreach_*`` kernels, a constant number of ops whatever the bucket size;
 * fused: compiled by ``torch.compile`` so that each parameter crosses memory as few times as the
-  equations allow: on CUDA the multi-tensor code becomes a few kernels; on CPU each tensor's
-  update becomes one kernel over its flat memory, after the single-tensor path's norms (one
+  equations allow: on CUDA the multi-tensor code becomes a few kernels; on CPU each large
+  tensor's update becomes one kernel over its memory, after the single-tensor path's norms (one
   small graph for every size, so the first step compiles in seconds).
 """
 
@@ -395,17 +395,34 @@ def _tensor_update_(
 def _fused_tensor_update_(
     p: Tensor, g: Tensor, buf: Tensor, step: Tensor, decayed_step: Tensor | None, *args: Any
 ) -> None:
-    """:func:`_tensor_update_` compiled into one kernel over the tensors' flat memory, so one
-    graph serves every size and memory format. Single elements (a graph of their own) and
-    tensors laid out differently from each other (rare: a gradient in another memory format)
-    take the eager update."""
-    if p.numel() > 1 and _is_dense(p) and p.stride() == g.stride() == buf.stride():
-        # `step` is a view of the bucket's step sizes: detached, the graph's guards need not
-        # check its base.
-        flat = (_flat(p), _flat(g), _flat(buf))
-        _compiled_tensor_update()(*flat, step.detach(), decayed_step, *args)
+    """:func:`_tensor_update_` as one compiled kernel over the tensors' memory, in rows of
+    ``_LANES`` values: one graph serves every size and memory format.
+
+    The rows give the kernel a fixed inner length: a 1-d kernel of dynamic length checks for
+    its tail at every vector and ran at half the speed of a static one. Small tensors, whose
+    update costs less than the compiled call (about 25 us on CPU), sizes that are no multiple
+    of ``_LANES`` and tensors laid out differently from each other (a gradient in another
+    memory format) take the eager update.
+    """
+    numel = p.numel()
+    if (
+        numel > _FUSED_MIN_NUMEL
+        and numel % _LANES == 0
+        and _is_dense(p)
+        and p.stride() == g.stride() == buf.stride()
+    ):
+        # Detached: the graph's guards need not check the bases these views come from.
+        rows = (_rows(p), _rows(g), _rows(buf))
+        _compiled_tensor_update()(*rows, step.detach(), decayed_step, *args)
     else:
         _tensor_update_(p, g, buf, step, decayed_step, *args)
+
+
+# Measured on ResNet-50 and ViT-B/16 on CPU: tensors of up to 2^18 values update as fast
+# eagerly, and 16 fp32 values fill one AVX-512 vector (two AVX2 ones).
+_FUSED_MIN_NUMEL = 1 << 18
+_LANES = 16
+_MEMORY_FORMATS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
 
 
 def _is_dense(tensor: Tensor) -> bool:
@@ -413,13 +430,10 @@ def _is_dense(tensor: Tensor) -> bool:
     return any(tensor.is_contiguous(memory_format=f) for f in _MEMORY_FORMATS)
 
 
-_MEMORY_FORMATS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
-
-
-def _flat(tensor: Tensor) -> Tensor:
-    """A 1-d alias of a dense tensor's memory, in memory order. Detached, so that the compiled
-    graph sees a plain tensor, not a view whose base's rank its guards would check."""
-    return tensor.as_strided((tensor.numel(),), (1,), tensor.storage_offset()).detach()
+def _rows(tensor: Tensor) -> Tensor:
+    """A dense tensor's memory, in memory order, as rows of ``_LANES`` values (detached)."""
+    shape = (tensor.numel() // _LANES, _LANES)
+    return tensor.as_strided(shape, (_LANES, 1), tensor.storage_offset()).detach()
 
 
 def _single_tensor_lars(
@@ -614,6 +628,6 @@ def _compiled_multi_tensor_lars() -> Callable[..., Tensor | None]:
 
 @functools.cache
 def _compiled_tensor_update() -> Callable[..., None]:
-    """The per-tensor update compiled once per process, for 1-d tensors of any length: the
-    fused path's first step on CPU compiles one small graph, not one per parameter shape."""
+    """The per-tensor update compiled once per process for any number of rows: the fused
+    path's first step on CPU compiles one small graph, not one per parameter shape."""
     return torch.compile(_tensor_update_, fullgraph=True, dynamic=True)

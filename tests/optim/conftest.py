@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from torch import nn
+
+lars_module = importlib.import_module("optim.lars")  # `optim.lars` names the function
 
 
 class SmallResNet(nn.Module):
@@ -44,3 +48,10 @@ def make_batch(seed: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Ten
     return torch.randn(8, 3, 8, 8, generator=gen, dtype=dtype), torch.randint(
         0, 5, (8,), generator=gen
     )
+
+
+@pytest.fixture(autouse=True)
+def fused_kernel_on_small_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test models' tensors are small: let the fused path's compiled kernel take every
+    tensor of two rows or more, not only the large ones it takes by default."""
+    monkeypatch.setattr(lars_module, "_FUSED_MIN_NUMEL", lars_module._LANES)
