@@ -266,6 +266,9 @@ def lars(
     """
     if not params:
         return None
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        # Checked up front: an in-place update failing halfway would leave a partial step.
+        raise RuntimeError("lars() updates parameters in place: call it under torch.no_grad()")
     norm_group = _shard_group(params[0])
     if norm_group is not None:
         # Sharded parameters (FSDP2): update the local shards; the norms are of whole tensors.
@@ -393,29 +396,62 @@ def _tensor_update_(
 
 
 def _fused_tensor_update_(
-    p: Tensor, g: Tensor, buf: Tensor, step: Tensor, decayed_step: Tensor | None, *args: Any
+    p: Tensor,
+    g: Tensor,
+    buf: Tensor,
+    step: Tensor,
+    decayed_step: Tensor | None,
+    momentum: float,
+    held: float | Tensor,
+    nesterov: bool,
+    step_mask: Tensor | None,
 ) -> None:
     """:func:`_tensor_update_` as one compiled kernel over the tensors' memory, in rows of
     ``_LANES`` values: one graph serves every size and memory format.
 
-    The rows give the kernel a fixed inner length: a 1-d kernel of dynamic length checks for
-    its tail at every vector and ran at half the speed of a static one. Small tensors, whose
-    update costs less than the compiled call (about 25 us on CPU), sizes that are no multiple
-    of ``_LANES`` and tensors laid out differently from each other (a gradient in another
-    memory format) take the eager update.
+    Only the number of rows is dynamic: a kernel of dynamic length checks for its tail at
+    every vector and ran at half the speed of a static one. Small tensors, whose update costs
+    less than the compiled call (about 25 us on CPU), sizes that are no multiple of ``_LANES``
+    and tensors laid out differently from each other (a gradient in another memory format)
+    take the eager update. The kernel computes half-precision tensors in float32 and rounds
+    once; the eager ops round after each step.
     """
     numel = p.numel()
-    if (
+    if not (
         numel > _FUSED_MIN_NUMEL
         and numel % _LANES == 0
         and _is_dense(p)
         and p.stride() == g.stride() == buf.stride()
     ):
-        # Detached: the graph's guards need not check the bases these views come from.
-        rows = (_rows(p), _rows(g), _rows(buf))
-        _compiled_tensor_update()(*rows, step.detach(), decayed_step, *args)
-    else:
-        _tensor_update_(p, g, buf, step, decayed_step, *args)
+        _tensor_update_(p, g, buf, step, decayed_step, momentum, held, nesterov, step_mask)
+        return
+    rows = (_rows(p), _rows(g), _rows(buf))
+    for tensor in rows:
+        torch._dynamo.maybe_mark_dynamic(tensor, 0)
+    # Every operand a tensor, the step detached from the bucket's step sizes it views: graphs
+    # then differ only by dtype and Nesterov, and a new momentum value compiles nothing.
+    _compiled_tensor_update()(
+        *rows,
+        step.detach(),
+        _operand(decayed_step, 0.0, step),
+        _operand(momentum, momentum, step),
+        _operand(held, momentum, step),
+        nesterov,
+        _operand(step_mask, 1.0, step),
+    )
+
+
+def _operand(value: float | Tensor | None, default: float, like: Tensor) -> Tensor:
+    """``value`` (``default`` for None) as a 0-d tensor of ``like``'s dtype and device."""
+    if isinstance(value, Tensor):
+        return value
+    return _constant(default if value is None else value, like.dtype, like.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A 0-d tensor made once: the kernel reads it, nothing writes it."""
+    return torch.full((), value, dtype=dtype, device=device)
 
 
 # Measured on ResNet-50 and ViT-B/16 on CPU: tensors of up to 2^18 values update as fast
@@ -431,7 +467,8 @@ def _is_dense(tensor: Tensor) -> bool:
 
 
 def _rows(tensor: Tensor) -> Tensor:
-    """A dense tensor's memory, in memory order, as rows of ``_LANES`` values (detached)."""
+    """A dense tensor's memory, in memory order, as rows of ``_LANES`` values; detached, so
+    that the graph's guards need not check the bases these views come from."""
     shape = (tensor.numel() // _LANES, _LANES)
     return tensor.as_strided(shape, (_LANES, 1), tensor.storage_offset()).detach()
 
@@ -628,6 +665,7 @@ def _compiled_multi_tensor_lars() -> Callable[..., Tensor | None]:
 
 @functools.cache
 def _compiled_tensor_update() -> Callable[..., None]:
-    """The per-tensor update compiled once per process for any number of rows: the fused
-    path's first step on CPU compiles one small graph, not one per parameter shape."""
-    return torch.compile(_tensor_update_, fullgraph=True, dynamic=True)
+    """The per-tensor update compiled once per process for any number of rows (the callers
+    mark that dimension dynamic): the fused path's first step on CPU compiles one small graph,
+    not one per parameter shape."""
+    return torch.compile(_tensor_update_, fullgraph=True)

@@ -10,7 +10,7 @@ import torchvision
 from conftest import SmallResNet, make_batch
 from torch import nn
 
-from optim import LARS, build_optimizer, name_parameters
+from optim import LARS, build_optimizer, lars, name_parameters
 from optim.op_count import count_ops
 
 PATHS = [dict(foreach=False), dict(foreach=True), dict(fused=True)]
@@ -293,8 +293,8 @@ def test_exclusion_names_that_match_no_parameter_are_an_error() -> None:
 
 
 def test_fused_cpu_step_compiles_one_graph_for_every_shape() -> None:
-    """ResNet-18's 62 tensors in channels-last, of 17 shapes (9 large enough to be compiled),
-    one with a gradient in another memory format: one graph, and the single-tensor result."""
+    """ResNet-18's 62 tensors in channels-last, of 17 shapes, one with a gradient in another
+    memory format (which takes the eager update): one graph, and the single-tensor result."""
     torch.manual_seed(0)
     model = torchvision.models.resnet18().to(memory_format=torch.channels_last)
     reference = copy.deepcopy(model)
@@ -324,3 +324,73 @@ def test_fused_cpu_step_compiles_one_graph_for_every_shape() -> None:
         torch.testing.assert_close(
             opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"]
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_kernel_on_views_at_offsets_rounds_once(dtype: torch.dtype) -> None:
+    """Half-precision parameters, gradients and momentum buffers as views at odd offsets into
+    shared buffers (as with flat gradient buckets): the compiled kernel writes exactly their
+    memory, and computes in float32, so its result is the float64 update rounded once, within
+    one unit in the last place. Parameter 0 is decayed, parameter 1 is not."""
+    torch.manual_seed(0)
+    shapes, offsets, sentinel = [(3, 16), (10, 16)], [3, 56], 7.0
+
+    def views_into(values: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        buffer = torch.full((230,), sentinel, dtype=dtype)
+        views = []
+        for shape, offset, value in zip(shapes, offsets, values):
+            view = buffer[offset : offset + value.numel()].view(shape)
+            view.copy_(value)
+            views.append(view)
+        return buffer, views
+
+    start = [torch.randn(shape, dtype=torch.float64) for shape in shapes]
+    p_buffer, params = views_into(start)
+    g_buffer, grads = views_into([torch.randn(shape, dtype=torch.float64) for shape in shapes])
+    b_buffer, bufs = views_into([torch.randn(shape, dtype=torch.float64) / 10 for shape in shapes])
+    expected = []
+    for p, g, buf, decay in zip(params, grads, bufs, (1e-2, 0.0)):
+        w, grad, momentum_buffer = p.double(), g.double(), buf.double()
+        ratio = 0.02 * w.norm() / (grad.norm() + 1e-2 * w.norm() + 1e-8)
+        new_buf = 0.9 * momentum_buffer + ratio * (grad + decay * w)
+        expected.append((w - new_buf, new_buf))
+    torch._dynamo.reset()
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        lars(
+            params,
+            grads,
+            bufs,
+            lr=1.0,
+            momentum=0.9,
+            weight_decay=1e-2,
+            eta=0.02,
+            epsilon=1e-8,
+            decayed=[True, False],
+            fused=True,
+        )
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before == 1
+    ulp = torch.finfo(dtype).eps
+    for p, buf, (new_p, new_buf) in zip(params, bufs, expected):
+        torch.testing.assert_close(p.double(), new_p, rtol=ulp, atol=0.0)
+        torch.testing.assert_close(buf.double(), new_buf, rtol=ulp, atol=0.0)
+    for buffer in (p_buffer, g_buffer, b_buffer):
+        outside = torch.ones_like(buffer, dtype=torch.bool)
+        for shape, offset in zip(shapes, offsets):
+            outside[offset : offset + shape[0] * shape[1]] = False
+        assert torch.all(buffer[outside] == sentinel)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_functional_call_with_grad_enabled_changes_nothing(path: dict) -> None:
+    """An in-place update of a leaf that requires grad fails: the check comes before any
+    tensor is touched, so no partial step is left behind."""
+    params = [nn.Parameter(torch.randn(64, 16)), nn.Parameter(torch.randn(4))]
+    grads = [torch.randn_like(p) for p in params]
+    bufs = [torch.randn_like(p) for p in params]
+    before = [t.detach().clone() for t in (*params, *bufs)]
+    hyper = dict(lr=0.1, momentum=0.9, weight_decay=1e-6, eta=1e-3, epsilon=1e-8)
+    with pytest.raises(RuntimeError, match="no_grad"):
+        lars(params, grads, bufs, **hyper, **path)
+    for tensor, old in zip((*params, *bufs), before):
+        assert torch.equal(tensor.detach(), old)
