@@ -433,19 +433,19 @@ def _fused_tensor_update_(
     _compiled_tensor_update()(
         *rows,
         step.detach(),
-        _operand(decayed_step, 0.0, step),
-        _operand(momentum, momentum, step),
-        _operand(held, momentum, step),
+        _operand(0.0 if decayed_step is None else decayed_step, step),
+        _operand(momentum, step),
+        _operand(held, step),
         nesterov,
-        _operand(step_mask, 1.0, step),
+        _operand(1.0 if step_mask is None else step_mask, step),
     )
 
 
-def _operand(value: float | Tensor | None, default: float, like: Tensor) -> Tensor:
-    """``value`` (``default`` for None) as a 0-d tensor of ``like``'s dtype and device."""
+def _operand(value: float | Tensor, like: Tensor) -> Tensor:
+    """``value`` as a 0-d tensor of ``like``'s dtype and device (a float's made once)."""
     if isinstance(value, Tensor):
         return value
-    return _constant(default if value is None else value, like.dtype, like.device)
+    return _constant(value, like.dtype, like.device)
 
 
 @functools.lru_cache(maxsize=64)
