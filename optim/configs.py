@@ -1,17 +1,29 @@
 """Validated optimizer configurations: one Pydantic model per optimizer, tagged by ``name``.
 
-Every model forbids unknown keys, so a typo in YAML fails loudly instead of being ignored.
+Every model forbids unknown keys, so a typo in YAML fails loudly instead of being ignored,
+and refuses a number that is not finite or is a boolean, so that ``lr: inf`` or ``lr: true``
+fails before training rather than during it.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from .errors import short_repr
 
 __all__ = [
     "AdamWConfig",
     "BuiltinOptimizerConfig",
+    "ConfigModel",
     "LAMBConfig",
     "LARSConfig",
     "OptimizerConfig",
@@ -31,10 +43,32 @@ _BETAS = "Adam's moment decays"
 _EPS = "added to Adam's denominator"
 
 
-class ParamGroupRule(BaseModel):
-    """Settings for the parameters matched by ``match``; the first matching rule wins."""
+def _leaf_types(annotation: Any) -> set[Any]:
+    """The types ``annotation`` admits, through Optional, Union, containers and Annotated."""
+    if get_origin(annotation) is Annotated:
+        return _leaf_types(get_args(annotation)[0])
+    args = get_args(annotation)
+    return set().union(*map(_leaf_types, args)) if args else {annotation}
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+
+class ConfigModel(BaseModel):
+    """Base of every config model: unknown keys are errors, values are frozen, and a number is
+    finite and never a boolean (pydantic would read ``inf`` as a float and ``true`` as 1)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        types = _leaf_types(cls.model_fields[info.field_name].annotation)
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if types & {int, float} and bool not in types and any(isinstance(v, bool) for v in items):
+            raise ValueError(f"a boolean is not a number (got {short_repr(value)})")
+        return value
+
+
+class ParamGroupRule(ConfigModel):
+    """Settings for the parameters matched by ``match``; the first matching rule wins."""
 
     match: list[str] = Field(min_length=1, description="patterns of the parameters it applies to")
     lr_scale: float = Field(1.0, ge=0.0, description="multiplies the scheduled lr")
@@ -43,10 +77,8 @@ class ParamGroupRule(BaseModel):
     )
 
 
-class OptimizerConfig(BaseModel):
+class OptimizerConfig(ConfigModel):
     """Keys every optimizer shares; subclasses fix ``name`` to a literal and add their own."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(description="the registered optimizer")
     lr: float = Field(ge=0.0, description="base learning rate (the schedule scales it)")

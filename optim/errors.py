@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import difflib
+import reprlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-__all__ = ["ConfigError", "closest", "from_validation_error"]
+__all__ = ["ConfigError", "closest", "from_validation_error", "short_repr"]
 
 
 class ConfigError(ValueError):
@@ -22,6 +23,40 @@ class ConfigError(ValueError):
 def closest(word: str, candidates: Iterable[str], n: int = 1) -> list[str]:
     """The ``n`` candidates most similar to ``word``, best first."""
     return difflib.get_close_matches(word, list(candidates), n=n, cutoff=0.0)
+
+
+class _ShortRepr(reprlib.Repr):
+    """``reprlib`` with small limits, and an integer too long to print by its size.
+
+    (``repr`` refuses integers of more than 4300 digits; reprlib would call it and fail.)
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel = 2
+        self.maxlist = self.maxtuple = self.maxset = self.maxfrozenset = 4
+        self.maxdict = 3
+        self.maxstring = 80
+        self.maxother = self.maxlong = 40
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() <= 1024:
+            return super().repr_int(x, level)
+        return f"<an integer of {x.bit_length()} bits>"
+
+
+_SHORT = _ShortRepr()
+_MAX_REPR = 100
+
+
+def short_repr(value: Any) -> str:
+    """``repr(value)`` cut to at most 100 characters with an ellipsis, in bounded time.
+
+    Error messages echo what the user wrote, which may be huge (a list of a million items, a
+    billion values reached through YAML aliases): the echo only has to identify it.
+    """
+    text = _SHORT.repr(value)
+    return text if len(text) <= _MAX_REPR else f"{text[: _MAX_REPR - 3]}..."
 
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:
@@ -92,5 +127,5 @@ def from_validation_error(
         elif item["type"] in ("union_tag_invalid", "union_tag_not_found"):
             problems.append(f"{key}.name: {item['msg']}")
         else:
-            problems.append(f"{key}: {item['msg']} (got {item['input']!r})")
+            problems.append(f"{key}: {item['msg']} (got {short_repr(item['input'])})")
     return ConfigError(problems)

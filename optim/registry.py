@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 from torch import nn
 
 from .configs import OptimizerConfig
-from .errors import ConfigError, closest, from_validation_error
+from .errors import ConfigError, closest, from_validation_error, short_repr
 from .param_rules import name_parameters
 
 __all__ = [
@@ -107,7 +107,7 @@ class Registry(Generic[T]):
             guess = f"did you mean '{near[0]}'? " if near else ""
             raise ConfigError(
                 [
-                    f"{prefix}name: unknown {self.kind} {name!r}; {guess}"
+                    f"{prefix}name: unknown {self.kind} {short_repr(name)}; {guess}"
                     f"registered: {', '.join(self.names())}"
                 ]
             )
@@ -122,7 +122,7 @@ class Registry(Generic[T]):
             return cfg
         dotted = f"{prefix}." if prefix else ""
         if not isinstance(cfg, Mapping):
-            raise ConfigError([f"{prefix or 'config'}: expected a mapping, got {cfg!r}"])
+            raise ConfigError([f"{prefix or 'config'}: expected a mapping, got {short_repr(cfg)}"])
         if "name" not in cfg:
             raise ConfigError([f"{dotted}name: required; one of {', '.join(self.names())}"])
         entry = self.entry(str(cfg["name"]), dotted)
@@ -179,8 +179,14 @@ def build_optimizer(
     """Build the optimizer ``cfg["name"]`` for ``model``'s trainable parameters.
 
     Every parameter gets ``param.param_name`` (its full name) first, so rules and LARS
-    exclusions see the names they were written against.
+    exclusions see the names they were written against. A model with nothing to train is a
+    ``ConfigError`` (torch would say only "optimizer got an empty parameter list").
     """
     config = parse_optimizer_config(cfg)
+    params = list(model.parameters())
+    if not any(param.requires_grad for param in params):
+        frozen = f"all {len(params)} are frozen"
+        what = f"no trainable parameters ({frozen})" if params else "no parameters"
+        raise ConfigError([f"optim: the model has {what}"])
     name_parameters(model)
     return OPTIMIZERS.entry(config.name).target(config, model)

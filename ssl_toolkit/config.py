@@ -16,8 +16,6 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     SerializeAsAny,
     ValidationError,
@@ -27,7 +25,8 @@ from pydantic import (
 
 from models import check_backbone_name
 from optim import ConfigError, OptimizerConfig, parse_optimizer_config
-from optim.errors import from_validation_error
+from optim.configs import ConfigModel
+from optim.errors import from_validation_error, short_repr
 from optim.schedules import LRScaling
 from ssl_toolkit.data import DatasetName
 from ssl_toolkit.distributed import Device
@@ -35,6 +34,7 @@ from ssl_toolkit.methods import MethodConfig, parse_method_config
 from ssl_toolkit.parallel import Strategy
 from ssl_toolkit.sync_batch_norm import SyncBNSetting
 from ssl_toolkit.wandb_logger import WandbMode
+from ssl_toolkit.yaml_loader import describe_yaml_error, load_yaml
 
 __all__ = [
     "CONFIG_DIR",
@@ -67,10 +67,9 @@ CONFIG_DIR = _shipped_configs()
 """Where bare config names (``simclr_lars``) are looked up."""
 
 
-class ConfigSection(BaseModel):
-    """A section of the experiment config: unknown keys are errors, values are frozen."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class ConfigSection(ConfigModel):
+    """A section of the experiment config: unknown keys are errors, values are frozen, numbers
+    are finite and never booleans."""
 
 
 class ModelConfig(ConfigSection):
@@ -122,6 +121,11 @@ class DataConfig(ConfigSection):
     batch_size: int = Field(256, ge=2, description="images per process and micro-batch")
     image_size: int = Field(32, ge=8, description="side of the augmented views, in pixels")
     num_workers: int = Field(2, ge=0, description="decoding workers (image folders only)")
+    skip_bad: bool = Field(
+        False,
+        description="image folders: put the next image in the place of one that does not "
+        "decode, and list it, instead of stopping",
+    )
     color_strength: float = Field(
         1.0, ge=0.0, description="colour-jitter strength s (SimCLR's augmentation)"
     )
@@ -274,7 +278,9 @@ class ExperimentConfig(ConfigSection):
     def from_dict(cls, data: Any) -> ExperimentConfig:
         """Validate a plain mapping; raises ConfigError with one line per problem."""
         if not isinstance(data, dict):
-            raise ConfigError([f"config: expected a mapping at the top level, got {data!r}"])
+            raise ConfigError(
+                [f"config: expected a mapping at the top level, got {short_repr(data)}"]
+            )
         try:
             return cls.model_validate(data)
         except ValidationError as err:
@@ -310,7 +316,10 @@ def resolve_config_path(name_or_path: str) -> Path:
         return found
     known = sorted(str(p.relative_to(CONFIG_DIR)) for p in CONFIG_DIR.rglob("*.yaml"))
     raise ConfigError(
-        [f"--config: no file {name_or_path!r} here or in configs/; known: {', '.join(known)}"]
+        [
+            f"--config: no file {short_repr(name_or_path)} here or in configs/; "
+            f"known: {', '.join(known)}"
+        ]
     )
 
 
@@ -321,7 +330,7 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             prefix = ".".join(parts[: depth + 1])
-            raise ConfigError([f"{key}: {prefix} is a value ({child!r}), not a section"])
+            raise ConfigError([f"{key}: {prefix} is a value ({short_repr(child)}), not a section"])
         node = child
     node[parts[-1]] = value
 
@@ -343,10 +352,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             problems.append(f"{override}: an override must look like dotted.key=value")
             continue
         try:
-            value = yaml.safe_load(_quote_selectors(raw)) if raw.strip() else None
+            value = load_yaml(_quote_selectors(raw)) if raw.strip() else None
         except yaml.YAMLError as err:
-            reason = getattr(err, "problem", None) or " ".join(str(err).split())
-            problems.append(f"{key}: cannot parse {raw!r} as YAML ({reason})")
+            reason = describe_yaml_error(err)
+            problems.append(f"{key}: cannot parse {short_repr(raw)} as YAML: {reason}")
             continue
         try:
             _set_dotted(data, key, value)
@@ -358,13 +367,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    """One YAML file as a mapping (``yaml.safe_load``); errors name the file and line."""
+    """One YAML file as a mapping (``load_yaml``); an error is one line naming file and line."""
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError([f"{path}:{where} invalid YAML: {err}"]) from None
+        raise ConfigError([f"{path}:{where} invalid YAML: {describe_yaml_error(err)}"]) from None
     except (OSError, UnicodeDecodeError) as err:
         reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
         raise ConfigError([f"{path}: cannot read ({reason})"]) from None
@@ -416,10 +425,10 @@ def _with_bases(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         return data
     base = data.pop("base")
     if not isinstance(base, str) or not base:
-        raise ConfigError([f"{path}: base: expected a config name or path, got {base!r}"])
+        raise ConfigError([f"{path}: base: expected a config name or path, got {short_repr(base)}"])
     base_path = _find_config(base, path.parent, CONFIG_DIR)
     if base_path is None:
-        raise ConfigError([f"{path}: base: no config {base!r} beside it or in configs/"])
+        raise ConfigError([f"{path}: base: no config {short_repr(base)} beside it or in configs/"])
     resolved = [p.resolve() for p in (*chain, path)]
     if base_path.resolve() in resolved:
         cycle = " -> ".join(str(p) for p in (*chain, path, base_path))

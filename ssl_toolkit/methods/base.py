@@ -12,8 +12,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor, nn
+
+from optim.configs import ConfigModel
 
 if TYPE_CHECKING:
     from ssl_toolkit.config import DataConfig
@@ -22,18 +24,15 @@ if TYPE_CHECKING:
 __all__ = ["HeadConfig", "Method", "MethodConfig", "at_least_fp32"]
 
 
-class MethodConfig(BaseModel):
-    """Keys every method shares; a method's config subclasses it with a literal ``name``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class MethodConfig(ConfigModel):
+    """Keys every method shares; a method's config subclasses it with a literal ``name``
+    (unknown keys, non-finite numbers and booleans as numbers are errors)."""
 
     name: str = Field(description="the registered method to pretrain with")
 
 
-class HeadConfig(BaseModel):
+class HeadConfig(ConfigModel):
     """An MLP head: hidden width, output width, number of linear layers."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     hidden_dim: int = Field(2048, ge=1, description="width of the hidden layers")
     out_dim: int = Field(128, ge=1, description="width of the output")

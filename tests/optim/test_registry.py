@@ -212,3 +212,64 @@ def test_inconsistent_options_are_rejected() -> None:
 def test_config_object_is_accepted_as_is(small_resnet: SmallResNet) -> None:
     opt = build_optimizer(LARSConfig(lr=0.3, eta=0.02), small_resnet)
     assert opt.param_groups[0]["eta"] == 0.02
+
+
+@pytest.mark.parametrize(
+    "cfg, expected",
+    [
+        ({"name": "lars", "lr": float("inf")}, "optim.lr: Input should be a finite number"),
+        ({"name": "sgd", "lr": float("nan")}, "optim.lr: Input should be a finite number"),
+        ({"name": "lars", "lr": "inf"}, "optim.lr: Input should be a finite number"),
+        (
+            {"name": "lars", "lr": 0.1, "eta": True},
+            "optim.eta: a boolean is not a number (got True)",
+        ),
+        (
+            {"name": "lamb", "lr": 0.1, "weight_decay": float("inf")},
+            "optim.weight_decay: Input should be a finite number",
+        ),
+        (
+            {"name": "adamw", "lr": 0.1, "betas": [False, 0.9]},
+            "optim.betas: a boolean is not a number (got [False, 0.9])",
+        ),
+        (
+            {"name": "lars", "lr": 0.1, "param_groups": [{"match": ["*"], "lr_scale": True}]},
+            "optim.param_groups[0].lr_scale: a boolean is not a number (got True)",
+        ),
+        (
+            {"name": "sgd", "lr": 0.1, "param_groups": [{"match": ["*"], "weight_decay": 1e999}]},
+            "optim.param_groups[0].weight_decay: Input should be a finite number",
+        ),
+    ],
+)
+def test_non_finite_and_boolean_numbers_are_refused(
+    cfg: dict, expected: str, small_resnet: SmallResNet
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_optimizer(cfg, small_resnet)
+    assert len(info.value.problems) == 1
+    assert info.value.problems[0].startswith(expected)
+
+
+def test_a_boolean_is_not_a_number_but_an_integer_is(small_resnet: SmallResNet) -> None:
+    opt = build_optimizer({"name": "lars", "lr": 1, "eta": 2, "weight_decay": 0}, small_resnet)
+    assert (opt.defaults["lr"], opt.defaults["eta"], opt.defaults["weight_decay"]) == (1, 2, 0)
+    with pytest.raises(ConfigError) as info:
+        build_optimizer({"name": "lars", "lr": True}, small_resnet)
+    assert info.value.problems == ["optim.lr: a boolean is not a number (got True)"]
+
+
+@pytest.mark.parametrize("name", ["lars", "sgd", "adamw"])
+def test_a_model_without_trainable_parameters_is_a_config_error(
+    name: str, small_resnet: SmallResNet
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_optimizer({"name": name, "lr": 0.1}, torch.nn.Module())
+    assert info.value.problems == ["optim: the model has no parameters"]
+    small_resnet.requires_grad_(False)
+    with pytest.raises(ConfigError) as info:
+        build_optimizer({"name": name, "lr": 0.1}, small_resnet)
+    count = len(list(small_resnet.parameters()))
+    assert info.value.problems == [
+        f"optim: the model has no trainable parameters (all {count} are frozen)"
+    ]
