@@ -9,6 +9,7 @@ component: it says when a kNN evaluation is due and runs it, and runs the end-of
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
+from optim import ConfigError
 from ssl_toolkit.config import ExperimentConfig
 from ssl_toolkit.data import (
     CropViews,
@@ -36,6 +38,7 @@ from ssl_toolkit.distributed import all_gather_rows, sum_over_ranks
 __all__ = [
     "Evaluator",
     "Probes",
+    "SingleClassError",
     "encode",
     "eval_datasets",
     "extract_features",
@@ -273,6 +276,7 @@ def linear_eval_sgd(
         batch_size,
         generator=torch.Generator().manual_seed(seed),
         num_workers=cfg.data.num_workers,
+        skip_bad=cfg.data.skip_bad,
     )
     crop_and_flip = ViewPolicy(jitter_p=0.0, gray_p=0.0)
     augment = TwoViewAugment(crop_and_flip, crop_and_flip, out_size=size)
@@ -312,30 +316,44 @@ def linear_eval_sgd(
     return (predictions == test_labels.to(predictions.device)).float().mean().item()
 
 
+class SingleClassError(DatasetNotFoundError):
+    """The labelled data has one class: every kNN vote and linear probe would score 100%, a
+    number that says nothing; evaluating needs at least two classes."""
+
+
 def eval_datasets(cfg: ExperimentConfig) -> tuple[Dataset, Dataset] | None:
     """The labelled splits to evaluate on: the kNN bank / probe training set, and the test set.
 
     They are ``eval.root``'s (a labelled image folder) when it is set, else ``cfg.data``'s;
     ``None`` when the data has no labels (an unlabelled image folder) and ``eval.root`` is
-    unset.
+    unset. Both splits share the bank's class index. Labelled data of one class raises
+    :class:`SingleClassError`.
     """
     size = cfg.data.image_size
     if cfg.eval.root is not None:
+        key, root = "eval.root", cfg.eval.root
         bank, test = (
-            build_dataset("imagefolder", root=cfg.eval.root, train=train, image_size=size)
+            build_dataset("imagefolder", root=root, train=train, image_size=size)
             for train in (True, False)
         )
         if (bank.targets < 0).all():
             raise DatasetNotFoundError(
-                f"eval.root={cfg.eval.root!r} has no class sub-folders: the kNN monitor and "
+                f"eval.root={root!r} has no class sub-folders: the kNN monitor and "
                 "the probes need labelled images"
             )
-        return bank, test
-    bank_split = {"split": "train"} if cfg.data.name == "stl10" else {}
-    bank = build_dataset(cfg.data.name, root=cfg.data.root, image_size=size, **bank_split)
-    if (bank.targets < 0).all():
-        return None
-    return bank, build_dataset(cfg.data.name, root=cfg.data.root, train=False, image_size=size)
+    else:
+        key, root = "data.root", cfg.data.root
+        bank_split = {"split": "train"} if cfg.data.name == "stl10" else {}
+        bank = build_dataset(cfg.data.name, root=root, image_size=size, **bank_split)
+        if (bank.targets < 0).all():
+            return None
+        test = build_dataset(cfg.data.name, root=root, train=False, image_size=size)
+    if len(bank.classes) < 2:
+        raise SingleClassError(
+            f"{key}={root!r} has one class ({', '.join(bank.classes)}): the kNN monitor and "
+            "the probes need at least two classes"
+        )
+    return bank, test
 
 
 def encode(
@@ -348,7 +366,8 @@ def encode(
     normalise: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Features of every image (L2-normalised unless ``normalise=False``): resized to
-    ``data.image_size``, normalised."""
+    ``data.image_size``, normalised. With ``data.skip_bad``, an image that does not decode
+    is replaced by the next one, with a warning that lists them."""
     size = cfg.data.image_size
     mean = torch.tensor(IMAGENET_MEAN, device=device)
     std = torch.tensor(IMAGENET_STD, device=device)
@@ -365,8 +384,18 @@ def encode(
         shuffle=False,
         drop_last=False,
         num_workers=cfg.data.num_workers,
+        skip_bad=cfg.data.skip_bad,
     )
-    return extract_features(encoder, iter(loader), transform, normalise=normalise)
+    features = extract_features(encoder, iter(loader), transform, normalise=normalise)
+    if loader.skipped:
+        shown = ", ".join(loader.skipped[:5]) + (", ..." if len(loader.skipped) > 5 else "")
+        warnings.warn(
+            f"evaluation: {len(loader.skipped)} of the images do not decode; data.skip_bad=true "
+            f"put the next one in the place of each: {shown}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return features
 
 
 def shard_dataset(dataset: Dataset, rank: int, world_size: int) -> tuple[Dataset, int]:
@@ -398,6 +427,25 @@ class Probes:
     labels_per_class: int
 
 
+def _check_labels_per_class(bank: Dataset, labels_per_class: int) -> None:
+    """Raise :class:`ConfigError` before training when the few-label probe at the end would
+    ask a class of the bank for more labelled images than it has."""
+    labels = torch.as_tensor(bank.targets)
+    classes, counts = labels[labels >= 0].unique(return_counts=True)
+    smallest = int(counts.argmin())
+    if labels_per_class > counts[smallest]:
+        names = getattr(bank, "classes", None) or []
+        index = int(classes[smallest])
+        name = names[index] if index < len(names) else str(index)
+        raise ConfigError(
+            [
+                f"eval.labels_per_class: {labels_per_class} is more than class {name!r} of the "
+                f"evaluation bank has ({int(counts[smallest])} images); the largest value "
+                f"allowed is {int(counts[smallest])}"
+            ]
+        )
+
+
 class Evaluator:
     """Evaluates the backbone's features: a kNN monitor during training, probes at the end.
 
@@ -405,8 +453,9 @@ class Evaluator:
     step of the run (once, even when both hold). Every rank takes part: each encodes its shard
     of the bank and of the test set, the bank features are gathered on every rank, each rank
     classifies its test shard, and the correct counts are summed. No rank waits in a collective
-    while another works alone. Without labelled data (:func:`eval_datasets` gives ``None``)
-    it is not :attr:`enabled` and nothing is due.
+    while another works alone. Without labelled data (:func:`eval_datasets` gives ``None``),
+    or with one class only (:class:`SingleClassError`), it is not :attr:`enabled`, nothing is
+    due, and :attr:`disabled_reason` says why.
     """
 
     def __init__(
@@ -427,7 +476,20 @@ class Evaluator:
         self.memory_format = memory_format
         self.rank = rank
         self.world_size = world_size
-        datasets = eval_datasets(cfg)
+        self.disabled_reason: str | None = None
+        """Why there is nothing to evaluate on (``None`` when :attr:`enabled`), for the trainer
+        to say in one line before it trains on without the kNN monitor and the probes."""
+        try:
+            datasets = eval_datasets(cfg)
+        except SingleClassError as error:  # training on one class still runs; scoring it cannot
+            datasets, self.disabled_reason = None, str(error)
+        else:
+            if datasets is None:
+                self.disabled_reason = (
+                    "the data has no labels (set eval.root to a labelled image folder)"
+                )
+        if datasets is not None:
+            _check_labels_per_class(datasets[0], cfg.eval.labels_per_class)
         self._shards = (
             None
             if datasets is None
@@ -436,7 +498,7 @@ class Evaluator:
 
     @property
     def enabled(self) -> bool:
-        """True when there are labelled images to evaluate on."""
+        """True when there are labelled images of two classes or more to evaluate on."""
         return self._shards is not None
 
     def should_evaluate(self, step: int) -> bool:

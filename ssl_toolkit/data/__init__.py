@@ -10,12 +10,17 @@ from ssl_toolkit.data.augment import (
 from ssl_toolkit.data.datasets import (
     DATASET_NAMES,
     DatasetName,
-    DatasetNotFoundError,
     InMemoryImageDataset,
     build_dataset,
     stratified_split,
 )
-from ssl_toolkit.data.folders import CropViews, ImageFiles, find_images
+from ssl_toolkit.data.folders import (
+    BadImageError,
+    CropViews,
+    DatasetNotFoundError,
+    ImageFiles,
+    find_images,
+)
 from ssl_toolkit.data.loader import (
     EpochBatchSampler,
     TensorBatchLoader,
@@ -26,6 +31,7 @@ from ssl_toolkit.data.loader import (
 __all__ = [
     "DATASET_NAMES",
     "BYOLAugment",
+    "BadImageError",
     "CropViews",
     "DatasetName",
     "DatasetNotFoundError",

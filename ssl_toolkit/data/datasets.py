@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from ssl_toolkit.data.folders import (
     CropViews,
+    DatasetNotFoundError,
     ImageFiles,
     ImageFolderCenter,
     ImageFolderViews,
@@ -31,10 +32,6 @@ DatasetName = Literal["digits", "synthetic", "cifar10", "cifar100", "stl10", "im
 """The datasets :func:`build_dataset` knows; ``data.name`` is validated against it."""
 DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)
 """The values of :data:`DatasetName`."""
-
-
-class DatasetNotFoundError(ValueError):
-    """The dataset's files are not under ``data.root`` and downloading was not requested."""
 
 
 class InMemoryImageDataset(Dataset):
@@ -92,14 +89,17 @@ def build_dataset(
     - ``cifar10`` / ``cifar100``: torchvision's files under ``root``.
     - ``stl10``: ``split`` "train+unlabeled" when ``train`` (pretraining) else "test"; pass
       ``split=`` to choose another.
-    - ``imagefolder``: images under ``root`` (``train/`` or ``val/`` if present, else a fixed
-      stratified 80/20 split of a labelled folder), one sub-folder per class, or the images
-      directly in it for an unlabelled folder (labels -1). Decoded in DataLoader workers with
-      ``torchvision.io``; without ``views``, the shorter side is resized to
-      ``image_size / 0.875`` (default 224) and the centre crop kept.
+    - ``imagefolder``: images under ``root``, one sub-folder per class, or the images directly
+      in it for an unlabelled folder (labels -1). With ``train/`` and ``val/`` inside, those
+      are the splits, and ``val/`` is numbered by ``train/``'s class names (a class that
+      ``train/`` lacks is an error); ``train/`` alone, or a labelled folder with neither, is
+      split 80/20 per class with a fixed seed (:func:`stratified_split`). Decoded in DataLoader
+      workers (:data:`~ssl_toolkit.data.folders.IMAGE_SUFFIXES`); without ``views``, the
+      shorter side is resized to ``image_size / 0.875`` (default 224) and the centre crop kept.
 
-    Missing files raise :class:`DatasetNotFoundError` (unless ``download=True``, for the
-    torchvision datasets); an unknown name raises ``ValueError`` listing the valid names.
+    Missing or unreadable files raise :class:`DatasetNotFoundError` (unless ``download=True``,
+    for the torchvision datasets), and so does an image folder laid out wrongly; an unknown
+    name raises ``ValueError`` listing the valid names.
     """
     if name not in DATASET_NAMES:
         raise ValueError(f"Unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
@@ -236,21 +236,59 @@ def _imagefolder(
             "to a folder of images, with one sub-folder per class when it is labelled "
             "(optionally split into train/ and val/)."
         )
-    split_dir = Path(root) / ("train" if train else "val")
-    folder = split_dir if split_dir.is_dir() else Path(root)
-    try:
-        files = find_images(folder)
-    except FileNotFoundError as err:
-        raise DatasetNotFoundError(f"Dataset 'imagefolder': {err} (data.root={root!r})") from err
-    if folder == Path(root) and files.labelled:
-        # No train/ and val/: a fixed stratified 80/20 split keeps the test images apart.
-        keep = _fixed_split(torch.tensor(files.labels), train).tolist()
-        files = ImageFiles(
-            [files.paths[i] for i in keep], [files.labels[i] for i in keep], files.classes
-        )
+    files = _folder_split(Path(root), train)
     if views is not None:
         return ImageFolderViews(files, views)
     return ImageFolderCenter(files, image_size)
+
+
+def _folder_split(root: Path, train: bool) -> ImageFiles:
+    """The images of one split of the folder ``root``: ``train/``, or ``val/`` numbered by
+    ``train/``'s class names so that a label means the same class in both; with ``train/``
+    alone, or neither, the fixed 80/20 split of ``train/`` (or of ``root``)."""
+    train_dir, val_dir = root / "train", root / "val"
+    if val_dir.is_dir() and not train_dir.is_dir():
+        raise DatasetNotFoundError(
+            f"Dataset 'imagefolder': {val_dir} has no train/ beside it: put the training images "
+            f"in {train_dir}, or val/'s class folders directly in {root} to split them 80/20"
+        )
+    folder = train_dir if train_dir.is_dir() else root
+    files = _find_images(folder, root)
+    if not val_dir.is_dir():
+        if not files.labelled:
+            return files
+        # No val/: a fixed stratified 80/20 split keeps the test images apart.
+        keep = _fixed_split(torch.tensor(files.labels), train).tolist()
+        return ImageFiles(
+            [files.paths[i] for i in keep], [files.labels[i] for i in keep], files.classes
+        )
+    if train:
+        return files
+    val = _find_images(val_dir, root)
+    index = {name: label for label, name in enumerate(files.classes)}
+    unknown = [name for name in val.classes if name not in index]
+    if unknown:
+        raise DatasetNotFoundError(
+            f"Dataset 'imagefolder': {val_dir} has classes that {train_dir} lacks: "
+            f"{', '.join(unknown)}"
+        )
+    if files.labelled and not val.labelled:
+        raise DatasetNotFoundError(
+            f"Dataset 'imagefolder': {val_dir} has no class sub-folders, but {train_dir} has "
+            f"{len(files.classes)}: put val/'s images in sub-folders named as train/'s"
+        )
+    labels = [index[val.classes[label]] for label in val.labels] if val.labelled else val.labels
+    return ImageFiles(val.paths, labels, files.classes)
+
+
+def _find_images(folder: Path, root: Path) -> ImageFiles:
+    """:func:`find_images`, with missing or unreadable files as :class:`DatasetNotFoundError`."""
+    try:
+        return find_images(folder)
+    except OSError as err:
+        raise DatasetNotFoundError(
+            f"Dataset 'imagefolder': {err} (data.root={str(root)!r})"
+        ) from err
 
 
 def _class_names(targets: Tensor) -> list[str]:

@@ -2,21 +2,28 @@
 
 A folder holds one sub-folder of images per class (labelled), or images directly (unlabelled;
 every label is -1). For pretraining, :class:`ImageFolderViews` decodes each image at its native
-resolution (``torchvision.io``, no PIL round trip) and cuts the two RandomResizedCrop views
-from the whole image, resized to the view size; the batched augmentation does the rest on the
-device. The crop parameters come from a generator seeded by (seed, epoch, index), so they do
-not depend on which worker decodes the image, and a resume reproduces them. For evaluation,
-:class:`ImageFolderCenter` resizes the shorter side to ``size / 0.875`` and centre-crops.
+resolution (``torchvision.io``, no PIL round trip, for JPEG, PNG, WebP and GIF) and cuts the two
+RandomResizedCrop views from the whole image, resized to the view size; the batched
+augmentation does the rest on the device. The crop parameters come from a generator seeded by
+(seed, epoch, index), so they do not depend on which worker decodes the image, and a resume
+reproduces them. For evaluation, :class:`ImageFolderCenter` resizes the shorter side to
+``size / 0.875`` and centre-crops. A file that does not decode raises :class:`BadImageError`,
+which names it.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
@@ -26,15 +33,26 @@ from ssl_toolkit.data.augment import CROP_UNIFORMS, sample_crop_boxes
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "BadImageError",
     "CropViews",
+    "DatasetNotFoundError",
     "ImageFiles",
     "ImageFolderCenter",
     "ImageFolderViews",
     "find_images",
 ]
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"})
-"""File endings read as images (decoded by ``torchvision.io.decode_image``)."""
+_TORCHVISION_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif"})
+# torchvision.io cannot decode these; PIL can, and is installed with torchvision (a dependency).
+_PIL_SUFFIXES = frozenset({".bmp", ".tif", ".tiff", ".ppm", ".pgm"})
+IMAGE_SUFFIXES = _TORCHVISION_SUFFIXES | _PIL_SUFFIXES
+"""File endings read as images: JPEG, PNG, WebP and GIF (``torchvision.io``), BMP, TIFF and
+PPM/PGM (PIL)."""
+
+# Image formats neither decoder reads here: such files are ignored with a warning, not silently.
+_UNSUPPORTED_IMAGE_SUFFIXES = frozenset(
+    {".avif", ".heic", ".heif", ".jxl", ".jp2", ".j2k", ".ico", ".svg", ".psd", ".exr", ".dng"}
+)
 
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec, which needs FFmpeg on the
 # system; until that is a fair requirement, torchvision's still work and say so once per image.
@@ -44,6 +62,28 @@ warnings.filterwarnings(
 
 # The usual evaluation crop: resize the shorter side to 256, centre-crop 224.
 _CENTER_CROP_FRACTION = 0.875
+
+
+class DatasetNotFoundError(ValueError):
+    """The dataset's files are missing or unusable (not under ``data.root`` and downloading was
+    not requested, unreadable, or wrongly laid out): the user's data to fix, not a bug."""
+
+
+class BadImageError(DatasetNotFoundError):
+    """An image file that does not decode, named with the decoder's reason, so that one line
+    says which file to fix or remove."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(
+            f"cannot decode the image {path}: {reason} "
+            "(data.skip_bad=true skips the images that do not decode)"
+        )
+        self.path = Path(path)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A DataLoader worker sends it to the main process pickled: rebuild it from its fields.
+        return type(self), (self.path, self.reason)
 
 
 @dataclass(frozen=True)
@@ -71,36 +111,118 @@ class ImageFiles:
         return bool(self.classes)
 
 
+def _entries(folder: Path) -> list[os.DirEntry[str]]:
+    """The entries of ``folder``. A folder that cannot be listed, or a symbolic link to nothing
+    in it, raises ``OSError`` naming it: nothing unreadable is left out without a word."""
+    try:
+        with os.scandir(folder) as listing:
+            entries = list(listing)
+    except OSError as error:
+        raise OSError(f"cannot list the folder {folder}: {error.strerror or error}") from error
+    for entry in entries:
+        if entry.is_symlink() and not os.path.exists(entry.path):
+            raise FileNotFoundError(
+                f"cannot read {entry.path}: a symbolic link to {os.readlink(entry.path)}, "
+                "which does not exist"
+            )
+    return entries
+
+
+def _files_under(folder: Path, outer: frozenset[str] = frozenset()) -> list[Path]:
+    """Every file under ``folder`` at any depth, following symbolic links to folders (``outer``:
+    the real paths of the folders around it, so that a link back into them is an error)."""
+    real = os.path.realpath(folder)
+    if real in outer:
+        raise OSError(f"cannot read {folder}: a symbolic link back into a folder around it")
+    files = []
+    for entry in _entries(folder):
+        if entry.is_dir():
+            files += _files_under(Path(entry.path), outer | {real})
+        elif entry.is_file():
+            files.append(Path(entry.path))
+    return files
+
+
 def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+    return path.suffix.lower() in IMAGE_SUFFIXES
 
 
 def find_images(folder: Path) -> ImageFiles:
     """The images under ``folder``: one sub-folder per class, or the images directly in it.
 
-    Class sub-folders that hold images make the folder labelled (images directly in it are
-    then ignored, as torchvision's ``ImageFolder`` does); otherwise its own images are
-    unlabelled. Raises ``FileNotFoundError`` when there is no image at all.
+    Class sub-folders that hold images (at any depth, following symbolic links) make the folder
+    labelled (images directly in it are then ignored, as torchvision's ``ImageFolder`` does);
+    otherwise its own images are unlabelled. Files with other suffixes are ignored, with one
+    warning counting those in image formats that are not read (HEIC, AVIF, ...). A folder that
+    cannot be listed, or a symbolic link to nothing, raises ``OSError`` naming it; no image at
+    all raises ``FileNotFoundError``.
     """
-    classes = sorted(
-        d.name for d in folder.iterdir() if d.is_dir() and any(map(_is_image, d.rglob("*")))
-    )
+    entries = _entries(folder)
+    own = [Path(e.path) for e in entries if e.is_file()]
+    under = {e.name: _files_under(Path(e.path)) for e in entries if e.is_dir()}
+    classes = sorted(name for name, files in under.items() if any(map(_is_image, files)))
     if classes:
         pairs = [
             (path, label)
             for label, name in enumerate(classes)
-            for path in sorted(p for p in (folder / name).rglob("*") if _is_image(p))
+            for path in sorted(filter(_is_image, under[name]))
         ]
     else:
-        pairs = [(path, -1) for path in sorted(p for p in folder.iterdir() if _is_image(p))]
+        pairs = [(path, -1) for path in sorted(filter(_is_image, own))]
+    unsupported = [
+        path.suffix.lower()
+        for path in own + [path for files in under.values() for path in files]
+        if path.suffix.lower() in _UNSUPPORTED_IMAGE_SUFFIXES
+    ]
+    if unsupported:
+        warnings.warn(
+            f"{len(unsupported)} files with unsupported suffixes "
+            f"({', '.join(sorted(set(unsupported)))}) ignored in {folder}; the suffixes read "
+            f"are {', '.join(sorted(IMAGE_SUFFIXES))}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     if not pairs:
         raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
     paths, labels = zip(*pairs, strict=True)
     return ImageFiles(list(paths), list(labels), classes)
 
 
+# torchvision's errors start with where in its C++ sources they were raised.
+_SOURCE_LOCATION = re.compile(r"^\S+, \S+:\d+, ")
+
+
+def _reason(error: Exception) -> str:
+    """The decoder's complaint in one line, without torchvision's source location and advice."""
+    lines = str(error).strip().splitlines()
+    if not lines:
+        return type(error).__name__
+    located = _SOURCE_LOCATION.match(lines[0])
+    return lines[0][located.end() :].split(". ")[0] if located else lines[0]
+
+
+def _decode_with_pil(path: Path) -> Tensor:
+    """(3, H, W) RGB, upright; 16-bit grayscale stays uint16, for :func:`_decode` to scale."""
+    with Image.open(path) as file:
+        image = ImageOps.exif_transpose(file)
+        if image.mode.startswith("I;16"):
+            return torch.from_numpy(np.array(image).astype(np.uint16)).expand(3, -1, -1)
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+
+
 def _decode(path: Path) -> Tensor:
-    return decode_image(str(path), mode=ImageReadMode.RGB)
+    """``path`` as uint8 (3, H, W) RGB: upright (its EXIF orientation applied), the first frame
+    of an animation, 16-bit channels cut to their high byte. :class:`BadImageError` otherwise."""
+    try:
+        if path.suffix.lower() in _PIL_SUFFIXES:
+            image = _decode_with_pil(path)
+        else:
+            image = decode_image(str(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except Exception as error:  # whatever the decoder makes of a broken file: it names the file
+        raise BadImageError(path, _reason(error)) from error
+    if image.ndim == 4:  # an animated GIF: its first frame
+        image = image[0]
+    return TF.to_dtype(image, torch.uint8, scale=True)
 
 
 class ImageFolderViews(Dataset):
@@ -108,6 +230,7 @@ class ImageFolderViews(Dataset):
 
     Indices are ``(index, epoch)`` pairs (see :class:`~ssl_toolkit.data.loader.WorkerBatchLoader`),
     so that the crops of an image differ from epoch to epoch and never depend on the worker.
+    An image that does not decode raises :class:`BadImageError`.
     """
 
     takes_epoch = True
@@ -144,7 +267,8 @@ def _crop(image: Tensor, box: Tensor, size: int) -> Tensor:
 
 class ImageFolderCenter(Dataset):
     """Evaluation items: ``(image, label)``, the shorter side resized to ``size / 0.875`` and
-    the centre ``size`` x ``size`` crop kept, as uint8 (3, size, size)."""
+    the centre ``size`` x ``size`` crop kept, as uint8 (3, size, size). An image that does not
+    decode raises :class:`BadImageError`."""
 
     def __init__(self, files: ImageFiles, size: int) -> None:
         self.files = files

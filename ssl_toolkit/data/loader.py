@@ -4,7 +4,8 @@
 drawn from a ``torch.Generator``, sliced by rank for distributed training. Its state (epoch,
 position in the epoch, generator state at the start of the epoch) is enough to replay the rest
 of an epoch. :class:`TensorBatchLoader` uses it to cut batches out of an in-memory uint8 tensor
-with one indexing op, with no worker processes and no per-item Python work.
+with one indexing op, with no worker processes and no per-item Python work;
+:class:`WorkerBatchLoader` decodes image folders in worker processes.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
+from ssl_toolkit.data.folders import BadImageError, DatasetNotFoundError
 from ssl_toolkit.preemption import outlive_stop_signals
 
 
@@ -160,6 +162,12 @@ class TensorBatchLoader:
         """Index of the current epoch (starts at 0)."""
         return self.batch_sampler.epoch
 
+    @property
+    def skipped(self) -> list[str]:
+        """Always empty: in-memory images were decoded when loaded (see
+        :attr:`WorkerBatchLoader.skipped`)."""
+        return []
+
     def __len__(self) -> int:
         return len(self.batch_sampler)
 
@@ -200,6 +208,57 @@ class _EpochTagged:
             yield [(i, self.sampler.epoch) for i in indices] if self.tag else indices
 
 
+def _moved(item: Any, offset: int, length: int) -> Any:
+    """The dataset index ``offset`` places after ``item``, wrapping around at ``length``; an
+    ``(index, epoch)`` item keeps its epoch."""
+    if isinstance(item, tuple):
+        index, epoch = item
+        return (index + offset) % length, epoch
+    return (item + offset) % length
+
+
+class _Decoding(Dataset):
+    """The dataset as the workers read it: each item with the paths of the images skipped to
+    get it, or, for an image that does not decode, the error for the main process to raise (one
+    line naming the file, where a worker's own exception would come wrapped in its traceback).
+
+    With ``skip_bad``, an image that does not decode gives its place to the next one that does
+    (index + 1, + 2, ... wrapping around), so that every batch stays full and the same on a
+    resume."""
+
+    def __init__(self, dataset: Dataset, skip_bad: bool) -> None:
+        self.dataset = dataset
+        self.skip_bad = skip_bad
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: Any) -> tuple[Any, list[str]] | DatasetNotFoundError:
+        skipped: list[str] = []
+        first: BadImageError | None = None
+        for offset in range(len(self)):
+            try:
+                return self.dataset[_moved(item, offset, len(self))], skipped
+            except BadImageError as error:
+                if not self.skip_bad:
+                    return error
+                first = first or error
+                skipped.append(str(error.path))
+        return DatasetNotFoundError(
+            f"data.skip_bad=true, but none of the {len(self)} images decodes ({first.path}: "
+            f"{first.reason})"
+        )
+
+
+def _collate(results: list[Any]) -> tuple[Any, list[str]] | DatasetNotFoundError:
+    """A batch and the paths skipped to fill it, or the first error among its items."""
+    for result in results:
+        if isinstance(result, DatasetNotFoundError):
+            return result
+    items, skipped = zip(*results, strict=True)
+    return default_collate(list(items)), [path for paths in skipped for path in paths]
+
+
 class WorkerBatchLoader:
     """Batches decoded in ``DataLoader`` worker processes, resumable at any batch.
 
@@ -208,6 +267,12 @@ class WorkerBatchLoader:
     but the batches actually handed out: ``state_dict()`` gives the epoch, the batches
     consumed in it and the generator state at its start. Datasets with ``takes_epoch = True``
     are indexed by ``(index, epoch)``.
+
+    An image that does not decode stops the iteration with its
+    :class:`~ssl_toolkit.data.folders.BadImageError`, raised in the main process. With
+    ``skip_bad``, the next image that decodes takes its place instead (index + 1, + 2, ...,
+    wrapping around: batches stay full and a resume sees the same ones), and
+    :attr:`skipped` lists it.
     """
 
     def __init__(
@@ -221,6 +286,7 @@ class WorkerBatchLoader:
         rank: int = 0,
         world_size: int = 1,
         num_workers: int = 2,
+        skip_bad: bool = False,
     ) -> None:
         self.dataset = dataset
         self.batch_sampler = EpochBatchSampler(
@@ -234,14 +300,22 @@ class WorkerBatchLoader:
         )
         self._batches = _EpochTagged(self.batch_sampler, getattr(dataset, "takes_epoch", False))
         self._loader = DataLoader(
-            dataset,
+            _Decoding(dataset, skip_bad),
             batch_sampler=self._batches,
             num_workers=num_workers,
+            collate_fn=_collate,
             persistent_workers=num_workers > 0,
             worker_init_fn=outlive_stop_signals,
         )
         self._epoch_state = self.batch_sampler.state_dict()
         self._consumed = 0
+        self._skipped: dict[str, None] = {}  # insertion-ordered, each path once
+
+    @property
+    def skipped(self) -> list[str]:
+        """The images skipped so far because they do not decode (``skip_bad``), each once, in
+        the order they were met; those of this process's shard only."""
+        return list(self._skipped)
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
@@ -249,7 +323,11 @@ class WorkerBatchLoader:
     def __iter__(self) -> Iterator[Any]:
         self._epoch_state, self._consumed = self.batch_sampler.state_dict(), 0
         self._batches.pass_start = None
-        for batch in self._loader:
+        for result in self._loader:
+            if isinstance(result, DatasetNotFoundError):
+                raise result
+            batch, skipped = result
+            self._skipped.update(dict.fromkeys(skipped))
             if self._consumed == 0 and self._batches.pass_start is not None:
                 self._epoch_state = self._batches.pass_start
             self._consumed += 1
@@ -279,15 +357,19 @@ def build_loader(
     rank: int = 0,
     world_size: int = 1,
     num_workers: int = 2,
+    skip_bad: bool = False,
 ) -> TensorBatchLoader | WorkerBatchLoader:
     """Pick the batch iterator for a dataset from :func:`build_dataset`.
 
     In-memory datasets get a :class:`TensorBatchLoader`. Others (image folders) get a
-    :class:`WorkerBatchLoader` that decodes in ``num_workers`` processes. Both resume exactly
-    at any batch.
+    :class:`WorkerBatchLoader` that decodes in ``num_workers`` processes and, with
+    ``skip_bad``, puts the next good image in the place of one that does not decode. Both
+    resume exactly at any batch, and both list the images skipped in ``skipped``.
     """
     kwargs = {"shuffle": shuffle, "drop_last": drop_last, "generator": generator}
     kwargs |= {"rank": rank, "world_size": world_size}
     if hasattr(dataset, "images") and hasattr(dataset, "targets"):
         return TensorBatchLoader(dataset, batch_size, **kwargs)
-    return WorkerBatchLoader(dataset, batch_size, num_workers=num_workers, **kwargs)
+    return WorkerBatchLoader(
+        dataset, batch_size, num_workers=num_workers, skip_bad=skip_bad, **kwargs
+    )

@@ -1,18 +1,26 @@
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from ssl_toolkit.cli import USAGE_ERRORS
 from ssl_toolkit.config import ExperimentConfig
+from ssl_toolkit.data import BadImageError
 from ssl_toolkit.evaluation import (
     Evaluator,
+    SingleClassError,
+    encode,
+    eval_datasets,
     extract_features,
     knn_top1,
     linear_eval_sgd,
     linear_probe,
 )
 from ssl_toolkit.methods import SimCLR
+from tests.data.test_folders import _jpeg
 
 # Train points on the unit circle (and beyond); cosine similarity to the query (1, 0) is
 # 1, 0.8, 0.6, 0 and -1.
@@ -218,3 +226,63 @@ def test_sgd_linear_evaluation_learns_and_is_deterministic():
     assert top1 > 0.6
     again = linear_eval_sgd(encoder(), cfg, torch.device("cpu"), epochs=4, batch_size=128, lr=2.0)
     assert again == top1
+
+
+def _folder_config(tmp_path: Path, **sections: dict) -> ExperimentConfig:
+    data = {"name": "imagefolder", "root": str(tmp_path), "image_size": 16, "num_workers": 0}
+    return ExperimentConfig.from_dict(
+        {"optim": {"name": "lars", "lr": 1.0}, "data": data | sections.pop("data", {}), **sections}
+    )
+
+
+def _class_folders(root: Path, counts: dict[str, int]) -> None:
+    for c, (name, count) in enumerate(counts.items()):
+        for i in range(count):
+            _jpeg(root / name / f"{i}.jpg", 20, 24, seed=100 * c + i)
+
+
+def test_eval_root_splits_share_the_class_index_of_train(tmp_path: Path) -> None:
+    _class_folders(tmp_path / "eval" / "train", {"cat": 2, "dog": 2, "emu": 2})
+    _class_folders(tmp_path / "eval" / "val", {"dog": 2, "emu": 1})
+    cfg = _folder_config(tmp_path / "unused", eval={"root": str(tmp_path / "eval")})
+    bank, test = eval_datasets(cfg)
+    assert bank.classes == ["cat", "dog", "emu"]
+    assert test.targets.tolist() == [1, 1, 2]
+    names = [bank.classes[label] for label in test.targets.tolist()]
+    assert names == [path.parent.name for path in test.files.paths]
+
+
+def test_one_class_is_an_error_for_evaluation_and_turns_the_evaluator_off(
+    tmp_path: Path,
+) -> None:
+    _class_folders(tmp_path, {"cat": 6})
+    cfg = _folder_config(tmp_path)
+    with pytest.raises(SingleClassError) as info:
+        eval_datasets(cfg)
+    assert str(info.value) == (
+        f"data.root={str(tmp_path)!r} has one class (cat): the kNN monitor and the probes need "
+        "at least two classes"
+    )
+    assert isinstance(info.value, USAGE_ERRORS), "linear evaluation exits 2 with it"
+    monitor = Evaluator(cfg, steps_per_epoch=5, total_steps=20, device=torch.device("cpu"))
+    assert not monitor.enabled and not monitor.should_evaluate(20)
+    assert monitor.disabled_reason == str(info.value)
+
+
+def test_encode_with_skip_bad_puts_the_next_image_in_place_and_warns(tmp_path: Path) -> None:
+    _class_folders(tmp_path / "train", {"cat": 3, "dog": 3})
+    _class_folders(tmp_path / "val", {"cat": 3, "dog": 3})
+    bad = tmp_path / "val" / "cat" / "1.jpg"
+    bad.write_bytes(b"no longer a jpeg")
+    cfg = _folder_config(tmp_path, data={"skip_bad": True})
+    _, test = eval_datasets(cfg)
+    with pytest.warns(RuntimeWarning) as record:
+        features, labels = encode(nn.Flatten(), test, cfg, torch.device("cpu"), normalise=False)
+    assert [str(w.message) for w in record if w.category is RuntimeWarning] == [
+        f"evaluation: 1 of the images do not decode; data.skip_bad=true put the next one in the "
+        f"place of each: {bad}"
+    ]
+    assert features.shape == (6, 3 * 16 * 16) and labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert torch.equal(features[1], features[2]), "cat/2.jpg in the place of cat/1.jpg"
+    with pytest.raises(BadImageError, match=re.escape(str(bad))):
+        encode(nn.Flatten(), test, _folder_config(tmp_path), torch.device("cpu"))
