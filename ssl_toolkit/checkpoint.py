@@ -65,14 +65,28 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+# torch's wordings: "Unsupported global: GLOBAL x.y" and "unsupported GLOBAL x.y whose ...".
+_UNSAFE_GLOBAL = re.compile(r"unsupported (?:global: )?GLOBAL (\S+)", re.IGNORECASE)
+
+
 def _describe(exc: Exception) -> str:
     """One line saying why ``torch.load`` failed (its own messages span several paragraphs)."""
     text = " ".join(str(exc).split())
-    unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    unsafe = _UNSAFE_GLOBAL.search(text)
     if unsafe:
-        return f"it references {unsafe.group(1)}, which weights_only loading refuses"
+        return (
+            f"it is refused as unsafe: it references {unsafe.group(1)}, which weights_only "
+            "loading does not allow (only tensors and plain containers load)"
+        )
     first_sentence = text.split(". ")[0] if text else "unexpected end of file"
     return f"it is corrupt or truncated ({type(exc).__name__}: {first_sentence})"
+
+
+def _umask() -> int:
+    """The process's file-creation mask (read by setting it, then restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
@@ -86,6 +100,8 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates the file 0600; give it the mode open() would (0666 less the umask).
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -199,6 +215,9 @@ def load_latest(run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
     candidates = [checkpoint_path(run_dir), *step_checkpoints(directory)]
     broken, tried = [], set()
     for path in candidates:
+        if path.is_symlink() and not path.exists():
+            broken.append(f"{path} is a dangling link (to {os.readlink(path)})")
+            continue
         if not path.is_file():
             continue
         stat = path.stat()
@@ -286,3 +305,10 @@ class Checkpointer:
                     stale.unlink()
                 _fsync_directory(self.path.parent)
         return due
+
+    def link_best(self, step: int) -> None:
+        """Point ``best.pt`` at the saved checkpoint of step ``step`` (the final step, once its
+        probes show it is the best): saving comes before evaluating at the end of a run."""
+        if self.enabled:
+            _link(self.path.parent / f"step-{step:08d}.pt", self.path.with_name("best.pt"))
+            _fsync_directory(self.path.parent)

@@ -28,11 +28,18 @@ from ssl_toolkit.distributed import (
 from ssl_toolkit.health import Diverged
 from ssl_toolkit.methods import build_method
 from ssl_toolkit.preemption import Preempted
+from ssl_toolkit.run_lock import RunDirectoryError
 from ssl_toolkit.trainer import Trainer
 
 __all__ = ["USAGE_ERRORS", "main", "print_error"]
 
-USAGE_ERRORS = (ConfigError, CheckpointError, DatasetNotFoundError, DeviceUnavailableError)
+USAGE_ERRORS = (
+    ConfigError,
+    CheckpointError,
+    DatasetNotFoundError,
+    DeviceUnavailableError,
+    RunDirectoryError,
+)
 """Errors of the user's input: exit code 2 and one ``error:`` line per problem."""
 
 

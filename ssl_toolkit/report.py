@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -16,7 +17,19 @@ from rich.table import Table
 from ssl_toolkit.checkpoint import atomic_write
 from ssl_toolkit.evaluation import Probes
 
-__all__ = ["TrainResult", "TrainingProgress", "print_summary", "write_summary"]
+__all__ = [
+    "SUMMARY_FILE",
+    "TrainResult",
+    "TrainingProgress",
+    "print_summary",
+    "read_summary",
+    "write_summary",
+]
+
+SUMMARY_FILE = "summary.json"
+"""The run's numbers and probes, in the run directory."""
+
+_TRAINING_KEYS = ("final_loss", "images_per_s", "seconds")
 
 
 @dataclass(frozen=True)
@@ -32,23 +45,44 @@ class TrainResult:
     run_dir: Path
     probes: Probes | None = None
     baseline: Probes | None = None
+    probe_error: str | None = None
+    """Why the end-of-run probes of the trained encoder failed, if they did."""
+    baseline_error: str | None = None
+    """Why the random-init baseline's probes failed, if they did."""
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form of ``summary.json``: the run's numbers, its probes, and ``baseline``
-        (the same probes of a randomly initialised encoder of the same config)."""
+        """The JSON form of ``summary.json``: the run's numbers, its probes (flat, and as the
+        ``probes`` record, ``{"error": ...}`` when they failed), and ``baseline`` (the same
+        probes of a randomly initialised encoder of the same config)."""
         summary = {
-            key: getattr(self, key)
-            for key in ("steps", "epochs", "final_loss", "images_per_s", "seconds", "knn_top1")
+            key: getattr(self, key) for key in ("steps", "epochs", *_TRAINING_KEYS, "knn_top1")
         }
-        probes = {
+        flat = {
             key: getattr(self.probes, key, None)
             for key in ("linear_top1", "linear_top1_few_labels", "labels_per_class")
         }
         return {
             **summary,
-            **probes,
-            "baseline": dataclasses.asdict(self.baseline) if self.baseline else None,
+            **flat,
+            "probes": _record(self.probes, self.probe_error),
+            "baseline": _record(self.baseline, self.baseline_error),
         }
+
+    def with_training_of(self, summary: dict[str, Any]) -> TrainResult:
+        """This result with the training numbers (final loss, speed, time) of an earlier
+        session's ``summary.json``: a session resumed at the end trains nothing itself."""
+        kept = {
+            key: float(summary[key])
+            for key in _TRAINING_KEYS
+            if isinstance(summary.get(key), int | float)
+        }
+        return dataclasses.replace(self, **kept)
+
+
+def _record(probes: Probes | None, error: str | None) -> dict[str, Any] | None:
+    if error is not None:
+        return {"error": error}
+    return dataclasses.asdict(probes) if probes is not None else None
 
 
 class TrainingProgress:
@@ -99,9 +133,31 @@ class TrainingProgress:
 
 
 def write_summary(path: Path, result: TrainResult) -> None:
-    """Write :meth:`TrainResult.to_dict` as JSON, atomically (temporary file, then rename)."""
-    text = json.dumps(result.to_dict(), indent=2) + "\n"
+    """Write :meth:`TrainResult.to_dict` as strict JSON (a non-finite number becomes
+    ``null``), atomically (temporary file, then rename)."""
+    text = json.dumps(_finite(result.to_dict()), indent=2, allow_nan=False) + "\n"
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def read_summary(path: Path) -> dict[str, Any] | None:
+    """An earlier session's ``summary.json`` as a mapping; ``None`` when it is missing or not
+    a JSON object (a summary is recomputed then, never trusted half-read)."""
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN or infinity inside it replaced by ``None``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _percent(value: float | None) -> str:
@@ -141,3 +197,8 @@ def print_summary(console: Console, result: TrainResult, rows: dict[str, str]) -
     console.print(table)
     if result.probes is not None:
         console.print(_probe_table(result.probes, result.baseline))
+    for what, error in (("probes", result.probe_error), ("baseline", result.baseline_error)):
+        if error is not None:
+            console.print(
+                f"end-of-run {what} failed: {error}", markup=False, highlight=False, soft_wrap=True
+            )

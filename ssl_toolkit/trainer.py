@@ -13,11 +13,12 @@ generator) is saved in the checkpoint, so a resumed run on CPU continues bit for
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -29,14 +30,17 @@ from rich.console import Console
 from torch import Tensor, nn
 
 from optim import build_optimizer, scale_lr, set_lr, warmup_cosine
+from optim.errors import short_repr
 from ssl_toolkit.checkpoint import (
     Checkpointer,
     CheckpointError,
+    atomic_write,
     capture_rng_state,
     load_checkpoint,
     load_latest,
     restore_rng_state,
     save_checkpoint,
+    step_checkpoints,
 )
 from ssl_toolkit.config import ExperimentConfig
 from ssl_toolkit.data import CropViews, TensorBatchLoader, build_dataset, build_loader
@@ -59,7 +63,17 @@ from ssl_toolkit.parallel import (
     parallelize,
 )
 from ssl_toolkit.preemption import Preempted, PreemptionGuard
-from ssl_toolkit.report import TrainingProgress, TrainResult, print_summary, write_summary
+from ssl_toolkit.preflight import check_accumulation, check_batch_fits, dry_forward
+from ssl_toolkit.report import (
+    SUMMARY_FILE,
+    TrainingProgress,
+    TrainResult,
+    print_summary,
+    read_summary,
+    write_summary,
+)
+from ssl_toolkit.run_lock import RunDirectoryError, RunLock
+from ssl_toolkit.skipped_images import SkippedImages
 from ssl_toolkit.sync_batch_norm import convert_sync_batchnorm, wants_sync_bn
 from ssl_toolkit.wandb_logger import WandbLogger
 
@@ -93,6 +107,19 @@ class Trainer:
         )
         self.console = console or Console(stderr=True)
         self.run_dir = Path(cfg.trainer.output_dir)
+        self.run_lock = RunLock(self.run_dir)
+        """One run per directory: held by the main process from here to the end of :meth:`fit`."""
+        self._lock_run_dir()
+        try:
+            self._setup(resume, logger)
+        except BaseException:
+            self.run_lock.release()
+            raise
+
+    def _setup(self, resume: Path | str | None, logger: MetricLogger | None) -> None:
+        """Everything a run needs, checked before the first step: data, model, optimizer,
+        schedule and the components; then the resume."""
+        cfg = self.cfg
         self.device = self.ctx.device
         _seed_everything(cfg.trainer.seed + self.ctx.rank)  # this rank's own random streams
 
@@ -108,6 +135,7 @@ class Trainer:
                 seed=cfg.trainer.seed,
             ),
         )
+        check_batch_fits(len(self.train_set), cfg.data.batch_size, self.ctx.world_size)
         self.loader = build_loader(
             self.train_set,
             cfg.data.batch_size,
@@ -115,6 +143,7 @@ class Trainer:
             rank=self.ctx.rank,
             world_size=self.ctx.world_size,
             num_workers=cfg.data.num_workers,
+            skip_bad=cfg.data.skip_bad,
         )
         if isinstance(self.loader, TensorBatchLoader) and self.device.type == "cuda":
             self.loader.images = self.loader.images.to(self.device)
@@ -137,6 +166,13 @@ class Trainer:
         )
         if cfg.trainer.strategy != "fsdp2":  # FSDP2 shards contiguous parameters only
             self.method.to(memory_format=self.memory_format)
+        dry_forward(
+            self.method,
+            backbone=cfg.model.backbone,
+            image_size=cfg.data.image_size,
+            device=self.device,
+            memory_format=self.memory_format,
+        )
         self.model: nn.Module = parallelize(self.method, self.ctx, cfg.trainer.strategy)
         """The method as the strategy wraps it (DDP, FSDP2 or itself)."""
         self.optimizer = build_optimizer(cfg.optim, self.method.trainable_module())
@@ -147,6 +183,7 @@ class Trainer:
         """What each micro-batch calls for its loss: :attr:`model`, compiled if asked."""
 
         accumulate = cfg.trainer.accumulate_grad_batches
+        check_accumulation(accumulate, len(self.loader), cfg.data.batch_size)
         # Every micro-batch of an epoch is used: the epoch's last step takes what is left.
         self.steps_per_epoch = -(-len(self.loader) // accumulate)
         total = cfg.trainer.epochs * self.steps_per_epoch
@@ -183,7 +220,12 @@ class Trainer:
         )
         self.preemption = PreemptionGuard(distributed=self.ctx.is_distributed)
         self.best_knn = float("-inf")
+        if resume is None:
+            self._warn_if_replacing()
         run_id = self._resume(resume) if resume is not None else None
+        self.skipped_images = SkippedImages(
+            self.run_dir, resumed=self.step > 0, enabled=self.ctx.is_main
+        )
         self.logger: MetricLogger = logger or WandbLogger(
             **cfg.logging.wandb.model_dump(),
             run_dir=self.run_dir,
@@ -191,6 +233,32 @@ class Trainer:
             run_id=run_id,
             enabled=self.ctx.is_main,
         )
+
+    def _lock_run_dir(self) -> None:
+        """Take the run directory's lock on the main process; every process learns whether
+        it got it, so all of them stop together when another run holds the directory."""
+        error = None
+        if self.ctx.is_main:
+            try:
+                self.run_lock.acquire()
+            except RunDirectoryError as err:
+                error = str(err)
+        error = gather_objects(error)[0]
+        if error is not None:
+            raise RunDirectoryError(error)
+
+    def _warn_if_replacing(self) -> None:
+        """A fresh run in a directory that holds an earlier run's checkpoints replaces them:
+        say so, and how to continue that run instead."""
+        steps = step_checkpoints(self.checkpointer.path.parent)
+        if self.ctx.is_main and (steps or self.checkpointer.path.exists()):
+            newest = f" (up to {steps[0].name})" if steps else ""
+            warnings.warn(
+                f"{self.run_dir} holds checkpoints of an earlier run{newest}: this run starts "
+                "from scratch and replaces them; to continue that run, use --resume auto",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def lr_at(self, step: int) -> float:
         """The scheduled learning rate of optimizer step ``step`` (1-based; before group
@@ -207,23 +275,31 @@ class Trainer:
         """Train until ``total_steps``, evaluating, logging and saving when each is due.
 
         ``stop_at_step`` ends the run early after saving a checkpoint, as a preemption would:
-        ``--resume`` then continues it exactly.
+        ``--resume`` then continues it exactly. At the end of the run the final checkpoint and
+        ``backbone.pt`` are written before any probe runs (:meth:`finish_run`). The run
+        directory's lock is held throughout and released on return.
         """
+        try:
+            self._lock_run_dir()
+            return self._fit(stop_at_step)
+        finally:
+            self.run_lock.release()
+
+    def _fit(self, stop_at_step: int | None) -> TrainResult:
         if self.ctx.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict()))
+            config_text = yaml.safe_dump(self.cfg.to_dict())
+            atomic_write(self.run_dir / "config.yaml", lambda f: f.write(config_text.encode()))
         end = self.total_steps if stop_at_step is None else min(stop_at_step, self.total_steps)
         first = self.step + 1
         batches = self.image_batches()
         window = _LogWindow(self.device)
-        loss, knn, probes = float("nan"), None, None
+        loss, knn = float("nan"), None
         if not self.evaluator.enabled and self.ctx.is_main:
             self.console.print(
-                "kNN monitor and probes skipped: the data has no labels "
-                "(set eval.root to a labelled image folder)"
+                f"kNN monitor and probes skipped: {self.evaluator.disabled_reason}",
+                markup=False,
+                soft_wrap=True,
             )
-        if self.step == self.total_steps and self.evaluator.enabled:  # resumed at the end
-            probes = self.final_probes(self.step)
         start, images = time.perf_counter(), 0
         with (
             TrainingProgress(
@@ -246,46 +322,37 @@ class Trainer:
                     self._check_health()
                     loss, speed = window.flush()
                     row = {"train/loss": loss, "train/lr": lr, "train/img_per_s": speed}
-                    self.logger.log(
-                        {**row, **self._health_metrics(), **self._method_metrics()}, step=step
-                    )
+                    row |= self._health_metrics() | self._data_metrics()
+                    self.logger.log(row | self._method_metrics(), step=step)
                     progress.update(step, loss=loss, lr=lr, speed=speed)
                 progress.update(step)
-                knn_now = None
-                if step == self.total_steps and self.evaluator.enabled:
-                    probes = self.final_probes(step)
-                    knn_now = probes.knn_top1
-                elif self.evaluator.should_evaluate(step):
-                    knn = knn_now = self.evaluate(step)
-                best = knn_now is not None and knn_now > self.best_knn
-                if knn_now is not None:
-                    self.best_knn = max(self.best_knn, knn_now)
-                    # The best so far, carried by checkpoints: right across resumed sessions,
-                    # where W&B's per-session summary max of knn/top1 is not.
-                    self.logger.log({"knn/best": self.best_knn}, step=step)
+                # The run's last step is saved first; its kNN comes with the final probes.
+                best = False
+                if step < self.total_steps and self.evaluator.should_evaluate(step):
+                    knn = self._evaluate_saving_first_on_failure(step)
+                    best = knn > self.best_knn
+                    self._record_best_knn(knn, step)
                 signum = self.preemption.requested()
                 last = step == end or bool(signum)
                 self.checkpointer.save(step, last_step=last, best=best)
                 if signum:
                     self._stop(signum, step)
-        seconds = time.perf_counter() - start
-        baseline = self.baseline_probes(self.step) if probes is not None else None
-        if self.step == self.total_steps:
-            self.export_backbone()
+            seconds = time.perf_counter() - start
+            result = TrainResult(
+                steps=self.step,
+                epochs=self.step / self.steps_per_epoch,
+                final_loss=loss,
+                knn_top1=knn,
+                images_per_s=images / max(seconds, 1e-9),
+                seconds=seconds,
+                run_dir=self.run_dir,
+            )
+            if self.step == self.total_steps:
+                result = self.finish_run(result, resumed_at_end=first > self.total_steps)
         self.logger.finish()
-        result = TrainResult(
-            steps=self.step,
-            epochs=self.step / self.steps_per_epoch,
-            final_loss=loss,
-            knn_top1=probes.knn_top1 if probes is not None else knn,
-            images_per_s=images / max(seconds, 1e-9),
-            seconds=seconds,
-            run_dir=self.run_dir,
-            probes=probes,
-            baseline=baseline,
-        )
         if self.ctx.is_main:
-            write_summary(self.run_dir / "summary.json", result)
+            if self.step < self.total_steps:
+                write_summary(self.run_dir / SUMMARY_FILE, result)
             print_summary(
                 self.console,
                 result,
@@ -295,6 +362,87 @@ class Trainer:
                 },
             )
         return result
+
+    def finish_run(self, result: TrainResult, *, resumed_at_end: bool = False) -> TrainResult:
+        """The end of a finished run, in the order that loses nothing: ``backbone.pt``, a
+        ``summary.json`` of the training, then the probes, whose failure is reported in
+        ``summary.json`` instead of failing the run. The final checkpoint is already saved.
+
+        A run resumed at its end (``resumed_at_end``) keeps what an earlier session wrote and
+        computes only what is missing: the backbone file, the probes, the baseline. A stop
+        signal between these parts stops the run as during training (the checkpoint is whole,
+        and ``--resume auto`` completes the rest).
+        """
+        previous = gather_objects(read_summary(self.run_dir / SUMMARY_FILE))[0]
+        if resumed_at_end and previous is not None:
+            result = result.with_training_of(previous)
+        backbone = self.run_dir / BACKBONE_FILE
+        if not resumed_at_end or not gather_objects(backbone.is_file())[0]:
+            self.export_backbone()
+        if self.ctx.is_main:
+            write_summary(self.run_dir / SUMMARY_FILE, result)
+        self._stop_if_requested()
+        if not self.evaluator.enabled:
+            return result
+        probes, error = (previous.get("probes"), None) if previous is not None else (None, None)
+        if not resumed_at_end or not _complete(probes):
+            probes, error = self._guarded(lambda: self.final_probes(self.step))
+        else:
+            probes = Probes(**probes)
+        if probes is not None:
+            best = probes.knn_top1 > self.best_knn
+            self._record_best_knn(probes.knn_top1, self.step)
+            if best:
+                self.checkpointer.link_best(self.step)
+        self._stop_if_requested()
+        baseline, baseline_error = None, None
+        if probes is not None and self.cfg.eval.baseline:
+            kept = previous.get("baseline") if resumed_at_end and previous is not None else None
+            if _complete(kept):
+                baseline = Probes(**kept)
+            else:
+                baseline, baseline_error = self._guarded(lambda: self.baseline_probes(self.step))
+        result = dataclasses.replace(
+            result,
+            knn_top1=probes.knn_top1 if probes is not None else None,
+            probes=probes,
+            baseline=baseline,
+            probe_error=error,
+            baseline_error=baseline_error,
+        )
+        if self.ctx.is_main:
+            write_summary(self.run_dir / SUMMARY_FILE, result)
+        return result
+
+    def _guarded(self, probe: Callable[[], Probes | None]) -> tuple[Probes | None, str | None]:
+        """Run an end-of-run probe; a failure is printed and returned as one line, since the
+        trained model is already saved and must not be lost to an evaluation error."""
+        try:
+            return probe(), None
+        except Exception as error:
+            text = " ".join(str(error).split()) or repr(error)
+            message = f"{type(error).__name__}: {text}"
+            if self.ctx.is_main:
+                self.console.print(
+                    f"warning: the end-of-run probes failed ({message}); the checkpoint and "
+                    f"{BACKBONE_FILE} are saved, and summary.json records the error",
+                    markup=False,
+                    highlight=False,
+                    soft_wrap=True,
+                )
+            return None, message
+
+    def _record_best_knn(self, knn: float, step: int) -> None:
+        """Keep the best kNN top-1 so far (carried by checkpoints: right across resumed
+        sessions, where W&B's per-session summary max of ``knn/top1`` is not) and log it."""
+        self.best_knn = max(self.best_knn, knn)
+        self.logger.log({"knn/best": self.best_knn}, step=step)
+
+    def _stop_if_requested(self) -> None:
+        """After the last step: stop on a signal that came during the end-of-run work."""
+        signum = self.preemption.requested()
+        if signum:
+            self._stop(signum, self.step)
 
     def image_batches(self) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
         """Images of each micro-batch, forever: one batch, or a pair of batches already cropped
@@ -380,6 +528,23 @@ class Trainer:
         self.logger.log({"train/preempted_at": step}, step=step)
         self.logger.finish()
         raise Preempted(signum, step, self.checkpointer.path)
+
+    def _data_metrics(self) -> dict[str, Any]:
+        """``data/skipped`` with ``data.skip_bad``: the images of every process skipped so far
+        because they do not decode, listed in the run directory as they are met."""
+        if not self.cfg.data.skip_bad:
+            return {}
+        met = [path for paths in gather_objects(self.loader.skipped) for path in paths]
+        return {"data/skipped": self.skipped_images.add(met)}
+
+    def _evaluate_saving_first_on_failure(self, step: int) -> float:
+        """The kNN monitor after step ``step``; if it fails (an image of the evaluation data
+        that does not decode, say), the step is saved before the error ends the run."""
+        try:
+            return self.evaluate(step)
+        except Exception:
+            self.checkpointer.save(step, last_step=True)
+            raise
 
     def _health_metrics(self) -> dict[str, Any]:
         """``train/skipped_steps`` with fp16 (steps the scaler skipped on overflow)."""
@@ -511,6 +676,14 @@ class Trainer:
         self.checkpointer.last_saved = self.step
         if self.ctx.is_main:
             self.console.print(f"resumed from {path} at step {self.step}", soft_wrap=True)
+            changes = config_changes(state.get("config"), self.cfg.to_dict())
+            if changes:
+                warnings.warn(
+                    f"{path} was written under another config; this run continues it with "
+                    f"{'; '.join(changes)}",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
         return state.get("wandb_run_id")
 
     def _rescaled_loader_state(
@@ -570,6 +743,41 @@ def _probe_metrics(probes: Probes, prefix: str) -> dict[str, float]:
         f"probe/{prefix}knn_top1": probes.knn_top1,
         f"probe/{prefix}linear_top1": probes.linear_top1,
         f"probe/{prefix}linear_top1_few_labels": probes.linear_top1_few_labels,
+    }
+
+
+def config_changes(saved: Any, current: dict[str, Any], limit: int = 8) -> list[str]:
+    """``key: saved -> current`` for each dotted key whose value differs between a
+    checkpoint's config and this run's (at most ``limit``, then a count of the rest)."""
+    if not isinstance(saved, dict):
+        return []
+    old, new = _flatten(saved), _flatten(current)
+    changed = [key for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
+    lines = [
+        f"{key}: {short_repr(old.get(key))} -> {short_repr(new.get(key))}"
+        for key in changed[:limit]
+    ]
+    if len(changed) > limit:
+        lines.append(f"and {len(changed) - limit} more")
+    return lines
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as ``{dotted.key: value}``."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _complete(probes: Any) -> bool:
+    """True when ``probes`` (from ``summary.json``) is a whole record of probes, no error."""
+    return isinstance(probes, dict) and set(probes) == {
+        field.name for field in dataclasses.fields(Probes)
     }
 
 

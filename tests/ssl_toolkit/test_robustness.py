@@ -171,7 +171,7 @@ def test_the_cli_reports_a_divergence_in_one_line_and_exits_1(
     calls = []
 
     def nan_from_the_third_call(self, a, b):
-        calls.append(1)
+        calls.extend([1] if self.training else [])  # the dry forward before step 1 is in eval
         loss = forward(self, a, b)
         return loss * float("nan") if len(calls) >= 3 else loss
 
