@@ -26,6 +26,7 @@ from .registry import (
     list_optimizers,
     parse_optimizer_config,
     register_optimizer,
+    require_trainable,
 )
 from .schedules import scale_lr, set_lr, warmup_cosine
 
@@ -48,6 +49,7 @@ __all__ = [
     "parse_optimizer_config",
     "register_optimizer",
     "render_param_table",
+    "require_trainable",
     "resolve_params",
     "scale_lr",
     "set_lr",

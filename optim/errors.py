@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-__all__ = ["ConfigError", "closest", "from_validation_error", "short_repr"]
+__all__ = ["ConfigError", "closest", "from_validation_error", "one_line", "short_repr"]
 
 
 class ConfigError(ValueError):
@@ -57,6 +57,16 @@ def short_repr(value: Any) -> str:
     """
     text = _SHORT.repr(value)
     return text if len(text) <= _MAX_REPR else f"{text[: _MAX_REPR - 3]}..."
+
+
+def one_line(error: BaseException | str, limit: int = 300) -> str:
+    """An error's text as one line of at most ``limit`` characters (whitespace collapsed, an
+    ellipsis where it is cut; the exception's type name when it has no text), for messages
+    that must stay one line whatever a library's own message holds."""
+    text = " ".join(str(error).split())
+    if not text and isinstance(error, BaseException):
+        text = type(error).__name__
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:

@@ -32,6 +32,7 @@ __all__ = [
     "list_optimizers",
     "parse_optimizer_config",
     "register_optimizer",
+    "require_trainable",
 ]
 
 ENTRY_POINT_GROUP = "ssl_toolkit.optimizers"
@@ -173,6 +174,17 @@ def parse_optimizer_config(
     return OPTIMIZERS.parse(cfg, prefix)
 
 
+def require_trainable(model: nn.Module) -> None:
+    """Raise :class:`ConfigError` when ``model`` has no parameter to train (none at all, or
+    all frozen): torch would say only "optimizer got an empty parameter list", and DDP fails
+    on it with a traceback before any optimizer is built."""
+    params = list(model.parameters())
+    if not any(param.requires_grad for param in params):
+        frozen = f"all {len(params)} are frozen"
+        what = f"no trainable parameters ({frozen})" if params else "no parameters"
+        raise ConfigError([f"optim: the model has {what}"])
+
+
 def build_optimizer(
     cfg: Mapping[str, Any] | OptimizerConfig, model: nn.Module
 ) -> torch.optim.Optimizer:
@@ -183,10 +195,6 @@ def build_optimizer(
     ``ConfigError`` (torch would say only "optimizer got an empty parameter list").
     """
     config = parse_optimizer_config(cfg)
-    params = list(model.parameters())
-    if not any(param.requires_grad for param in params):
-        frozen = f"all {len(params)} are frozen"
-        what = f"no trainable parameters ({frozen})" if params else "no parameters"
-        raise ConfigError([f"optim: the model has {what}"])
+    require_trainable(model)
     name_parameters(model)
     return OPTIMIZERS.entry(config.name).target(config, model)

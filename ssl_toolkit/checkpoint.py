@@ -83,7 +83,12 @@ def _describe(exc: Exception) -> str:
 
 
 def _umask() -> int:
-    """The process's file-creation mask (read by setting it, then restoring it)."""
+    """The process's file-creation mask: from ``/proc`` where Linux shows it, else by
+    setting it and restoring it (which other threads creating files could notice)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -309,6 +314,8 @@ class Checkpointer:
     def link_best(self, step: int) -> None:
         """Point ``best.pt`` at the saved checkpoint of step ``step`` (the final step, once its
         probes show it is the best): saving comes before evaluating at the end of a run."""
-        if self.enabled:
-            _link(self.path.parent / f"step-{step:08d}.pt", self.path.with_name("best.pt"))
+        saved = self.path.parent / f"step-{step:08d}.pt"
+        source = saved if saved.is_file() else self.path  # a run resumed from elsewhere
+        if self.enabled and source.is_file():
+            _link(source, self.path.with_name("best.pt"))
             _fsync_directory(self.path.parent)

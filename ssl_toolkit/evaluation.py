@@ -9,6 +9,7 @@ component: it says when a kNN evaluation is due and runs it, and runs the end-of
 from __future__ import annotations
 
 import contextlib
+import pickle
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from ssl_toolkit.data import (
 from ssl_toolkit.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from ssl_toolkit.data.folders import ImageFolderCenter, ImageFolderViews
 from ssl_toolkit.data.functional import normalize
-from ssl_toolkit.distributed import all_gather_rows, sum_over_ranks
+from ssl_toolkit.distributed import all_gather_rows, gather_objects, sum_over_ranks
 
 __all__ = [
     "Evaluator",
@@ -427,6 +428,18 @@ class Probes:
     labels_per_class: int
 
 
+def _sendable(error: Exception | None) -> Exception | None:
+    """``error`` as another process can receive it: itself if it pickles, else a
+    ``RuntimeError`` with its type and text."""
+    if error is None:
+        return None
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+    return error
+
+
 def _check_labels_per_class(bank: Dataset, labels_per_class: int) -> None:
     """Raise :class:`ConfigError` before training when the few-label probe at the end would
     ask a class of the bank for more labelled images than it has."""
@@ -511,8 +524,7 @@ class Evaluator:
         if self._shards is None:
             raise RuntimeError("no labelled data to evaluate on (see Evaluator.enabled)")
         (bank, bank_labels), (test, test_labels) = (
-            encode(encoder, shard, self.cfg, self.device, self.memory_format)
-            for shard, _, _ in self._shards
+            self._encode_shard(encoder, shard) for shard, _, _ in self._shards
         )
         # Padding sits after the last real row of the concatenated shards.
         bank_size = self._shards[0][2]
@@ -522,6 +534,23 @@ class Evaluator:
             test,
             test_labels,
         )
+
+    def _encode_shard(
+        self, encoder: Callable[[Tensor], Tensor], shard: Dataset
+    ) -> tuple[Tensor, Tensor]:
+        """This rank's shard encoded; an error on any rank (an image that does not decode)
+        is raised on every rank, so that none goes on to a collective the others never reach."""
+        features, error = None, None
+        try:
+            features = encode(encoder, shard, self.cfg, self.device, self.memory_format)
+        except Exception as caught:
+            error = caught
+        errors = [e for e in gather_objects(_sendable(error)) if e is not None]
+        if error is not None:
+            raise error
+        if errors:
+            raise errors[0]
+        return features
 
     def _knn_top1(self, bank: Tensor, bank_labels: Tensor, test: Tensor, labels: Tensor) -> float:
         """kNN top-1 with this rank's real test rows; the correct counts are summed."""

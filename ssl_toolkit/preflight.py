@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from optim import ConfigError
+from optim.errors import one_line
 
 __all__ = ["check_accumulation", "check_batch_fits", "dry_forward"]
 
@@ -64,7 +65,7 @@ def dry_forward(
     except torch.OutOfMemoryError:
         raise  # a real limit of the device, not a shape the model cannot take
     except (RuntimeError, AssertionError, ValueError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        reason = one_line((str(error).strip().splitlines() or [error])[0])
         raise ConfigError(
             [
                 f"model.backbone: {backbone} cannot take data.image_size={image_size} images "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import warnings
 from pathlib import Path
 from types import TracebackType
 
@@ -77,6 +78,15 @@ class RunLock:
                 f"trainer.output_dir: {self.run_dir} is in use by another run (pid {holder}); "
                 "wait for it to end or choose another output_dir"
             ) from None
+        except OSError as err:  # a file system without flock (Lustre without -o flock, ...)
+            os.close(fd)
+            warnings.warn(
+                f"{self.run_dir} cannot be locked ({err.strerror}): nothing stops a second run "
+                "from writing into it while this one runs",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd

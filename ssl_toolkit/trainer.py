@@ -29,8 +29,8 @@ import yaml
 from rich.console import Console
 from torch import Tensor, nn
 
-from optim import build_optimizer, scale_lr, set_lr, warmup_cosine
-from optim.errors import short_repr
+from optim import build_optimizer, require_trainable, scale_lr, set_lr, warmup_cosine
+from optim.errors import one_line, short_repr
 from ssl_toolkit.checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -166,6 +166,7 @@ class Trainer:
         )
         if cfg.trainer.strategy != "fsdp2":  # FSDP2 shards contiguous parameters only
             self.method.to(memory_format=self.memory_format)
+        require_trainable(self.method.trainable_module())  # DDP would fail on it first
         dry_forward(
             self.method,
             backbone=cfg.model.backbone,
@@ -221,11 +222,12 @@ class Trainer:
         self.preemption = PreemptionGuard(distributed=self.ctx.is_distributed)
         self.best_knn = float("-inf")
         if resume is None:
-            self._warn_if_replacing()
+            self._start_fresh()
         run_id = self._resume(resume) if resume is not None else None
         self.skipped_images = SkippedImages(
             self.run_dir, resumed=self.step > 0, enabled=self.ctx.is_main
         )
+        self._skipped_sent = 0  # this process's skipped images already given to the list
         self.logger: MetricLogger = logger or WandbLogger(
             **cfg.logging.wandb.model_dump(),
             run_dir=self.run_dir,
@@ -247,11 +249,14 @@ class Trainer:
         if error is not None:
             raise RunDirectoryError(error)
 
-    def _warn_if_replacing(self) -> None:
+    def _start_fresh(self) -> None:
         """A fresh run in a directory that holds an earlier run's checkpoints replaces them:
-        say so, and how to continue that run instead."""
+        say so, and how to continue that run instead. The earlier run's ``backbone.pt`` and
+        ``summary.json`` are removed now, so that they are never taken for this run's."""
+        if not self.ctx.is_main:
+            return
         steps = step_checkpoints(self.checkpointer.path.parent)
-        if self.ctx.is_main and (steps or self.checkpointer.path.exists()):
+        if steps or self.checkpointer.path.exists():
             newest = f" (up to {steps[0].name})" if steps else ""
             warnings.warn(
                 f"{self.run_dir} holds checkpoints of an earlier run{newest}: this run starts "
@@ -259,6 +264,8 @@ class Trainer:
                 RuntimeWarning,
                 stacklevel=3,
             )
+        for name in (BACKBONE_FILE, SUMMARY_FILE):
+            (self.run_dir / name).unlink(missing_ok=True)
 
     def lr_at(self, step: int) -> float:
         """The scheduled learning rate of optimizer step ``step`` (1-based; before group
@@ -374,42 +381,44 @@ class Trainer:
         and ``--resume auto`` completes the rest).
         """
         previous = gather_objects(read_summary(self.run_dir / SUMMARY_FILE))[0]
-        if resumed_at_end and previous is not None:
+        if not resumed_at_end or previous is None or previous.get("steps") != self.step:
+            previous = None  # a summary of another session's end, or of an earlier stop
+        else:
             result = result.with_training_of(previous)
         backbone = self.run_dir / BACKBONE_FILE
-        if not resumed_at_end or not gather_objects(backbone.is_file())[0]:
+        if previous is None or not gather_objects(backbone.is_file())[0]:
             self.export_backbone()
         if self.ctx.is_main:
             write_summary(self.run_dir / SUMMARY_FILE, result)
         self._stop_if_requested()
         if not self.evaluator.enabled:
             return result
-        probes, error = (previous.get("probes"), None) if previous is not None else (None, None)
-        if not resumed_at_end or not _complete(probes):
-            probes, error = self._guarded(lambda: self.final_probes(self.step))
+        kept = previous or {}
+        if _complete(kept.get("probes")):
+            probes, error = Probes(**kept["probes"]), None
         else:
-            probes = Probes(**probes)
+            probes, error = self._guarded(lambda: self.final_probes(self.step))
         if probes is not None:
             best = probes.knn_top1 > self.best_knn
             self._record_best_knn(probes.knn_top1, self.step)
             if best:
                 self.checkpointer.link_best(self.step)
-        self._stop_if_requested()
-        baseline, baseline_error = None, None
-        if probes is not None and self.cfg.eval.baseline:
-            kept = previous.get("baseline") if resumed_at_end and previous is not None else None
-            if _complete(kept):
-                baseline = Probes(**kept)
-            else:
-                baseline, baseline_error = self._guarded(lambda: self.baseline_probes(self.step))
         result = dataclasses.replace(
             result,
             knn_top1=probes.knn_top1 if probes is not None else None,
             probes=probes,
-            baseline=baseline,
             probe_error=error,
-            baseline_error=baseline_error,
         )
+        if self.ctx.is_main:
+            write_summary(self.run_dir / SUMMARY_FILE, result)
+        self._stop_if_requested()
+        if probes is None or not self.cfg.eval.baseline:
+            return result
+        if _complete(kept.get("baseline")):
+            baseline, baseline_error = Probes(**kept["baseline"]), None
+        else:
+            baseline, baseline_error = self._guarded(lambda: self.baseline_probes(self.step))
+        result = dataclasses.replace(result, baseline=baseline, baseline_error=baseline_error)
         if self.ctx.is_main:
             write_summary(self.run_dir / SUMMARY_FILE, result)
         return result
@@ -420,8 +429,7 @@ class Trainer:
         try:
             return probe(), None
         except Exception as error:
-            text = " ".join(str(error).split()) or repr(error)
-            message = f"{type(error).__name__}: {text}"
+            message = f"{type(error).__name__}: {one_line(error)}"
             if self.ctx.is_main:
                 self.console.print(
                     f"warning: the end-of-run probes failed ({message}); the checkpoint and "
@@ -524,8 +532,9 @@ class Trainer:
             raise Diverged(f"{error}; training stopped and {left}") from None
 
     def _stop(self, signum: int, step: int) -> None:
-        """After a stop signal: log it, close the logger and raise :class:`Preempted`."""
-        self.logger.log({"train/preempted_at": step}, step=step)
+        """After a stop signal: log it (with the images skipped since the last log row),
+        close the logger and raise :class:`Preempted`."""
+        self.logger.log({"train/preempted_at": step, **self._data_metrics()}, step=step)
         self.logger.finish()
         raise Preempted(signum, step, self.checkpointer.path)
 
@@ -534,7 +543,9 @@ class Trainer:
         because they do not decode, listed in the run directory as they are met."""
         if not self.cfg.data.skip_bad:
             return {}
-        met = [path for paths in gather_objects(self.loader.skipped) for path in paths]
+        new = self.loader.skipped[self._skipped_sent :]
+        self._skipped_sent += len(new)
+        met = [path for paths in gather_objects(new) for path in paths]
         return {"data/skipped": self.skipped_images.add(met)}
 
     def _evaluate_saving_first_on_failure(self, step: int) -> float:
@@ -669,7 +680,7 @@ class Trainer:
                 self._reseed_after_resume(path, len(ranks))
             self.loader.load_state_dict(loader)
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+            first_line = one_line(str(err).strip().splitlines()[0] if str(err).strip() else err)
             raise CheckpointError(
                 f"checkpoint {path} does not match this config ({first_line})"
             ) from None

@@ -3,7 +3,7 @@
 ``yaml.safe_load`` keeps the last of two equal keys without a word, and expands aliases without
 bound: nine lines of ``&b [*a, *a, ...]`` make a billion values, which every later step (merging,
 validation, the value echoed in an error) walks. :func:`load_yaml` refuses both, and an integer
-too long for Python to read, with a ``yaml.MarkedYAMLError`` that points at the line;
+beyond 64 bits, with a ``yaml.MarkedYAMLError`` that points at the line;
 :func:`describe_yaml_error` turns any YAML error into one line.
 """
 
@@ -29,7 +29,7 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"
 class ConfigLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` refusing a key repeated in one mapping, a document of more than
     :data:`MAX_NODES` values once aliases are expanded, an alias inside the value it names,
-    and an integer of more digits than Python converts.
+    and an integer beyond 64 bits.
 
     Merge keys (``<<: *defaults``) still work: a key of the mapping itself overrides one merged
     in, which is not a duplicate.
@@ -88,13 +88,17 @@ class ConfigLoader(yaml.SafeLoader):
         return mapping
 
     def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
-        """PyYAML's integer; one longer than Python converts (4300 digits) is a YAML error."""
+        """PyYAML's integer, within 64 bits: no config number needs more, and a larger one
+        (even in hex, ``0xfff...``) would fail later, in a seed or in writing the config."""
         try:
-            return super().construct_yaml_int(node)
-        except ValueError:
+            value = super().construct_yaml_int(node)
+        except ValueError:  # more digits than Python converts (4300)
+            value = None
+        if value is None or value.bit_length() > 63:
             raise ConstructorError(
-                None, None, "an integer with too many digits", node.start_mark
+                None, None, "an integer beyond 64 bits", node.start_mark
             ) from None
+        return value
 
 
 ConfigLoader.add_constructor("tag:yaml.org,2002:int", ConfigLoader.construct_yaml_int)

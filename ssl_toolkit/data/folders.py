@@ -13,6 +13,7 @@ which names it.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
@@ -201,23 +202,34 @@ def _reason(error: Exception) -> str:
     return lines[0][located.end() :].split(". ")[0] if located else lines[0]
 
 
-def _decode_with_pil(path: Path) -> Tensor:
+def _decode_with_pil(data: bytes) -> Tensor:
     """(3, H, W) RGB, upright; 16-bit grayscale stays uint16, for :func:`_decode` to scale."""
-    with Image.open(path) as file:
+    with Image.open(io.BytesIO(data)) as file:
         image = ImageOps.exif_transpose(file)
         if image.mode.startswith("I;16"):
             return torch.from_numpy(np.array(image).astype(np.uint16)).expand(3, -1, -1)
         return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
 
 
+# Reading errors that stay on a retry belong to the file; others (EIO on a network file system,
+# too many open files) are the machine's, and are not blamed on the image.
+_FILE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError)
+
+
 def _decode(path: Path) -> Tensor:
     """``path`` as uint8 (3, H, W) RGB: upright (its EXIF orientation applied), the first frame
-    of an animation, 16-bit channels cut to their high byte. :class:`BadImageError` otherwise."""
+    of an animation, 16-bit channels cut to their high byte. :class:`BadImageError` for a file
+    that does not decode or cannot be read."""
+    try:
+        data = path.read_bytes()
+    except _FILE_ERRORS as error:
+        raise BadImageError(path, f"it cannot be read ({error.strerror})") from error
     try:
         if path.suffix.lower() in _PIL_SUFFIXES:
-            image = _decode_with_pil(path)
+            image = _decode_with_pil(data)
         else:
-            image = decode_image(str(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+            encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            image = decode_image(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
     except Exception as error:  # whatever the decoder makes of a broken file: it names the file
         raise BadImageError(path, _reason(error)) from error
     if image.ndim == 4:  # an animated GIF: its first frame

@@ -229,6 +229,7 @@ class _Decoding(Dataset):
     def __init__(self, dataset: Dataset, skip_bad: bool) -> None:
         self.dataset = dataset
         self.skip_bad = skip_bad
+        self._bad: dict[int, BadImageError] = {}  # known in this worker: not decoded twice
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -237,11 +238,16 @@ class _Decoding(Dataset):
         skipped: list[str] = []
         first: BadImageError | None = None
         for offset in range(len(self)):
+            moved = _moved(item, offset, len(self))
+            index = moved[0] if isinstance(moved, tuple) else moved
             try:
-                return self.dataset[_moved(item, offset, len(self))], skipped
+                if index in self._bad:
+                    raise self._bad[index]
+                return self.dataset[moved], skipped
             except BadImageError as error:
                 if not self.skip_bad:
                     return error
+                self._bad[index] = error
                 first = first or error
                 skipped.append(str(error.path))
         return DatasetNotFoundError(

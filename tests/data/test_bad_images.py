@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,32 @@ def test_the_command_line_exits_2_naming_the_bad_image(
         f"error: cannot decode the image {paths[13]}: "
     )
     assert err.endswith(errors[0] + "\n"), "the last line"
+
+
+def test_a_file_that_cannot_be_read_is_named_but_a_failing_disk_is_not_blamed_on_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    locked, flaky = tmp_path / "locked.jpg", tmp_path / "flaky.jpg"
+    for seed, path in enumerate((locked, flaky)):
+        _jpeg(path, 20, 20, seed=seed)
+    read_bytes = Path.read_bytes
+
+    def read(path: Path) -> bytes:
+        if path == locked:  # as chmod 000 would, were the tests not run as root
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        if path == flaky:  # an I/O error of the file system: retrying may succeed
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", read)
+    dataset = build_dataset("imagefolder", root=tmp_path, image_size=8)
+    with pytest.raises(BadImageError) as info:
+        dataset[dataset.files.paths.index(locked)]
+    assert str(info.value).startswith(
+        f"cannot decode the image {locked}: it cannot be read (Permission denied)"
+    )
+    with pytest.raises(OSError) as info:
+        dataset[dataset.files.paths.index(flaky)]
+    assert not isinstance(info.value, BadImageError) and info.value.errno == errno.EIO

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import warnings
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ def _join(rank: int, port: int) -> None:
 def _worker(rank: int, port: int, out_dir: str, job: Callable[[int, Path], Any]) -> None:
     """Join a 2-process gloo group, run ``job(rank, out_dir)``, save what it returns."""
     _join(rank, port)
-    setup_distributed("cpu")
+    setup_distributed("cpu", timedelta(minutes=2))  # a rank left waiting fails the test soon
     try:
         result = job(rank, Path(out_dir))
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
@@ -160,6 +161,39 @@ def test_sharded_knn_equals_one_process(tmp_path: Path) -> None:
     expected = single.knn_top1(_encoder())
     assert ranks == [expected, expected]
     assert 0.3 < expected < 1.0
+
+
+class _FailsOnRank1(nn.Module):
+    """An encoder whose second process cannot encode (an image of its shard is broken)."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if torch.distributed.get_rank() == 1:
+            raise ValueError("rank 1's shard holds an image that does not decode")
+        return images.flatten(1).float()
+
+
+def _failing_knn_job(rank: int, out_dir: Path) -> str:
+    monitor = Evaluator(
+        _knn_config(),
+        steps_per_epoch=1,
+        total_steps=1,
+        device=torch.device("cpu"),
+        rank=rank,
+        world_size=WORLD,
+    )
+    try:
+        monitor.knn_top1(_FailsOnRank1())
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
+def test_an_evaluation_error_on_one_rank_is_raised_on_every_rank(tmp_path: Path) -> None:
+    """The failing rank must not leave the other waiting in the gather of bank features."""
+    assert (
+        _spawn(_failing_knn_job, tmp_path)
+        == ["rank 1's shard holds an image that does not decode"] * 2
+    )
 
 
 def test_shards_are_padded_to_one_length_and_cover_the_dataset() -> None:

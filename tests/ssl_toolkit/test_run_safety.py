@@ -491,3 +491,81 @@ def test_one_class_trains_and_says_the_probes_are_skipped(capsys, tmp_path: Path
     ) in err
     summary = _strict_json(run / "summary.json")
     assert summary["steps"] == 2 and summary["probes"] is None and summary["knn_top1"] is None
+
+
+# --- what an earlier run or session left behind -------------------------------------------
+
+
+def test_a_fresh_run_removes_the_earlier_runs_backbone_and_summary(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, max_steps=2)
+    Trainer(cfg, logger=RecordingLogger()).fit()
+    run = Path(cfg.trainer.output_dir)
+    assert (run / "backbone.pt").is_file() and (run / "summary.json").is_file()
+    with pytest.warns(RuntimeWarning, match="replaces them"):
+        fresh = Trainer(cfg, logger=RecordingLogger())
+    # Stopped before its end, it must not leave the earlier run's files to pass for its own.
+    assert not (run / "backbone.pt").exists() and not (run / "summary.json").exists()
+    fresh.run_lock.release()
+
+
+def test_a_summary_of_another_step_is_not_taken_for_the_end_of_the_run(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, max_steps=3)
+    done = Trainer(cfg, logger=RecordingLogger()).fit()
+    path = Path(cfg.trainer.output_dir) / "summary.json"
+    fake = {"knn_top1": 0.5, "linear_top1": 0.5, "linear_top1_few_labels": 0.5}
+    path.write_text(
+        json.dumps({"steps": 2, "final_loss": 9.0, "probes": {**fake, "labels_per_class": 10}})
+    )
+    result = Trainer(cfg, resume="auto", logger=RecordingLogger()).fit()
+    summary = _strict_json(path)
+    assert summary["final_loss"] is None  # 9.0 was another step's
+    assert result.probes == done.probes and summary["probes"]["knn_top1"] == done.knn_top1
+
+
+def test_the_best_checkpoint_links_to_last_when_the_step_file_is_gone(
+    monkeypatch, tmp_path: Path
+) -> None:
+    cfg = tiny_config(tmp_path, max_steps=3, keep_checkpoints=1)
+    with monkeypatch.context() as patch:
+        _failing_probes(patch, "later")
+        Trainer(cfg, logger=RecordingLogger()).fit()
+    directory = Path(cfg.trainer.output_dir) / "checkpoints"
+    (directory / "step-00000003.pt").unlink()  # last.pt, its hard link, stays
+    (directory / "best.pt").unlink(missing_ok=True)
+    result = Trainer(cfg, resume="auto", logger=RecordingLogger()).fit()
+    assert result.probes is not None
+    assert os.path.samefile(directory / "best.pt", directory / "last.pt")
+
+
+def test_a_file_system_without_flock_warns_and_trains(monkeypatch, tmp_path: Path) -> None:
+    import errno
+
+    import ssl_toolkit.run_lock as run_lock
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(run_lock.fcntl, "flock", no_flock)
+    cfg = tiny_config(tmp_path, max_steps=1)
+    with pytest.warns(RuntimeWarning, match=r"cannot be locked \(No locks available\)"):
+        trainer = Trainer(cfg, logger=RecordingLogger())
+    assert trainer.fit().steps == 1
+
+
+def test_a_model_with_nothing_to_train_is_exit_2_before_it_is_wrapped(
+    capsys, monkeypatch, tmp_path: Path
+) -> None:
+    from ssl_toolkit.methods.simclr import SimCLR
+
+    wrapped = []
+    monkeypatch.setattr(SimCLR, "trainable_module", lambda self: self.requires_grad_(False))
+    monkeypatch.setattr(trainer_module, "parallelize", lambda *a: wrapped.append(a))
+    code, _, err = run_cli(
+        capsys, "--config", "simclr_lars", *TINY, f"trainer.output_dir={tmp_path / 'run'}"
+    )
+    assert code == 2 and wrapped == []  # DDP would have failed on it with a traceback
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith("error: optim: the model has no trainable parameters (all ")
+    )

@@ -6,10 +6,11 @@ import time
 from pathlib import Path
 
 import pytest
-from test_cli import run_cli
 
 from optim import ConfigError
 from ssl_toolkit.config import load_config
+from ssl_toolkit.yaml_loader import load_yaml
+from tests.ssl_toolkit.test_cli import run_cli
 
 
 def _lines(err: str) -> list[str]:
@@ -177,14 +178,21 @@ def test_non_finite_or_boolean_numbers_exit_2(capsys, override: str, message: st
     assert len(_lines(err)) == 1
 
 
-def test_an_integer_too_long_to_read_exits_2(capsys, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "value", [f"1{'0' * 5000}", "0x" + "f" * 5000, "9223372036854775808", "-0x8000000000000001"]
+)
+def test_an_integer_beyond_64_bits_exits_2(capsys, tmp_path: Path, value: str) -> None:
     path = tmp_path / "digits.yaml"
-    path.write_text(f"base: simclr_lars\ntrainer:\n  seed: 1{'0' * 5000}\n")
+    path.write_text(f"base: simclr_lars\ntrainer:\n  seed: {value}\n")
     code, _, err = run_cli(capsys, "--config", str(path), "--dry-run")
     assert code == 2
     assert _lines(err) == [
-        f"error: {path}: line 3, column 9 invalid YAML: an integer with too many digits"
+        f"error: {path}: line 3, column 9 invalid YAML: an integer beyond 64 bits"
     ]
+
+
+def test_the_largest_64_bit_integer_is_read() -> None:
+    assert load_yaml("seed: 9223372036854775807") == {"seed": 2**63 - 1}
 
 
 @pytest.mark.parametrize(
