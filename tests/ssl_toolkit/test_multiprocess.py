@@ -142,8 +142,8 @@ def _encoder() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 8, 5, stride=2), nn.ReLU(), nn.Flatten()).eval()
 
 
-def _knn_job(rank: int, out_dir: Path) -> float:
-    monitor = Evaluator(
+def _monitor(rank: int) -> Evaluator:
+    return Evaluator(
         _knn_config(),
         steps_per_epoch=1,
         total_steps=1,
@@ -151,7 +151,10 @@ def _knn_job(rank: int, out_dir: Path) -> float:
         rank=rank,
         world_size=WORLD,
     )
-    return monitor.knn_top1(_encoder())
+
+
+def _knn_job(rank: int, out_dir: Path) -> float:
+    return _monitor(rank).knn_top1(_encoder())
 
 
 def test_sharded_knn_equals_one_process(tmp_path: Path) -> None:
@@ -173,16 +176,8 @@ class _FailsOnRank1(nn.Module):
 
 
 def _failing_knn_job(rank: int, out_dir: Path) -> str:
-    monitor = Evaluator(
-        _knn_config(),
-        steps_per_epoch=1,
-        total_steps=1,
-        device=torch.device("cpu"),
-        rank=rank,
-        world_size=WORLD,
-    )
     try:
-        monitor.knn_top1(_FailsOnRank1())
+        _monitor(rank).knn_top1(_FailsOnRank1())
     except ValueError as error:
         return str(error)
     return "no error"
