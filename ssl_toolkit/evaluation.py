@@ -171,14 +171,18 @@ def knn_top1(
     return correct.item() / len(test_feats)
 
 
+def _smallest_class(labels: Tensor) -> tuple[int, int]:
+    """The label with the fewest samples (the lowest such label on a tie) and its count."""
+    classes, counts = labels.unique(sorted=True, return_counts=True)
+    smallest = int(counts.argmin())
+    return int(classes[smallest]), int(counts[smallest])
+
+
 def _few_labels(labels: Tensor, per_class: int, seed: int) -> Tensor:
     """Indices of ``per_class`` random samples of every class, drawn from ``seed``."""
-    classes, counts = labels.unique(sorted=True, return_counts=True)
-    for cls, count in zip(classes.tolist(), counts.tolist(), strict=True):
-        if count < per_class:
-            raise ValueError(
-                f"labels_per_class={per_class} but class {cls} has only {count} samples"
-            )
+    cls, count = _smallest_class(labels)
+    if count < per_class:
+        raise ValueError(f"labels_per_class={per_class} but class {cls} has only {count} samples")
     generator = torch.Generator().manual_seed(seed)
     return stratified_split(labels, lambda _: per_class, generator)[0]
 
@@ -444,17 +448,14 @@ def _check_labels_per_class(bank: Dataset, labels_per_class: int) -> None:
     """Raise :class:`ConfigError` before training when the few-label probe at the end would
     ask a class of the bank for more labelled images than it has."""
     labels = torch.as_tensor(bank.targets)
-    classes, counts = labels[labels >= 0].unique(return_counts=True)
-    smallest = int(counts.argmin())
-    if labels_per_class > counts[smallest]:
+    index, count = _smallest_class(labels[labels >= 0])
+    if labels_per_class > count:
         names = getattr(bank, "classes", None) or []
-        index = int(classes[smallest])
         name = names[index] if index < len(names) else str(index)
         raise ConfigError(
             [
                 f"eval.labels_per_class: {labels_per_class} is more than class {name!r} of the "
-                f"evaluation bank has ({int(counts[smallest])} images); the largest value "
-                f"allowed is {int(counts[smallest])}"
+                f"evaluation bank has ({count} images); the largest value allowed is {count}"
             ]
         )
 

@@ -357,9 +357,9 @@ class Trainer:
             if self.step == self.total_steps:
                 result = self.finish_run(result, resumed_at_end=first > self.total_steps)
         self.logger.finish()
+        if self.step < self.total_steps:
+            self._write_summary(result)
         if self.ctx.is_main:
-            if self.step < self.total_steps:
-                write_summary(self.run_dir / SUMMARY_FILE, result)
             print_summary(
                 self.console,
                 result,
@@ -380,24 +380,21 @@ class Trainer:
         signal between these parts stops the run as during training (the checkpoint is whole,
         and ``--resume auto`` completes the rest).
         """
-        previous = gather_objects(read_summary(self.run_dir / SUMMARY_FILE))[0]
+        main = self.ctx.is_main
+        previous = gather_objects(read_summary(self.run_dir / SUMMARY_FILE) if main else None)[0]
         if not resumed_at_end or previous is None or previous.get("steps") != self.step:
             previous = None  # a summary of another session's end, or of an earlier stop
         else:
             result = result.with_training_of(previous)
-        backbone = self.run_dir / BACKBONE_FILE
-        if previous is None or not gather_objects(backbone.is_file())[0]:
+        has_backbone = gather_objects(main and (self.run_dir / BACKBONE_FILE).is_file())[0]
+        if previous is None or not has_backbone:
             self.export_backbone()
-        if self.ctx.is_main:
-            write_summary(self.run_dir / SUMMARY_FILE, result)
+        self._write_summary(result)
         self._stop_if_requested()
         if not self.evaluator.enabled:
             return result
         kept = previous or {}
-        if _complete(kept.get("probes")):
-            probes, error = Probes(**kept["probes"]), None
-        else:
-            probes, error = self._guarded(lambda: self.final_probes(self.step))
+        probes, error = self._kept_or_run(kept.get("probes"), self.final_probes)
         if probes is not None:
             best = probes.knn_top1 > self.best_knn
             self._record_best_knn(probes.knn_top1, self.step)
@@ -409,19 +406,27 @@ class Trainer:
             probes=probes,
             probe_error=error,
         )
-        if self.ctx.is_main:
-            write_summary(self.run_dir / SUMMARY_FILE, result)
+        self._write_summary(result)
         self._stop_if_requested()
         if probes is None or not self.cfg.eval.baseline:
             return result
-        if _complete(kept.get("baseline")):
-            baseline, baseline_error = Probes(**kept["baseline"]), None
-        else:
-            baseline, baseline_error = self._guarded(lambda: self.baseline_probes(self.step))
+        baseline, baseline_error = self._kept_or_run(kept.get("baseline"), self.baseline_probes)
         result = dataclasses.replace(result, baseline=baseline, baseline_error=baseline_error)
+        self._write_summary(result)
+        return result
+
+    def _write_summary(self, result: TrainResult) -> None:
+        """``summary.json`` as it stands (written by the main process)."""
         if self.ctx.is_main:
             write_summary(self.run_dir / SUMMARY_FILE, result)
-        return result
+
+    def _kept_or_run(
+        self, kept: Any, probe: Callable[[int], Probes | None]
+    ) -> tuple[Probes | None, str | None]:
+        """Probes an earlier session of this run recorded whole, or ``probe(step)`` run now."""
+        if _complete(kept):
+            return Probes(**kept), None
+        return self._guarded(lambda: probe(self.step))
 
     def _guarded(self, probe: Callable[[], Probes | None]) -> tuple[Probes | None, str | None]:
         """Run an end-of-run probe; a failure is printed and returned as one line, since the
