@@ -28,7 +28,7 @@ from .registry import (
     register_optimizer,
     require_trainable,
 )
-from .schedules import scale_lr, set_lr, warmup_cosine
+from .schedules import cosine_ramp, scale_lr, set_lr, warmup_cosine
 
 __all__ = [
     "LARS",
@@ -42,6 +42,7 @@ __all__ = [
     "ParamRow",
     "SGDConfig",
     "build_optimizer",
+    "cosine_ramp",
     "get_optimizer_config",
     "lars",
     "list_optimizers",

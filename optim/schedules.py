@@ -1,4 +1,5 @@
-"""Learning-rate scaling with batch size, and the per-step warmup + cosine schedule."""
+"""Learning-rate scaling with batch size, the per-step warmup + cosine schedule, and the
+half-cosine ramp it decays on (also BYOL's target EMA decay)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["LRScaling", "scale_lr", "set_lr", "warmup_cosine"]
+__all__ = ["LRScaling", "cosine_ramp", "scale_lr", "set_lr", "warmup_cosine"]
 
 LRScaling = Literal["linear", "sqrt", "none"]
 """How the peak lr follows the global batch: ``x batch / 256``, ``x sqrt(batch)``, or not."""
@@ -22,15 +23,23 @@ def scale_lr(base_lr: float, global_batch: int, rule: LRScaling) -> float:
     return base_lr
 
 
+def cosine_ramp(step: int, total_steps: int, start: float, end: float) -> float:
+    """A half cosine from ``start`` at step 0 to ``end`` at ``total_steps``:
+    ``end + (start - end)·(1 + cos(π·step/total))/2``. Steps outside ``[0, total_steps]`` are
+    clamped, so the value stays within its two endpoints."""
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be positive, got {total_steps}")
+    progress = min(max(step, 0), total_steps) / total_steps
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def warmup_cosine(
     step: int, *, total_steps: int, warmup_steps: int, peak_lr: float, final_lr: float = 0.0
 ) -> float:
     """Linear warmup from 0 to ``peak_lr`` over ``warmup_steps``, then cosine to ``final_lr``."""
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
-    decay_steps = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
-    return final_lr + (peak_lr - final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cosine_ramp(step - warmup_steps, max(1, total_steps - warmup_steps), peak_lr, final_lr)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -30,6 +30,7 @@ from ssl_toolkit.checkpoint import (
     CheckpointError,
     checkpoint_path,
     load_checkpoint,
+    upgrade_checkpoint,
 )
 from ssl_toolkit.cli import USAGE_ERRORS, print_error
 from ssl_toolkit.config import ExperimentConfig, load_config
@@ -43,7 +44,7 @@ def _probes(method: Method, cfg: ExperimentConfig, device: torch.device) -> dict
     evaluator = Evaluator(cfg, steps_per_epoch=1, total_steps=1, device=device)
     if not evaluator.enabled:
         raise ConfigError(["eval.root: the data has no labels; set eval.root=LABELLED_FOLDER"])
-    probes = evaluator.probes(method.embed)
+    probes = evaluator.probes(method.features)
     return {
         f"kNN (k={cfg.eval.knn_k})": probes.knn_top1,
         "linear probe (L-BFGS), all labels": probes.linear_top1,
@@ -73,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         few = [f"eval.labels_per_class={args.labels_per_class}"] if args.labels_per_class else []
         cfg = load_config(str(args.run_dir / "config.yaml"), few)
         checkpoint = args.checkpoint or checkpoint_path(args.run_dir)
-        state = load_checkpoint(checkpoint)
-        method = build_method(cfg)
+        state = upgrade_checkpoint(load_checkpoint(checkpoint), checkpoint)
+        method = build_method(cfg.method, cfg.model.backbone, cifar_stem=cfg.model.cifar_stem)
         try:
             method.load_state_dict(state["model"])
         except (KeyError, RuntimeError) as err:
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             with Progress(console=console) as progress:
                 task = progress.add_task("linear evaluation (SGD)", total=args.epochs)
                 top1 = linear_eval_sgd(
-                    method.embed,
+                    method.features,
                     cfg,
                     device,
                     epochs=args.epochs,
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     except USAGE_ERRORS as err:
         print_error(err, Console(stderr=True))
         return 2
-    table = Table(title=f"{args.run_dir} at step {state['step']}")
+    table = Table(title=f"{args.run_dir} at step {state['trainer']['step']}")
     table.add_column("evaluation")
     table.add_column("top-1", justify="right")
     for name, top1 in rows.items():

@@ -16,17 +16,20 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 import torch
+
+from optim.errors import one_line
 
 __all__ = [
     "LAST_CHECKPOINT",
     "CheckpointError",
     "Checkpointer",
+    "Stateful",
     "atomic_write",
     "capture_rng_state",
     "checkpoint_path",
@@ -35,6 +38,7 @@ __all__ = [
     "restore_rng_state",
     "save_checkpoint",
     "step_checkpoints",
+    "upgrade_checkpoint",
 ]
 
 
@@ -44,6 +48,17 @@ LAST_CHECKPOINT = Path("checkpoints") / "last.pt"
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupt, or holds objects unsafe to load."""
+
+
+class Stateful(Protocol):
+    """A component that saves and restores itself (torchtitan's ``Stateful``): what it
+    returns from ``state_dict`` it takes back in ``load_state_dict``."""
+
+    def state_dict(self) -> Any:
+        """The component's state: tensors, numbers, strings, ``None`` and containers of them."""
+
+    def load_state_dict(self, state: Any) -> None:
+        """Restore a state returned by :meth:`state_dict`."""
 
 
 def checkpoint_path(run_dir: str | Path) -> Path:
@@ -195,6 +210,36 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
+def upgrade_checkpoint(state: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A checkpoint of the earlier layout in the current one (a copy; others unchanged).
+
+    The earlier layout kept the trainer's counters at the top level (``step``, ``best_knn``,
+    ``wandb_run_id``, ``config``) and the loader's position without the batch size and world
+    size it counts in; those come from the saved config and the per-process states.
+    """
+    if "trainer" in state:
+        return state
+    if "ranks" not in state or "step" not in state:
+        raise CheckpointError(
+            f"checkpoint {path} holds no per-process state (an older format); start a new run"
+        )
+    upgraded = dict(state)
+    upgraded["trainer"] = {
+        "step": state["step"],
+        "best_knn": state.get("best_knn", float("-inf")),
+        "wandb_run_id": state.get("wandb_run_id"),
+        "config": state.get("config"),
+    }
+    batch_size = ((state.get("config") or {}).get("data") or {}).get("batch_size")
+    if isinstance(state.get("loader"), dict) and batch_size is not None:
+        upgraded["loader"] = {
+            "batch_size": batch_size,
+            "world_size": len(state["ranks"]),
+            **state["loader"],
+        }
+    return upgraded
+
+
 def _link(source: Path, target: Path) -> None:
     """Make ``target`` name the same file as ``source``, atomically (a hard link renamed into
     place; a copy where the file system has no hard links)."""
@@ -248,21 +293,25 @@ def load_latest(run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
 
 
 class Checkpointer:
-    """The trainer's checkpoint component: saves ``state()`` when due and keeps the latest.
+    """The trainer's checkpoint component: saves its components' states when due and keeps
+    the latest.
 
-    A save is due every ``every_steps`` steps, at the end of every epoch, at the last step of a
-    ``fit`` call (the run's end, or an early stop), and when the caller asks for ``best``.
-    Each save writes ``checkpoints/step-NNNNNNNN.pt`` atomically and points ``last.pt`` (and
-    ``best.pt`` when asked) at it; only the newest ``keep`` step files stay, and files of later
-    steps than the one saved (left by a run resumed from an earlier checkpoint) are removed.
-    Every process calls :meth:`save` and ``state()`` when a save is due (gathering sharded
-    state is collective); only the process with ``enabled`` writes.
+    A checkpoint is ``{name: component.state_dict()}`` over ``components`` (each a
+    :class:`Stateful`), and :meth:`restore` hands each its own entry back, in the order given:
+    the checkpointer reads none of them. A save is due every ``every_steps`` steps, at the end
+    of every epoch, at the last step of a ``fit`` call (the run's end, or an early stop), and
+    when the caller asks for ``best``. Each save writes ``checkpoints/step-NNNNNNNN.pt``
+    atomically and points ``last.pt`` (and ``best.pt`` when asked) at it; only the newest
+    ``keep`` step files stay, and files of later steps than the one saved (left by a run
+    resumed from an earlier checkpoint) are removed. Every process calls :meth:`save` when a
+    save is due (gathering sharded state is collective); only the process with ``enabled``
+    writes.
     """
 
     def __init__(
         self,
         run_dir: str | Path,
-        state: Callable[[], dict[str, Any]],
+        components: Mapping[str, Stateful],
         *,
         every_steps: int,
         steps_per_epoch: int,
@@ -274,13 +323,38 @@ class Checkpointer:
         self.before_save = before_save
         """Called on every process when a save is due, before the state is taken (the trainer
         checks there that it is not saving a diverged state)."""
-        self.state = state
+        self.components = dict(components)
         self.every_steps = every_steps
         self.steps_per_epoch = steps_per_epoch
         self.keep = keep
         self.enabled = enabled
         self.last_saved = 0
         """The step of this run's newest checkpoint (saved, or resumed from); 0 before any."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every component's state, by name (every process must call it)."""
+        return {name: component.state_dict() for name, component in self.components.items()}
+
+    def restore(self, path: Path, state: dict[str, Any] | None = None) -> None:
+        """Give every component its state from the checkpoint ``path`` (read from it unless
+        ``state`` is given; a checkpoint of the earlier layout is converted first).
+
+        A missing component, or a state its component refuses, is one
+        :class:`CheckpointError` naming the file.
+        """
+        state = upgrade_checkpoint(state if state is not None else load_checkpoint(path), path)
+        missing = [name for name in self.components if name not in state]
+        if missing:
+            raise CheckpointError(f"checkpoint {path} holds no {', '.join(missing)} state")
+        for name, component in self.components.items():
+            try:
+                component.load_state_dict(state[name])
+            except (KeyError, RuntimeError, ValueError, TypeError) as err:
+                text = str(err).strip()
+                reason = one_line(text.splitlines()[0] if text else repr(err))
+                raise CheckpointError(
+                    f"checkpoint {path} does not match this config ({name}: {reason})"
+                ) from None
 
     def should_save(self, step: int, *, last_step: bool = False) -> bool:
         """True when the state after step ``step`` (1-based) is to be saved."""
@@ -292,7 +366,7 @@ class Checkpointer:
         if due:
             if self.before_save is not None:
                 self.before_save()
-            state = self.state()
+            state = self.state_dict()
             self.last_saved = step
             if self.enabled:
                 written = self.path.parent / f"step-{step:08d}.pt"

@@ -28,6 +28,7 @@ from optim import ConfigError, OptimizerConfig, parse_optimizer_config
 from optim.configs import ConfigModel
 from optim.errors import from_validation_error, short_repr
 from optim.schedules import LRScaling
+from ssl_toolkit.accumulation import Accumulation
 from ssl_toolkit.data import DatasetName
 from ssl_toolkit.distributed import Device
 from ssl_toolkit.methods import MethodConfig, parse_method_config
@@ -174,9 +175,15 @@ class TrainerConfig(ConfigSection):
         True, description="channels-last memory format (images only under `fsdp2`)"
     )
     compile: bool = Field(
-        False, description="`torch.compile` the model and its loss (forward and backward)"
+        False, description="`torch.compile` the method's embedding pass (forward and backward)"
     )
     accumulate_grad_batches: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    accumulation: Accumulation = Field(
+        "exact",
+        description="`exact`: the loss of all micro-batches of a step joined (cached embedding "
+        "gradients, one more forward pass), the batch the lr is scaled for; `independent`: "
+        "the mean of each micro-batch's own loss",
+    )
     checkpoint_every_steps: int = Field(
         500, ge=1, description="steps between checkpoints (also at every epoch end)"
     )

@@ -1,10 +1,11 @@
 """How a method is spread over processes: replicated (DDP) or sharded (FSDP2).
 
 :func:`parallelize` wraps the method for ``trainer.strategy``; :func:`gradient_sync` skips the
-gradient exchange on accumulation micro-batches; :func:`full_state` and :func:`load_full_state`
-move model and optimizer state through ``torch.distributed.checkpoint``'s state-dict API as
-full, unsharded tensors keyed by parameter name, so a checkpoint of either strategy (or of a
-single process) resumes under the other.
+gradient exchange on accumulation micro-batches; :class:`ModelState` and
+:class:`OptimizerState`, the checkpoint components of the model and its optimizer, move their
+state through ``torch.distributed.checkpoint``'s state-dict API as full, unsharded tensors
+keyed by parameter name, so a checkpoint of either strategy (or of a single process) resumes
+under the other.
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ from torch.distributed.checkpoint.state_dict import (
 from ssl_toolkit.distributed import DistContext
 
 __all__ = [
+    "ModelState",
+    "OptimizerState",
     "Strategy",
     "full_model_state",
-    "full_state",
     "gradient_sync",
-    "load_full_state",
     "parallelize",
     "shard_units",
 ]
@@ -41,7 +42,7 @@ Strategy = Literal["ddp", "fsdp2"]
 
 # ResNet stages (torchvision and timm), timm ViT blocks and timm stages.
 _BLOCK_NAME = re.compile(r"(^|\.)(layer\d+|blocks\.\d+|stages\.\d+)$")
-# Sub-networks a method calls on their own (``embed`` calls the backbone alone).
+# Sub-networks a method calls on their own (``features`` calls the backbone alone).
 _NETWORK_NAME = re.compile(r"(^|\.)(backbone|projector|predictor)$")
 
 
@@ -61,15 +62,21 @@ def shard_units(method: nn.Module) -> list[str]:
 
 
 def parallelize(method: nn.Module, ctx: DistContext, strategy: Strategy) -> nn.Module:
-    """The module to call for the loss: the method itself, DDP around it, or the method
-    sharded in place by FSDP2 (``fully_shard`` per unit of :func:`shard_units`)."""
+    """The module to call for the embeddings: the method itself, DDP around it, or the method
+    sharded in place by FSDP2 (``fully_shard`` per unit of :func:`shard_units`).
+
+    Calling it runs the method's ``forward``, which is its ``embed``; under FSDP2 ``embed``
+    itself is registered as a forward method too, so calling it directly also gathers the
+    root's parameters.
+    """
     if not ctx.is_distributed:
         return method
     if strategy == "fsdp2":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         for name in shard_units(method):
             fully_shard(method.get_submodule(name))
+        register_fsdp_forward_method(method, "embed")
         return method
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(method, device_ids=device_ids)
@@ -78,11 +85,12 @@ def parallelize(method: nn.Module, ctx: DistContext, strategy: Strategy) -> nn.M
 @contextlib.contextmanager
 def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
     """With ``enabled=False``, the forward and backward passes inside keep gradients local
-    (accumulation micro-batches). ``model`` is what :func:`parallelize` returned; the
-    backward must run inside the block, since FSDP2 reads the setting after it."""
+    (accumulation micro-batches). ``model`` is what :func:`parallelize` returned, compiled or
+    not (``torch.compile``'s wrapper passes these methods through); the backward must run
+    inside the block, since FSDP2 reads the setting after it."""
     if enabled:
         yield
-    elif isinstance(model, nn.parallel.DistributedDataParallel):
+    elif hasattr(model, "no_sync"):  # DDP
         with model.no_sync():
             yield
     elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
@@ -101,26 +109,39 @@ _LOAD = StateDictOptions(full_state_dict=True)
 
 def full_model_state(method: nn.Module) -> dict[str, Any]:
     """The full state of ``method`` (or of one of its submodules) keyed by parameter name,
-    on the CPU; collective like
-    :func:`full_state` (the main rank gets the tensors)."""
+    on the CPU. Every rank must call it (sharded parameters are gathered); in a multi-process
+    run the main rank gets the tensors and the others an empty dict."""
     return get_model_state_dict(method, options=_SAVE)
 
 
-def full_state(method: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Full model and optimizer state, keyed by parameter name, on the CPU.
+class ModelState:
+    """The method's weights and buffers as a checkpoint component: full tensors keyed by
+    parameter name (collective, like :func:`full_model_state`); loading shards them again."""
 
-    Every rank must call it (sharded parameters are gathered); in a multi-process run the
-    main rank gets the tensors and the others empty dicts.
-    """
-    return {
-        "model": full_model_state(method),
-        "optimizer": get_optimizer_state_dict(method, optimizer, options=_SAVE),
-    }
+    def __init__(self, method: nn.Module) -> None:
+        self.method = method
+
+    def state_dict(self) -> dict[str, Any]:
+        """See :func:`full_model_state`."""
+        return full_model_state(self.method)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load a full state on every rank (each keeps its shard)."""
+        set_model_state_dict(self.method, state, options=_LOAD)
 
 
-def load_full_state(
-    method: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
-) -> None:
-    """Load :func:`full_state` output on every rank (each shards what it holds)."""
-    set_model_state_dict(method, state["model"], options=_LOAD)
-    set_optimizer_state_dict(method, optimizer, state["optimizer"], options=_LOAD)
+class OptimizerState:
+    """The optimizer's state as a checkpoint component, keyed by parameter name and full
+    (collective); load it after the :class:`ModelState` of the same method."""
+
+    def __init__(self, method: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.method = method
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        """The full optimizer state on the CPU (the main rank's; others get empty dicts)."""
+        return get_optimizer_state_dict(self.method, self.optimizer, options=_SAVE)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load a full optimizer state on every rank (each keeps its shard)."""
+        set_optimizer_state_dict(self.method, self.optimizer, state, options=_LOAD)

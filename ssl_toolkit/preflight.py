@@ -47,12 +47,13 @@ def dry_forward(
     device: torch.device,
     memory_format: torch.memory_format = torch.contiguous_format,
 ) -> None:
-    """Run ``method`` once on two blank views of ``image_size`` pixels, so that a model that
-    cannot take them (a timm ViT at another size) is a :class:`ConfigError` before training.
+    """Embed two blank views of ``image_size`` pixels with ``method`` and take their loss, so
+    that a model that cannot take them (a timm ViT at another size) is a :class:`ConfigError`
+    before training.
 
     It runs in eval mode, without gradients and with the random generators forked, so nothing
     of the run changes: no batch-norm statistics, no random stream. Every process must call it
-    (a method may gather across processes in its forward).
+    (a method's loss may gather across processes).
     """
     views = torch.zeros(2, 3, image_size, image_size, device=device)
     views = views.contiguous(memory_format=memory_format)
@@ -61,7 +62,7 @@ def dry_forward(
     method.eval()
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=cuda):
-            method(views, views)
+            method.loss(method([views, views]))
     except torch.OutOfMemoryError:
         raise  # a real limit of the device, not a shape the model cannot take
     except (RuntimeError, AssertionError, ValueError) as error:

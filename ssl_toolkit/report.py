@@ -21,8 +21,10 @@ __all__ = [
     "SUMMARY_FILE",
     "TrainResult",
     "TrainingProgress",
+    "kept_probes",
     "print_summary",
     "read_summary",
+    "summary_of_step",
     "write_summary",
 ]
 
@@ -147,6 +149,22 @@ def read_summary(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return summary if isinstance(summary, dict) else None
+
+
+def summary_of_step(path: Path, step: int) -> dict[str, Any] | None:
+    """The ``summary.json`` at ``path`` when it is of the run's step ``step`` (written by an
+    earlier session that reached the same end), else ``None``."""
+    summary = read_summary(path)
+    return summary if summary is not None and summary.get("steps") == step else None
+
+
+def kept_probes(record: Any) -> Probes | None:
+    """The probes of a ``summary.json`` record when it is whole (no error, every field),
+    else ``None``: those are computed again."""
+    names = {field.name for field in dataclasses.fields(Probes)}
+    if isinstance(record, dict) and set(record) == names:
+        return Probes(**record)
+    return None
 
 
 def _finite(value: Any) -> Any:

@@ -14,8 +14,6 @@ generator) is saved in the checkpoint, so a resumed run on CPU continues bit for
 from __future__ import annotations
 
 import dataclasses
-import os
-import random
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -23,7 +21,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from rich.console import Console
@@ -31,14 +28,11 @@ from torch import Tensor, nn
 
 from optim import build_optimizer, require_trainable, scale_lr, set_lr, warmup_cosine
 from optim.errors import one_line, short_repr
+from ssl_toolkit.accumulation import accumulate
 from ssl_toolkit.checkpoint import (
     Checkpointer,
-    CheckpointError,
     atomic_write,
-    capture_rng_state,
-    load_checkpoint,
     load_latest,
-    restore_rng_state,
     save_checkpoint,
     step_checkpoints,
 )
@@ -55,31 +49,25 @@ from ssl_toolkit.export import BACKBONE_FILE
 from ssl_toolkit.health import Diverged, TrainingHealth
 from ssl_toolkit.methods import Method, build_method
 from ssl_toolkit.metric_logger import MetricLogger
-from ssl_toolkit.parallel import (
-    full_model_state,
-    full_state,
-    gradient_sync,
-    load_full_state,
-    parallelize,
-)
+from ssl_toolkit.parallel import ModelState, OptimizerState, full_model_state, parallelize
 from ssl_toolkit.preemption import Preempted, PreemptionGuard
 from ssl_toolkit.preflight import check_accumulation, check_batch_fits, dry_forward
 from ssl_toolkit.report import (
     SUMMARY_FILE,
     TrainingProgress,
     TrainResult,
+    kept_probes,
     print_summary,
-    read_summary,
+    summary_of_step,
     write_summary,
 )
 from ssl_toolkit.run_lock import RunDirectoryError, RunLock
+from ssl_toolkit.runtime import LossScaler, RandomStreams, autocast, set_deterministic
 from ssl_toolkit.skipped_images import SkippedImages
 from ssl_toolkit.sync_batch_norm import convert_sync_batchnorm, wants_sync_bn
 from ssl_toolkit.wandb_logger import WandbLogger
 
 __all__ = ["TrainResult", "Trainer"]
-
-_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Trainer:
@@ -101,7 +89,7 @@ class Trainer:
         ctx: DistContext | None = None,
     ) -> None:
         self.cfg = cfg
-        _set_deterministic(cfg.trainer.deterministic)
+        set_deterministic(cfg.trainer.deterministic)
         self.ctx = ctx or setup_distributed(
             cfg.trainer.device, timedelta(minutes=cfg.trainer.collective_timeout_minutes)
         )
@@ -121,7 +109,8 @@ class Trainer:
         schedule and the components; then the resume."""
         cfg = self.cfg
         self.device = self.ctx.device
-        _seed_everything(cfg.trainer.seed + self.ctx.rank)  # this rank's own random streams
+        self.streams = RandomStreams(cfg.trainer.seed, self.ctx.rank, self.ctx.world_size)
+        """This rank's random streams (global generators and augmentation), seeded per rank."""
 
         self.train_set = build_dataset(
             cfg.data.name,
@@ -153,11 +142,13 @@ class Trainer:
         if wants_sync_bn(cfg.model.sync_bn, self.ctx.world_size):
             convert_sync_batchnorm(self.method, self.device)
         self.method.to(self.device)
-        self.augment_generator = torch.Generator().manual_seed(
-            _augment_seed(cfg.trainer.seed, self.ctx.rank)
-        )
         self.augment = (
-            self.method.augmentation(cfg.data, self.augment_generator)
+            self.method.augmentation(
+                cfg.data.image_size,
+                crop_scale=(cfg.data.crop_min_scale, 1.0),
+                color_strength=cfg.data.color_strength,
+                generator=self.streams.augment_generator,
+            )
             .with_overrides(**cfg.data.augment.model_dump(exclude_none=True))
             .to(self.device)
         )
@@ -177,11 +168,10 @@ class Trainer:
         self.model: nn.Module = parallelize(self.method, self.ctx, cfg.trainer.strategy)
         """The method as the strategy wraps it (DDP, FSDP2 or itself)."""
         self.optimizer = build_optimizer(cfg.optim, self.method.trainable_module())
-        self.scaler = torch.amp.GradScaler(
-            self.device.type, enabled=cfg.trainer.precision == "fp16"
-        )
-        self.compute_loss = torch.compile(self.model) if cfg.trainer.compile else self.model
-        """What each micro-batch calls for its loss: :attr:`model`, compiled if asked."""
+        self.scaler = LossScaler(self.device.type, enabled=cfg.trainer.precision == "fp16")
+        self.embed_model = torch.compile(self.model) if cfg.trainer.compile else self.model
+        """What each micro-batch calls for its embeddings: :attr:`model`, compiled if asked."""
+        self.autocast = autocast(cfg.trainer.precision, self.device)
 
         accumulate = cfg.trainer.accumulate_grad_batches
         check_accumulation(accumulate, len(self.loader), cfg.data.batch_size)
@@ -207,7 +197,14 @@ class Trainer:
         )
         self.checkpointer = Checkpointer(
             self.run_dir,
-            self.state_dict,
+            {
+                "model": ModelState(self.method),
+                "optimizer": OptimizerState(self.method, self.optimizer),
+                "scaler": self.scaler,
+                "loader": self.loader,
+                "ranks": self.streams,
+                "trainer": self,
+            },
             every_steps=cfg.trainer.checkpoint_every_steps,
             steps_per_epoch=self.steps_per_epoch,
             keep=cfg.trainer.keep_checkpoints,
@@ -221,6 +218,10 @@ class Trainer:
         )
         self.preemption = PreemptionGuard(distributed=self.ctx.is_distributed)
         self.best_knn = float("-inf")
+        self.resumed_run_id: str | None = None
+        """The W&B run id of the checkpoint resumed from (``None`` for a fresh run)."""
+        self.saved_config: dict[str, Any] | None = None
+        """The config of the checkpoint resumed from, to warn about what changed."""
         if resume is None:
             self._start_fresh()
         run_id = self._resume(resume) if resume is not None else None
@@ -315,35 +316,12 @@ class Trainer:
             self.preemption,
         ):
             while self.step < end:
-                self.step += 1
-                step = self.step
-                lr = self.lr_at(step)
-                set_lr(self.optimizer, lr)
-                micro_batches = self.micro_batches_of(step)
-                images += self.images_of(micro_batches)
-                window.add(self.train_step(batches, micro_batches), self.images_of(micro_batches))
-                self.method.after_optimizer_step(step, self.total_steps)
-                if step == first or step % self.cfg.logging.trust_ratio_every == 0:
-                    self._log_trust_ratios(step)
-                if step % self.cfg.trainer.log_every_steps == 0 or step == end:
-                    self._check_health()
-                    loss, speed = window.flush()
-                    row = {"train/loss": loss, "train/lr": lr, "train/img_per_s": speed}
-                    row |= self._health_metrics() | self._data_metrics()
-                    self.logger.log(row | self._method_metrics(), step=step)
-                    progress.update(step, loss=loss, lr=lr, speed=speed)
-                progress.update(step)
-                # The run's last step is saved first; its kNN comes with the final probes.
-                best = False
-                if step < self.total_steps and self.evaluator.should_evaluate(step):
-                    knn = self._evaluate_saving_first_on_failure(step)
-                    best = knn > self.best_knn
-                    self._record_best_knn(knn, step)
-                signum = self.preemption.requested()
-                last = step == end or bool(signum)
-                self.checkpointer.save(step, last_step=last, best=best)
-                if signum:
-                    self._stop(signum, step)
+                images += self._optimizer_step(batches, window)
+                logged = self._log_if_due(first, end, window, progress)
+                loss = logged if logged is not None else loss
+                top1, best = self._evaluate_if_due()
+                knn = top1 if top1 is not None else knn
+                self._save_if_due(end, best)
             seconds = time.perf_counter() - start
             result = TrainResult(
                 steps=self.step,
@@ -370,6 +348,56 @@ class Trainer:
             )
         return result
 
+    def _optimizer_step(self, batches: Iterator[Any], window: _LogWindow) -> int:
+        """Step ``self.step + 1``: its lr, its micro-batches, the optimizer and the method's
+        hook; returns the images it took (over all processes)."""
+        self.step += 1
+        set_lr(self.optimizer, self.lr_at(self.step))
+        micro_batches = self.micro_batches_of(self.step)
+        images = self.images_of(micro_batches)
+        window.add(self.train_step(batches, micro_batches), images)
+        self.method.after_optimizer_step(self.step, self.total_steps)
+        return images
+
+    def _log_if_due(
+        self, first: int, end: int, window: _LogWindow, progress: TrainingProgress
+    ) -> float | None:
+        """Trust ratios on their cadence; a row of the window's loss, lr and speed every
+        ``log_every_steps`` and at the last step (returns its loss; ``None`` when no row)."""
+        step = self.step
+        if step == first or step % self.cfg.logging.trust_ratio_every == 0:
+            self._log_trust_ratios(step)
+        if step % self.cfg.trainer.log_every_steps and step != end:
+            progress.update(step)
+            return None
+        self._check_health()
+        loss, speed = window.flush()
+        lr = self.lr_at(step)
+        row = {"train/loss": loss, "train/lr": lr, "train/img_per_s": speed}
+        row |= self._health_metrics() | self._data_metrics()
+        self.logger.log(row | self._method_metrics(), step=step)
+        progress.update(step, loss=loss, lr=lr, speed=speed)
+        return loss
+
+    def _evaluate_if_due(self) -> tuple[float | None, bool]:
+        """The kNN monitor when due (not at the run's last step, whose kNN comes with the
+        final probes, after saving): its top-1 and whether it is the best so far."""
+        step = self.step
+        if step == self.total_steps or not self.evaluator.should_evaluate(step):
+            return None, False
+        top1 = self._evaluate_saving_first_on_failure(step)
+        best = top1 > self.best_knn
+        self._record_best_knn(top1, step)
+        return top1, best
+
+    def _save_if_due(self, end: int, best: bool) -> None:
+        """A checkpoint when due, at the end of this ``fit`` and on a stop signal, after
+        which the run stops."""
+        signum = self.preemption.requested()
+        self.checkpointer.save(self.step, last_step=self.step == end or bool(signum), best=best)
+        if signum:
+            self._stop(signum, self.step)
+
     def finish_run(self, result: TrainResult, *, resumed_at_end: bool = False) -> TrainResult:
         """The end of a finished run, in the order that loses nothing: ``backbone.pt``, a
         ``summary.json`` of the training, then the probes, whose failure is reported in
@@ -381,10 +409,10 @@ class Trainer:
         and ``--resume auto`` completes the rest).
         """
         main = self.ctx.is_main
-        previous = gather_objects(read_summary(self.run_dir / SUMMARY_FILE) if main else None)[0]
-        if not resumed_at_end or previous is None or previous.get("steps") != self.step:
-            previous = None  # a summary of another session's end, or of an earlier stop
-        else:
+        summary = self.run_dir / SUMMARY_FILE
+        previous = summary_of_step(summary, self.step) if main and resumed_at_end else None
+        previous = gather_objects(previous)[0]
+        if previous is not None:
             result = result.with_training_of(previous)
         has_backbone = gather_objects(main and (self.run_dir / BACKBONE_FILE).is_file())[0]
         if previous is None or not has_backbone:
@@ -424,8 +452,9 @@ class Trainer:
         self, kept: Any, probe: Callable[[int], Probes | None]
     ) -> tuple[Probes | None, str | None]:
         """Probes an earlier session of this run recorded whole, or ``probe(step)`` run now."""
-        if _complete(kept):
-            return Probes(**kept), None
+        probes = kept_probes(kept)
+        if probes is not None:
+            return probes, None
         return self._guarded(lambda: probe(self.step))
 
     def _guarded(self, probe: Callable[[], Probes | None]) -> tuple[Probes | None, str | None]:
@@ -480,40 +509,35 @@ class Trainer:
         self, batches: Iterator[Tensor | tuple[Tensor, Tensor]], micro_batches: int | None = None
     ) -> Tensor:
         """One optimizer step over ``micro_batches`` micro-batches (default
-        ``accumulate_grad_batches``); returns the loss, the mean over them.
+        ``accumulate_grad_batches``); returns its loss.
 
-        Gradients are averaged over the micro-batches; what a loss computes over its batch
-        (negatives, batch-norm statistics, Barlow Twins' cross-correlation) stays per
-        micro-batch.
+        The forward and backward passes are :func:`~ssl_toolkit.accumulation.accumulate`'s:
+        with ``trainer.accumulation: exact`` the loss is that of all the step's micro-batches
+        joined, with ``independent`` the mean of their own losses.
         """
-        accumulate = micro_batches or self.cfg.trainer.accumulate_grad_batches
-        precision = self.cfg.trainer.precision
-        total = torch.zeros((), device=self.device)
-        for micro in range(accumulate):
-            images = next(batches)
-            if isinstance(images, tuple):
-                images = tuple(x.to(self.device, non_blocking=True) for x in images)
-            else:
-                images = images.to(self.device, non_blocking=True)
-            view_a, view_b = self.augment(images)
-            view_a = view_a.contiguous(memory_format=self.memory_format)
-            view_b = view_b.contiguous(memory_format=self.memory_format)
-            autocast = torch.autocast(
-                self.device.type, dtype=_AMP_DTYPES.get(precision), enabled=precision != "fp32"
-            )
-            with gradient_sync(self.model, enabled=micro == accumulate - 1):
-                with autocast:
-                    loss = self.compute_loss(view_a, view_b) / accumulate
-                self.scaler.scale(loss).backward()
-            total += loss.detach().float()
-        scale = self.scaler._scale.clone() if self.scaler.is_enabled() else None
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        count = micro_batches or self.cfg.trainer.accumulate_grad_batches
+        views = [self.views_of(next(batches)) for _ in range(count)]
+        loss = accumulate(
+            self.method,
+            views,
+            exact=self.cfg.trainer.accumulation == "exact",
+            model=self.embed_model,
+            scaler=self.scaler,
+            autocast=self.autocast,
+        )
+        skipped = self.scaler.step_and_update(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
-        # An overflow makes the scaler skip the step and lower its scale (no host sync here).
-        skipped = self.scaler._scale < scale if scale is not None else None
-        self.health.record(self.step, total, skipped)
-        return total
+        self.health.record(self.step, loss, skipped)
+        return loss
+
+    def views_of(self, images: Tensor | tuple[Tensor, Tensor]) -> list[Tensor]:
+        """The augmented views of a micro-batch of images, on the device, in the run's memory
+        format."""
+        if isinstance(images, tuple):
+            images = tuple(x.to(self.device, non_blocking=True) for x in images)
+        else:
+            images = images.to(self.device, non_blocking=True)
+        return [v.contiguous(memory_format=self.memory_format) for v in self.augment(images)]
 
     def _log_trust_ratios(self, step: int) -> None:
         """Log the optimizer's trust ratios, if it has any (LARS), at ``step``."""
@@ -589,12 +613,13 @@ class Trainer:
         ``trainer.seed``, whatever the rank's own random streams are."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.trainer.seed)
-            return build_method(self.cfg)
+            model = self.cfg.model
+            return build_method(self.cfg.method, model.backbone, cifar_stem=model.cifar_stem)
 
     def evaluate(self, step: int) -> float:
         """kNN top-1 of the method's features after step ``step``; every rank takes part, the
         main one logs ``knn/top1`` and prints it."""
-        top1 = self.evaluator.knn_top1(self.method.embed)
+        top1 = self.evaluator.knn_top1(self.method.features)
         self.logger.log({"knn/top1": top1}, step=step)
         if self.ctx.is_main:
             self.console.print(f"step {step}: kNN top-1 {100 * top1:.2f}%")
@@ -603,7 +628,7 @@ class Trainer:
     def final_probes(self, step: int) -> Probes:
         """kNN and linear probes of the trained features at the end; logs ``knn/top1`` and
         ``probe/*``."""
-        probes = self.evaluator.probes(self.method.embed)
+        probes = self.evaluator.probes(self.method.features)
         self.logger.log({"knn/top1": probes.knn_top1, **_probe_metrics(probes, "")}, step=step)
         if self.ctx.is_main:
             self.console.print(f"step {step}: kNN top-1 {100 * probes.knn_top1:.2f}%")
@@ -615,32 +640,27 @@ class Trainer:
         if not self.cfg.eval.baseline:
             return None
         method = self.initial_method().to(self.device)
-        probes = self.evaluator.probes(method.embed)
+        probes = self.evaluator.probes(method.features)
         self.logger.log(_probe_metrics(probes, "baseline_"), step=step)
         return probes
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly where this step left off.
-
-        Every rank must call it: the model and optimizer state are gathered in full, and each
-        rank's random state (global RNGs and augmentation generator) is collected, so that a
-        resumed run with as many processes gives each rank its own streams back. The main
-        rank gets the whole state; on the others ``model`` and ``optimizer`` are empty (only
-        the main rank writes the checkpoint).
-        """
-        per_rank = {"augment_generator": self.augment_generator.get_state()}
-        per_rank["rng"] = capture_rng_state()
+        """The trainer's own part of a checkpoint: the steps done, the best kNN so far, the
+        W&B run id and the config it ran (the other components save themselves)."""
         return {
-            **full_state(self.method, self.optimizer),
-            "scaler": self.scaler.state_dict(),
             "step": self.step,
-            "epoch": self.step // self.steps_per_epoch,
-            "loader": self.loader.state_dict(),
-            "ranks": gather_objects(per_rank),
             "best_knn": self.best_knn,
             "wandb_run_id": getattr(self.logger, "run_id", None),
             "config": self.cfg.to_dict(),
         }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`: the step and best kNN; the W&B run id and the saved
+        config are kept for the resume (:attr:`resumed_run_id`, :attr:`saved_config`)."""
+        self.step = int(state["step"])
+        self.best_knn = float(state["best_knn"])
+        self.resumed_run_id = state["wandb_run_id"]
+        self.saved_config = state["config"]
 
     def _resume(self, resume: Path | str) -> str | None:
         """Continue from ``resume`` (a path, or ``"auto"``); returns the W&B run id."""
@@ -658,41 +678,21 @@ class Trainer:
         return self._load(*found)
 
     def _load(self, path: Path, state: dict[str, Any] | None = None) -> str | None:
-        """Restore a :meth:`state_dict` from ``path`` on every rank; returns the W&B run id.
+        """Restore every component from the checkpoint ``path``; returns the W&B run id.
 
         With as many processes as wrote it, every rank gets its own random streams back and the
-        run continues exactly. With another number, progress is kept in images: the step
-        becomes the one that has seen as many images at this run's global batch, the data
-        order continues from the same image of the epoch, and each rank's random streams are
-        re-seeded, with a warning.
+        run continues exactly. With another number, progress is kept in images (the loader
+        keeps the images seen in the epoch), the step becomes the one that has seen as many
+        images at this run's global batch, and each rank's random streams are re-seeded, with
+        a warning.
         """
-        state = state if state is not None else load_checkpoint(path)
-        if "ranks" not in state:
-            raise CheckpointError(
-                f"checkpoint {path} holds no per-process state (an older format); start a new run"
-            )
-        try:
-            load_full_state(self.method, self.optimizer, state)
-            self.scaler.load_state_dict(state["scaler"])
-            self.step = int(state["step"])
-            self.best_knn = float(state.get("best_knn", float("-inf")))
-            ranks, loader = state["ranks"], state["loader"]
-            if len(ranks) == self.ctx.world_size:
-                self.augment_generator.set_state(ranks[self.ctx.rank]["augment_generator"])
-                restore_rng_state(ranks[self.ctx.rank]["rng"])
-            else:
-                loader = self._rescaled_loader_state(state, len(ranks))
-                self._reseed_after_resume(path, len(ranks))
-            self.loader.load_state_dict(loader)
-        except (KeyError, RuntimeError, ValueError, TypeError) as err:
-            first_line = one_line(str(err).strip().splitlines()[0] if str(err).strip() else err)
-            raise CheckpointError(
-                f"checkpoint {path} does not match this config ({first_line})"
-            ) from None
+        self.checkpointer.restore(path, state)
+        if not self.streams.restored:
+            self._continue_on_another_world_size(path)
         self.checkpointer.last_saved = self.step
         if self.ctx.is_main:
             self.console.print(f"resumed from {path} at step {self.step}", soft_wrap=True)
-            changes = config_changes(state.get("config"), self.cfg.to_dict())
+            changes = config_changes(self.saved_config, self.cfg.to_dict())
             if changes:
                 warnings.warn(
                     f"{path} was written under another config; this run continues it with "
@@ -700,31 +700,22 @@ class Trainer:
                     RuntimeWarning,
                     stacklevel=3,
                 )
-        return state.get("wandb_run_id")
+        return self.resumed_run_id
 
-    def _rescaled_loader_state(
-        self, state: dict[str, Any], saved_world_size: int
-    ) -> dict[str, Any]:
-        """The loader state and step of a checkpoint written by another number of processes:
-        the same epoch and, within it, as many images seen as the global batches allow."""
-        loader = state["loader"]
-        images = loader["position"] * state["config"]["data"]["batch_size"] * saved_world_size
+    def _continue_on_another_world_size(self, path: Path) -> None:
+        """After a checkpoint of another number of processes: start at the whole optimizer
+        step of this run that the loader's position holds, with new random streams."""
         accumulate = self.cfg.trainer.accumulate_grad_batches
-        steps = images // self.images_of(accumulate)  # whole optimizer steps of this run
-        self.step = loader["epoch"] * self.steps_per_epoch + steps
-        return {**loader, "position": steps * accumulate}
-
-    def _reseed_after_resume(self, path: Path, saved_world_size: int) -> None:
-        """New random streams for a resume with another number of processes."""
-        seed = self.cfg.trainer.seed + 1_000_003 * self.step
-        _seed_everything(seed + self.ctx.rank)
-        self.augment_generator.manual_seed(_augment_seed(seed, self.ctx.rank))
+        steps = self.loader.position // accumulate
+        self.step = self.loader.epoch * self.steps_per_epoch + steps
+        self.loader.seek(steps * accumulate)
+        self.streams.reseed(self.cfg.trainer.seed + 1_000_003 * self.step)
         if self.ctx.is_main:
             warnings.warn(
-                f"{path} was written by {saved_world_size} process(es) and this run has "
-                f"{self.ctx.world_size}: it continues at step {self.step} of {self.total_steps} "
-                "from the same point of the epoch, and the augmentation and random streams "
-                "were re-seeded",
+                f"{path} was written by {self.streams.saved_world_size} process(es) and this "
+                f"run has {self.ctx.world_size}: it continues at step {self.step} of "
+                f"{self.total_steps} from the same point of the epoch, and the augmentation and "
+                "random streams were re-seeded",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -788,36 +779,3 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[dotted] = value
     return flat
-
-
-def _complete(probes: Any) -> bool:
-    """True when ``probes`` (from ``summary.json``) is a whole record of probes, no error."""
-    return isinstance(probes, dict) and set(probes) == {
-        field.name for field in dataclasses.fields(Probes)
-    }
-
-
-def _set_deterministic(enabled: bool) -> None:
-    """Deterministic algorithms where torch has them, or torch's defaults (process-wide).
-
-    ``warn_only``: a few CUDA kernels have no deterministic version (the backward of
-    ``AdaptiveAvgPool2d``, which every ResNet has, among them); torch warns on those instead of
-    stopping the run, and they stay the one source of run-to-run differences on GPU.
-    """
-    if enabled:
-        # cuBLAS needs a fixed workspace to be deterministic; set before CUDA starts.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(enabled, warn_only=True)
-    torch.backends.cudnn.deterministic = enabled
-    torch.backends.cudnn.benchmark = False
-
-
-def _augment_seed(seed: int, rank: int) -> int:
-    """The seed of rank ``rank``'s augmentation generator: a stream of its own."""
-    return seed * 1_000_003 + rank + 1
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)

@@ -90,19 +90,40 @@ class EpochBatchSampler:
         self._next_epoch()
 
     def state_dict(self) -> dict[str, Any]:
-        """Epoch, batches already yielded in it, and the generator state at its start."""
+        """Epoch, batches already yielded in it, the generator state at its start, and the
+        batch size and world size those batches were counted in."""
         generator_state = (
             self._epoch_start_state if self._indices is not None else self.generator.get_state()
         )
-        return {"epoch": self.epoch, "position": self.position, "generator": generator_state}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "generator": generator_state,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; the next iteration continues that epoch exactly."""
+        """Restore a :meth:`state_dict`; the next iteration continues that epoch exactly.
+
+        A state saved with another batch size or number of processes keeps the images seen
+        in the epoch: the position becomes the whole batches of this sampler that hold no
+        more images than were seen (states without those two keys count as this sampler's).
+        """
+        images = int(state["position"]) * int(state.get("batch_size", self.batch_size))
+        images *= int(state.get("world_size", self.world_size))
         self.epoch = int(state["epoch"])
-        self.position = int(state["position"])
+        self.position = images // (self.batch_size * self.world_size)
         self.generator.set_state(state["generator"])
         self._epoch_start_state = None
         self._indices = None
+
+    def seek(self, position: int) -> None:
+        """Continue the current epoch from batch ``position`` (after a resume that rescaled
+        the position, to start on a whole optimizer step)."""
+        if not 0 <= position <= len(self):
+            raise ValueError(f"position must be in [0, {len(self)}], got {position}")
+        self.position = position
 
     def _epoch_indices(self) -> Tensor:
         if self._indices is None:
@@ -161,6 +182,15 @@ class TensorBatchLoader:
     def epoch(self) -> int:
         """Index of the current epoch (starts at 0)."""
         return self.batch_sampler.epoch
+
+    @property
+    def position(self) -> int:
+        """Batches of the current epoch handed out so far."""
+        return self.batch_sampler.position
+
+    def seek(self, position: int) -> None:
+        """See :meth:`EpochBatchSampler.seek`."""
+        self.batch_sampler.seek(position)
 
     @property
     def skipped(self) -> list[str]:
@@ -341,14 +371,23 @@ class WorkerBatchLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """Epoch, batches handed out in it, and the generator state at its start."""
-        return {
-            **self._epoch_state,
-            "position": self._epoch_state["position"] + self._consumed,
-        }
+        return {**self._epoch_state, "position": self.position}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; the next iteration continues that epoch exactly."""
+        """Restore a :meth:`state_dict` (see :meth:`EpochBatchSampler.load_state_dict`); the
+        next iteration continues that epoch exactly."""
         self.batch_sampler.load_state_dict(state)
+        self._epoch_state = self.batch_sampler.state_dict()
+        self._consumed = 0
+
+    @property
+    def position(self) -> int:
+        """Batches of the current epoch handed out so far."""
+        return self._epoch_state["position"] + self._consumed
+
+    def seek(self, position: int) -> None:
+        """See :meth:`EpochBatchSampler.seek`."""
+        self.batch_sampler.seek(position)
         self._epoch_state = self.batch_sampler.state_dict()
         self._consumed = 0
 

@@ -3,11 +3,12 @@
 ``register_method(name, config_cls)`` decorates a :class:`Method` subclass; ``list_methods()``
 and ``get_method(name)`` look them up; other packages add methods through the entry-point group
 ``ssl_toolkit.methods``. Built in (registered by importing their modules here): ``simclr``,
-``byol`` and ``barlow_twins``.
+``byol`` and ``barlow_twins``. A method is two steps, ``embed(views) -> embeddings`` and
+``loss(embeddings) -> Tensor`` (see :mod:`ssl_toolkit.methods.base`).
 """
 
 from .barlow_twins import BarlowTwins, BarlowTwinsConfig
-from .base import HeadConfig, Method, MethodConfig, at_least_fp32
+from .base import Embeddings, HeadConfig, Method, MethodConfig, at_least_fp32, two_views
 from .byol import BYOL, BYOLConfig, cosine_tau
 from .registry import (
     METHODS,
@@ -25,6 +26,7 @@ __all__ = [
     "BYOLConfig",
     "BarlowTwins",
     "BarlowTwinsConfig",
+    "Embeddings",
     "HeadConfig",
     "Method",
     "MethodConfig",
@@ -37,4 +39,5 @@ __all__ = [
     "list_methods",
     "parse_method_config",
     "register_method",
+    "two_views",
 ]

@@ -17,7 +17,8 @@ ranks.) The network's own BatchNorm layers are synchronised by the trainer
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
 
 import torch
 from pydantic import Field
@@ -27,11 +28,8 @@ from models import ProjectionHead
 from ssl_toolkit.data import BYOLAugment
 from ssl_toolkit.distributed import sum_over_ranks, world_size
 
-from .base import HeadConfig, Method, MethodConfig, at_least_fp32
+from .base import HeadConfig, Method, MethodConfig, at_least_fp32, two_views
 from .registry import register_method
-
-if TYPE_CHECKING:
-    from ssl_toolkit.config import DataConfig
 
 __all__ = [
     "BarlowTwins",
@@ -140,10 +138,14 @@ class BarlowTwins(Method):
         )
         return cls(backbone, projector, config.off_diagonal_weight)
 
-    def forward(self, view_a: Tensor, view_b: Tensor) -> Tensor:
-        """The Barlow Twins loss of a batch of view pairs; keeps its two terms for the log."""
-        z_a = self.projector(self.backbone(view_a))
-        z_b = self.projector(self.backbone(view_b))
+    def embed(self, views: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """The projections ``(z_a, z_b)`` of a batch of view pairs, one forward pass each."""
+        view_a, view_b = two_views(views, "barlow_twins")
+        return self.projector(self.backbone(view_a)), self.projector(self.backbone(view_b))
+
+    def loss(self, embeddings: tuple[Tensor, Tensor]) -> Tensor:
+        """The Barlow Twins loss of the batch's projections; keeps its two terms for the log."""
+        z_a, z_b = embeddings
         result = barlow_twins_loss(z_a, z_b, self.off_diagonal_weight)
         self._terms = {
             "method/on_diagonal": result.on_diagonal.detach(),
@@ -151,10 +153,18 @@ class BarlowTwins(Method):
         }
         return result.loss
 
-    def augmentation(self, data: DataConfig, generator: torch.Generator) -> BYOLAugment:
-        """The authors' augmentation, which is BYOL's: blur 1.0 / 0.1, solarise 0 / 0.2."""
-        return BYOLAugment(data.image_size, scale=(data.crop_min_scale, 1.0), generator=generator)
+    def augmentation(
+        self,
+        image_size: int,
+        *,
+        crop_scale: tuple[float, float],
+        color_strength: float,
+        generator: torch.Generator,
+    ) -> BYOLAugment:
+        """The authors' augmentation, which is BYOL's: blur 1.0 / 0.1, solarise 0 / 0.2
+        (its colour jitter is the authors' fixed one, so ``color_strength`` is not used)."""
+        return BYOLAugment(image_size, scale=crop_scale, generator=generator)
 
     def log_metrics(self) -> dict[str, Tensor | float]:
-        """The invariance and redundancy terms (before λ) of this process's last forward pass."""
+        """The invariance and redundancy terms (before λ) of this process's last loss."""
         return dict(self._terms)

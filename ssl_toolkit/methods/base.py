@@ -1,27 +1,40 @@
-"""What a self-supervised method is to the trainer: a config, a module with a loss, and hooks.
+"""What a self-supervised method is to the trainer: views in, embeddings out, a batch loss.
 
 The trainer names no method. It builds one from its config (:meth:`Method.build`), asks it for
-its two-view augmentation, calls it on each pair of views for the loss, steps the optimizer on
-:meth:`Method.trainable_module`, then calls the hooks: :meth:`Method.after_optimizer_step` (e.g.
-BYOL's target EMA) and, on logging steps, :meth:`Method.log_metrics`. Evaluation encodes images
-with :meth:`Method.embed`.
+its augmentation, and for each optimizer step hands its views to
+:func:`ssl_toolkit.accumulation.accumulate`, which calls the method's two steps:
+
+- :meth:`Method.embed` ``(views) -> embeddings``: everything with learnable parameters that
+  works sample by sample (backbone, heads, a target network's outputs). The embeddings are a
+  tensor or a dict / tuple of batch-first tensors, so that those of several micro-batches
+  concatenate into the embeddings of their joined batch.
+- :meth:`Method.loss` ``(embeddings) -> Tensor``: everything that couples the samples of the
+  batch and the processes (negatives, cross-correlation, gathering across ranks).
+
+This split is what makes gradient accumulation exact: the loss can be taken once over the
+embeddings of every micro-batch of a step. ``forward`` is :meth:`Method.embed`, so DDP and
+FSDP2, which hook ``forward``, see every embedding pass. After the optimizer step the trainer
+calls :meth:`Method.after_optimizer_step` (e.g. BYOL's target EMA) and, on logging steps,
+:meth:`Method.log_metrics`. Evaluation encodes images with :meth:`Method.features`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from pydantic import Field
 from torch import Tensor, nn
 
 from optim.configs import ConfigModel
+from ssl_toolkit.data import TwoViewAugment
 
-if TYPE_CHECKING:
-    from ssl_toolkit.config import DataConfig
-    from ssl_toolkit.data import TwoViewAugment
+__all__ = ["Embeddings", "HeadConfig", "Method", "MethodConfig", "at_least_fp32", "two_views"]
 
-__all__ = ["HeadConfig", "Method", "MethodConfig", "at_least_fp32"]
+Embeddings = Tensor | dict[str, Any] | tuple[Any, ...]
+"""What :meth:`Method.embed` returns: a tensor, or a dict / tuple (possibly nested) of
+tensors whose first dimension is the batch."""
 
 
 class MethodConfig(ConfigModel):
@@ -42,9 +55,10 @@ class HeadConfig(ConfigModel):
 class Method(nn.Module):
     """Base class of every method; register subclasses with ``register_method(name, config)``.
 
-    A subclass implements :meth:`build`, ``forward(view_a, view_b) -> loss`` and
-    :meth:`augmentation`; it keeps the backbone at ``self.backbone`` (or overrides
-    :meth:`embed`) and overrides the hooks it needs.
+    A subclass implements :meth:`build`, :meth:`embed`, :meth:`loss` and :meth:`augmentation`;
+    it keeps the backbone at ``self.backbone`` (or overrides :meth:`features`) and overrides
+    the hooks it needs. Nothing in :meth:`embed` may couple the samples of a batch except
+    batch-norm layers, whose statistics are per micro-batch under accumulation.
     """
 
     backbone: nn.Module
@@ -54,13 +68,34 @@ class Method(nn.Module):
         """The method described by ``config`` on top of ``backbone`` (heads built here)."""
         raise NotImplementedError(f"{cls.__name__} must implement build(config, backbone)")
 
-    def augmentation(self, data: DataConfig, generator: torch.Generator) -> TwoViewAugment:
-        """The method's default two-view augmentation for images of ``data``."""
+    def embed(self, views: Sequence[Tensor]) -> Embeddings:
+        """The embeddings of a list of views (batches of the same images), batch first."""
+        raise NotImplementedError(f"{type(self).__name__} must implement embed(views)")
+
+    def loss(self, embeddings: Embeddings) -> Tensor:
+        """The loss of a batch's embeddings (those :meth:`embed` returned, or several
+        micro-batches' concatenated), a scalar."""
+        raise NotImplementedError(f"{type(self).__name__} must implement loss(embeddings)")
+
+    def forward(self, views: Sequence[Tensor]) -> Embeddings:
+        """:meth:`embed`: wrappers (DDP, FSDP2, ``torch.compile``) call ``forward``."""
+        return self.embed(views)
+
+    def augmentation(
+        self,
+        image_size: int,
+        *,
+        crop_scale: tuple[float, float],
+        color_strength: float,
+        generator: torch.Generator,
+    ) -> TwoViewAugment:
+        """The method's default augmentation for images of ``image_size`` pixels: crops of
+        ``crop_scale`` of the image area, colour jitter of ``color_strength``."""
         raise NotImplementedError(f"{type(self).__name__} must implement augmentation()")
 
-    def embed(self, x: Tensor) -> Tensor:
+    def features(self, images: Tensor) -> Tensor:
         """Backbone features, the representation that is evaluated."""
-        return self.backbone(x)
+        return self.backbone(images)
 
     def trainable_module(self) -> nn.Module:
         """The module whose ``named_parameters()`` the optimizer gets (default: all of it)."""
@@ -72,6 +107,13 @@ class Method(nn.Module):
     def log_metrics(self) -> dict[str, Tensor | float]:
         """Extra ``method/*`` metrics for the log rows (tensors are fine: one transfer)."""
         return {}
+
+
+def two_views(views: Sequence[Tensor], method: str) -> tuple[Tensor, Tensor]:
+    """``views`` as a pair, for the methods that take exactly two (a clear error otherwise)."""
+    if len(views) != 2:
+        raise ValueError(f"{method} takes 2 views, got {len(views)}")
+    return views[0], views[1]
 
 
 def at_least_fp32(t: Tensor) -> Tensor:

@@ -9,8 +9,8 @@ optimizer step, with τ rising on a cosine from ``tau_base`` to ``tau_final``.
 from __future__ import annotations
 
 import copy
-import math
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -18,13 +18,11 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from models import PredictionHead, ProjectionHead
+from optim.schedules import cosine_ramp
 from ssl_toolkit.data import BYOLAugment
 
-from .base import HeadConfig, Method, MethodConfig, at_least_fp32
+from .base import HeadConfig, Method, MethodConfig, at_least_fp32, two_views
 from .registry import register_method
-
-if TYPE_CHECKING:
-    from ssl_toolkit.config import DataConfig
 
 __all__ = ["BYOL", "BYOLConfig", "byol_loss", "cosine_tau"]
 
@@ -76,14 +74,9 @@ def byol_loss(p: Tensor, z: Tensor) -> Tensor:
 
 def cosine_tau(step: int, total_steps: int, tau_base: float, tau_final: float = 1.0) -> float:
     """BYOL's EMA decay schedule: τ rises from ``tau_base`` at step 0 to ``tau_final`` at
-    ``total_steps`` on a half cosine, ``τ = τ_f - (τ_f - τ_b)·(cos(π·step/total) + 1)/2``.
-
-    Steps outside ``[0, total_steps]`` are clamped, so τ stays within its two endpoints.
-    """
-    if total_steps <= 0:
-        raise ValueError(f"total_steps must be positive, got {total_steps}")
-    progress = min(max(step, 0), total_steps) / total_steps
-    return tau_final - (tau_final - tau_base) * (math.cos(math.pi * progress) + 1) / 2
+    ``total_steps`` on a half cosine (:func:`optim.schedules.cosine_ramp`; steps outside
+    ``[0, total_steps]`` are clamped)."""
+    return cosine_ramp(step, total_steps, tau_base, tau_final)
 
 
 @register_method("byol", BYOLConfig)
@@ -147,23 +140,36 @@ class BYOL(Method):
             {"backbone": self.backbone, "projector": self.projector, "predictor": self.predictor}
         )
 
-    def forward(self, view_a: Tensor, view_b: Tensor) -> Tensor:
-        """Return the symmetric BYOL loss ``L(p_a, z'_b) + L(p_b, z'_a)``, in [0, 8].
+    def embed(self, views: Sequence[Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+        """Online predictions ``p`` and target projections ``z'`` (without gradient) of both
+        views: ``{"online": (p_a, p_b), "target": (z'_a, z'_b)}``.
 
-        ``p`` are online predictions, ``z'`` target projections computed without gradient, and
-        ``L`` is :func:`byol_loss`. Each view goes through each network in its own forward
-        pass, as in the authors' code, so batch-norm statistics are per view.
+        Each view goes through each network in its own forward pass, as in the authors' code,
+        so batch-norm statistics are per view.
         """
-        p_a, p_b = (self.predictor(self.projector(self.backbone(v))) for v in (view_a, view_b))
+        views = two_views(views, "byol")
+        online = tuple(self.predictor(self.projector(self.backbone(v))) for v in views)
         with torch.no_grad():
-            z_a, z_b = (
-                self.target["projector"](self.target["backbone"](v)) for v in (view_a, view_b)
-            )
+            target = tuple(self.target["projector"](self.target["backbone"](v)) for v in views)
+        return {"online": online, "target": target}
+
+    def loss(self, embeddings: dict[str, tuple[Tensor, Tensor]]) -> Tensor:
+        """The symmetric BYOL loss ``L(p_a, z'_b) + L(p_b, z'_a)`` (:func:`byol_loss`), in
+        [0, 8]."""
+        (p_a, p_b), (z_a, z_b) = embeddings["online"], embeddings["target"]
         return byol_loss(p_a, z_b) + byol_loss(p_b, z_a)
 
-    def augmentation(self, data: DataConfig, generator: torch.Generator) -> BYOLAugment:
-        """BYOL's asymmetric augmentation: blur 1.0 / 0.1 and solarisation 0 / 0.2 per view."""
-        return BYOLAugment(data.image_size, scale=(data.crop_min_scale, 1.0), generator=generator)
+    def augmentation(
+        self,
+        image_size: int,
+        *,
+        crop_scale: tuple[float, float],
+        color_strength: float,
+        generator: torch.Generator,
+    ) -> BYOLAugment:
+        """BYOL's asymmetric augmentation: blur 1.0 / 0.1 and solarisation 0 / 0.2 per view
+        (its colour jitter is the authors' fixed one, so ``color_strength`` is not used)."""
+        return BYOLAugment(image_size, scale=crop_scale, generator=generator)
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         """Move the target towards the online network with τ of step ``step``.

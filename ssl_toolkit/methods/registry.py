@@ -9,16 +9,13 @@ callable that registers when called), loaded on the first lookup.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from models import build_backbone
 from optim import ConfigError
 from optim.registry import Registry
 
 from .base import Method, MethodConfig
-
-if TYPE_CHECKING:
-    from ssl_toolkit.config import ExperimentConfig
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -71,10 +68,11 @@ def parse_method_config(
     return METHODS.parse(cfg, prefix)
 
 
-def build_method(cfg: ExperimentConfig) -> Method:
-    """The method of ``cfg.method`` on a fresh backbone of ``cfg.model``."""
+def build_method(config: MethodConfig, backbone: str, *, cifar_stem: bool = False) -> Method:
+    """The method of ``config`` on a fresh ``backbone`` (a name ``models.build_backbone``
+    takes; ``cifar_stem`` for 32-pixel images)."""
     try:
-        backbone = build_backbone(cfg.model.backbone, cifar_stem=cfg.model.cifar_stem)
+        network = build_backbone(backbone, cifar_stem=cifar_stem)
     except ValueError as err:  # e.g. cifar_stem on a backbone without a ResNet stem
         raise ConfigError([f"model: {err}"]) from None
-    return get_method(cfg.method.name).build(cfg.method, backbone)
+    return get_method(config.name).build(config, network)

@@ -5,7 +5,8 @@ Config, model (backbone + projector), the NT-Xent loss and the default augmentat
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -17,11 +18,8 @@ from models import ProjectionHead
 from ssl_toolkit.data import SimCLRAugment
 from ssl_toolkit.distributed import gather_with_grad, world_size
 
-from .base import HeadConfig, Method, MethodConfig, at_least_fp32
+from .base import HeadConfig, Method, MethodConfig, at_least_fp32, two_views
 from .registry import register_method
-
-if TYPE_CHECKING:
-    from ssl_toolkit.config import DataConfig
 
 __all__ = ["SimCLR", "SimCLRConfig", "nt_xent"]
 
@@ -104,22 +102,32 @@ class SimCLR(Method):
         )
         return cls(backbone, projector, config.temperature)
 
-    def forward(self, view_a: Tensor, view_b: Tensor) -> Tensor:
-        """Return the NT-Xent loss of a batch of view pairs ``(n, ...)`` and ``(n, ...)``.
+    def embed(self, views: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """The projections ``(z_a, z_b)`` of a batch of view pairs ``(n, ...)`` and ``(n, ...)``.
 
         Both views go through the backbone in one forward pass (batch concatenation), as in the
         reference implementation: one kernel launch sequence, and batch-norm statistics over
         all 2n views.
         """
+        view_a, view_b = two_views(views, "simclr")
         n = view_a.shape[0]
         z = self.projector(self.backbone(torch.cat([view_a, view_b])))
-        return nt_xent(z[:n], z[n:], self.temperature)
+        return z[:n], z[n:]
 
-    def augmentation(self, data: DataConfig, generator: torch.Generator) -> SimCLRAugment:
-        """SimCLR's augmentation: one policy for both views, colour strength from the config."""
+    def loss(self, embeddings: tuple[Tensor, Tensor]) -> Tensor:
+        """The NT-Xent loss of the projections of every view pair of the batch."""
+        z_a, z_b = embeddings
+        return nt_xent(z_a, z_b, self.temperature)
+
+    def augmentation(
+        self,
+        image_size: int,
+        *,
+        crop_scale: tuple[float, float],
+        color_strength: float,
+        generator: torch.Generator,
+    ) -> SimCLRAugment:
+        """SimCLR's augmentation: one policy for both views, colour strength as given."""
         return SimCLRAugment(
-            data.image_size,
-            scale=(data.crop_min_scale, 1.0),
-            jitter_strength=data.color_strength,
-            generator=generator,
+            image_size, scale=crop_scale, jitter_strength=color_strength, generator=generator
         )

@@ -107,7 +107,7 @@ def test_build_makes_the_authors_projector_and_each_view_runs_alone() -> None:
     model.backbone.register_forward_hook(lambda m, inp, out: sizes.append(inp[0].shape[0]))
     g = torch.Generator().manual_seed(1)
     view_a, view_b = torch.randn(5, 3, 2, 2, generator=g), torch.randn(5, 3, 2, 2, generator=g)
-    loss = model(view_a, view_b)
+    loss = model.loss(model([view_a, view_b]))
     assert sizes == [5, 5], "one forward pass per view, as in the authors' code"
     terms = model.log_metrics()
     expected = terms["method/on_diagonal"] + 0.0051 * terms["method/off_diagonal"]
@@ -138,7 +138,9 @@ def test_recipe_gives_biases_and_norms_their_own_lr_without_adaptation_or_decay(
     cfg = load_config(
         "barlow_lars", ["model.backbone=timm/test_resnet", "method.projector.hidden_dim=32"]
     )
-    model = build_method(cfg).trainable_module()
+    model = build_method(
+        cfg.method, cfg.model.backbone, cifar_stem=cfg.model.cifar_stem
+    ).trainable_module()
     optimizer = build_optimizer(cfg.optim, model)
     set_lr(optimizer, 1.0)
     groups = {p.param_name: g for g in optimizer.param_groups for p in g["params"]}

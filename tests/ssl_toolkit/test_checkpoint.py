@@ -1,4 +1,5 @@
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from ssl_toolkit.checkpoint import (
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
+    upgrade_checkpoint,
 )
 
 _EXECUTED = []
@@ -160,22 +162,103 @@ def test_checkpoint_path_is_last_pt_under_checkpoints(tmp_path):
     assert checkpoint_path("runs/x") == Path("runs/x/checkpoints/last.pt")
 
 
+class Recorded:
+    """A checkpoint component whose state is the next of ``values``; records what it loads."""
+
+    def __init__(self, values=()) -> None:
+        self.values = iter(values)
+        self.loaded: list = []
+
+    def state_dict(self):
+        return next(self.values)
+
+    def load_state_dict(self, state) -> None:
+        if state == "refused":
+            raise ValueError("size mismatch for weight\nsecond line")
+        self.loaded.append(state)
+
+
 def test_checkpointer_saves_every_n_steps_each_epoch_end_and_the_last_step(tmp_path):
-    states = iter(range(100))
-    saver = Checkpointer(
-        tmp_path, lambda: {"n": next(states)}, every_steps=4, steps_per_epoch=6, enabled=True
-    )
+    counter = Recorded(range(100))
+    saver = Checkpointer(tmp_path, {"n": counter}, every_steps=4, steps_per_epoch=6)
     due = [step for step in range(1, 15) if saver.save(step, last_step=step == 14)]
     assert due == [4, 6, 8, 12, 14]  # multiples of 4, epoch ends 6 and 12, the last step
     assert torch.load(checkpoint_path(tmp_path), weights_only=True) == {"n": 4}
     assert not saver.should_save(5) and saver.should_save(5, last_step=True)
-    calls = []
+    gathered = Recorded([{}])
     quiet = Checkpointer(
-        tmp_path / "other",
-        lambda: calls.append(1) or {},
-        every_steps=1,
-        steps_per_epoch=1,
-        enabled=False,
+        tmp_path / "other", {"c": gathered}, every_steps=1, steps_per_epoch=1, enabled=False
     )
     assert quiet.save(1) and not (tmp_path / "other").exists()  # due, but another rank writes
-    assert calls == [1], "every rank gathers the state when a save is due"
+    with pytest.raises(StopIteration):
+        gathered.state_dict()  # every rank took the state when the save was due
+
+
+def test_restore_gives_every_component_its_own_state_in_order(tmp_path):
+    order = []
+
+    class Ordered(Recorded):
+        def __init__(self, name: str, value: int) -> None:
+            super().__init__([value])
+            self.name = name
+
+        def load_state_dict(self, state) -> None:
+            order.append(self.name)
+            super().load_state_dict(state)
+
+    first, second = Ordered("first", 1), Ordered("second", 2)
+    saver = Checkpointer(
+        tmp_path, {"first": first, "second": second}, every_steps=1, steps_per_epoch=1
+    )
+    saver.save(1)
+    restored = {name: Ordered(name, 0) for name in ("first", "second")}
+    Checkpointer(tmp_path, restored, every_steps=1, steps_per_epoch=1).restore(
+        checkpoint_path(tmp_path), {**load_checkpoint(checkpoint_path(tmp_path)), "trainer": {}}
+    )
+    assert order == ["first", "second"]
+    assert restored["first"].loaded == [1] and restored["second"].loaded == [2]
+
+
+def test_restore_names_the_file_and_the_component_it_cannot_load(tmp_path):
+    path = tmp_path / "c.pt"
+    checkpointer = Checkpointer(
+        tmp_path, {"model": Recorded(), "loader": Recorded()}, every_steps=1, steps_per_epoch=1
+    )
+    with pytest.raises(
+        CheckpointError, match=rf"checkpoint {re.escape(str(path))} holds no loader state"
+    ):
+        checkpointer.restore(path, {"trainer": {}, "model": 1})
+    with pytest.raises(CheckpointError) as info:
+        checkpointer.restore(path, {"trainer": {}, "model": "refused", "loader": 2})
+    assert str(info.value) == (
+        f"checkpoint {path} does not match this config (model: size mismatch for weight)"
+    )
+
+
+def test_a_checkpoint_of_the_earlier_layout_is_converted():
+    """The layout written before components saved themselves: the trainer's counters at the
+    top, and a loader position without the batch size and world size it counts in."""
+    old = {
+        "model": {"w": torch.ones(1)},
+        "optimizer": {},
+        "scaler": {},
+        "step": 6,
+        "epoch": 1,
+        "loader": {"epoch": 1, "position": 2, "generator": torch.zeros(3)},
+        "ranks": [{}, {}],
+        "best_knn": 0.5,
+        "wandb_run_id": "abc",
+        "config": {"data": {"batch_size": 32}},
+    }
+    new = upgrade_checkpoint(old, Path("old.pt"))
+    assert new["trainer"] == {
+        "step": 6,
+        "best_knn": 0.5,
+        "wandb_run_id": "abc",
+        "config": old["config"],
+    }
+    assert new["loader"] == {**old["loader"], "batch_size": 32, "world_size": 2}
+    assert "batch_size" not in old["loader"], "the loaded dict is not changed"
+    assert upgrade_checkpoint(new, Path("new.pt")) is new
+    with pytest.raises(CheckpointError, match=r"old\.pt holds no per-process state"):
+        upgrade_checkpoint({"model": {}, "step": 1}, Path("old.pt"))

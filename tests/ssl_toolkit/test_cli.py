@@ -132,7 +132,7 @@ def test_run_then_resume_auto_continues(capsys, tmp_path: Path) -> None:
     )
     assert code == 0
     assert "resumed from" in err and "at step 2" in err
-    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 3
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["trainer"]["step"] == 3
 
 
 def test_script_exit_code_and_usage_error() -> None:

@@ -82,7 +82,7 @@ def _loss_and_grads(ddp: nn.Module, rank: int) -> dict:
     view_a, view_b = _batch()
     rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
     ddp.zero_grad(set_to_none=True)
-    loss = ddp(view_a[rows], view_b[rows])
+    loss = ddp.module.loss(ddp([view_a[rows], view_b[rows]]))
     loss.backward()
     return {
         "loss": all_reduce_mean(loss.detach()).item(),
@@ -136,7 +136,7 @@ def rank_results(tmp_path_factory):
 
 def _joined_batch(model: nn.Module) -> tuple[float, dict]:
     view_a, view_b = _batch()
-    loss = model(view_a, view_b)
+    loss = model.loss(model([view_a, view_b]))
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 

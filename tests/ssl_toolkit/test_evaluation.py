@@ -184,7 +184,7 @@ def test_extract_features_with_bound_method_of_model():
     backbone = nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.BatchNorm1d(5))
     model = SimCLR(backbone, nn.Linear(5, 3), temperature=0.1).train()
     batches = [(torch.randn(4, 3, 2, 2), torch.zeros(4, dtype=torch.long))]
-    feats, _ = extract_features(model.embed, batches, None, device="cpu")
+    feats, _ = extract_features(model.features, batches, None, device="cpu")
     assert model.training and feats.shape == (4, 5)
     assert backbone[2].num_batches_tracked.item() == 0
 

@@ -40,7 +40,7 @@ def test_simclr_loss_is_scalar_with_gradients_into_backbone():
     calls = []
     model.backbone.register_forward_hook(lambda m, inp, out: calls.append(inp[0].shape[0]))
     view_a, view_b = _views()
-    loss = model(view_a, view_b)
+    loss = model.loss(model([view_a, view_b]))
     assert calls == [12], "both views must go through the backbone in one forward"
     assert loss.ndim == 0 and loss.requires_grad
     loss.backward()
@@ -56,8 +56,10 @@ def test_simclr_loss_equals_nt_xent_of_projections():
         expected = nt_xent(
             model.projector(model.backbone(view_a)), model.projector(model.backbone(view_b)), 0.2
         )
-        assert model(view_a, view_b).item() == pytest.approx(expected.item(), rel=1e-6)
-        assert model.embed(view_a).shape == (6, 8)
+        assert model.loss(model([view_a, view_b])).item() == pytest.approx(
+            expected.item(), rel=1e-6
+        )
+        assert model.features(view_a).shape == (6, 8)
     assert model.trainable_module() is model
     with pytest.raises(ValueError, match="temperature"):
         SimCLR(_backbone(), _head(8, 4), temperature=0)
@@ -84,7 +86,7 @@ def test_byol_target_is_frozen_copy_in_state_dict_but_not_trainable():
 def test_byol_backward_reaches_online_only_and_loss_is_symmetric_formula():
     model = _byol()
     view_a, view_b = _views()
-    loss = model(view_a, view_b)
+    loss = model.loss(model([view_a, view_b]))
     loss.backward()
     for name, p in model.named_parameters():
         if name.startswith("target."):
@@ -95,7 +97,7 @@ def test_byol_backward_reaches_online_only_and_loss_is_symmetric_formula():
     # Independent recomputation in eval mode (fixed batch-norm statistics).
     model.eval()
     with torch.no_grad():
-        got = model(view_a, view_b).item()
+        got = model.loss(model([view_a, view_b])).item()
 
         def predict(x):
             return model.predictor(model.projector(model.backbone(x)))
@@ -119,7 +121,7 @@ def test_byol_runs_one_forward_per_view_through_both_networks():
     model.target["backbone"].register_forward_hook(
         lambda m, i, o: sizes["target"].append(i[0].shape[0])
     )
-    model(*_views(n=6))
+    model(list(_views(n=6)))
     assert sizes == {"online": [6, 6], "target": [6, 6]}
 
 
@@ -128,7 +130,7 @@ def test_byol_update_target_is_ema_for_params_and_copy_for_buffers():
     with torch.no_grad():
         for p in model.trainable_module().parameters():
             p.add_(torch.randn_like(p))
-    model(*_views())  # train-mode forward changes the online running statistics
+    model(list(_views()))  # train-mode forward changes the online running statistics
     online = {n: p.detach().clone() for n, p in model.named_parameters() if "target" not in n}
     before = {
         n.removeprefix("target."): p.detach().clone()
@@ -166,14 +168,14 @@ def test_byol_optimizer_step_leaves_target_alone_and_embed_uses_online_backbone(
     model = _byol()
     opt = torch.optim.SGD(model.trainable_module().parameters(), lr=0.1)
     target_before = {n: p.clone() for n, p in model.target.named_parameters()}
-    model(*_views()).backward()
+    model.loss(model(list(_views()))).backward()
     opt.step()
     assert all(torch.equal(p, target_before[n]) for n, p in model.target.named_parameters())
     assert not torch.equal(model.backbone[0].weight, model.target["backbone"][0].weight)
     x = _views()[0]
     model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(model.embed(x), model.backbone(x))
+        torch.testing.assert_close(model.features(x), model.backbone(x))
 
 
 def test_cosine_tau_schedule():
@@ -197,7 +199,7 @@ def test_byol_step_and_ema_on_cuda_under_autocast():
     model = _byol().cuda()
     view_a, view_b = (v.cuda() for v in _views())
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = model(view_a, view_b)
+        loss = model.loss(model([view_a, view_b]))
     assert loss.dtype == torch.float32
     loss.backward()
     with torch.no_grad():

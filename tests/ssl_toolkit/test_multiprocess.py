@@ -1,4 +1,5 @@
-"""Two gloo processes against one: SyncBN, sharded kNN, per-rank resume, logging, FSDP2 + LARS."""
+"""Two gloo processes against one: SyncBN, sharded kNN, per-rank resume, logging, FSDP2 + LARS,
+exact accumulation."""
 
 from __future__ import annotations
 
@@ -20,11 +21,14 @@ from torch import nn
 
 from optim import build_optimizer
 from optim.op_count import count_ops
+from ssl_toolkit.accumulation import accumulate
 from ssl_toolkit.config import ExperimentConfig
 from ssl_toolkit.distributed import cleanup_distributed, setup_distributed
 from ssl_toolkit.evaluation import Evaluator, shard_dataset
+from ssl_toolkit.parallel import parallelize
 from ssl_toolkit.sync_batch_norm import CPUSyncBatchNorm, convert_sync_batchnorm
 from ssl_toolkit.trainer import Trainer, _LogWindow
+from tests.ssl_toolkit.test_accumulation import _assert_same_grads, _method, _micro_batches
 
 WORLD = 2
 ROOT = Path(__file__).resolve().parents[2]
@@ -258,7 +262,7 @@ def _trainer_config(out: Path, strategy: str = "ddp") -> ExperimentConfig:
 
 
 def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
-    state = trainer.state_dict()  # collective: every rank calls it
+    state = trainer.checkpointer.state_dict()  # collective: every rank calls it
     return state["model"] if trainer.ctx.is_main else {}
 
 
@@ -425,6 +429,48 @@ def test_fsdp2_lars_equals_the_unsharded_step(tmp_path: Path) -> None:
         for name, value in reference["params"].items():
             assert _relative(result["params"][name], value) <= 1e-6, name
     assert not torch.equal(reference["params"]["1.weight"], _lars_model()[1].weight)
+
+
+# --- exact accumulation ----------------------------------------------------------------
+
+ACCUMULATED = [("ddp", "simclr"), ("ddp", "byol"), ("ddp", "barlow_twins"), ("fsdp2", "simclr")]
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+
+
+def _accumulated(method: nn.Module, micro_batches: list, model: nn.Module) -> dict[str, Any]:
+    loss = accumulate(method, micro_batches, exact=True, model=model)
+    grads = {n: _full(p.grad) for n, p in method.named_parameters() if p.grad is not None}
+    return {"loss": loss, "grads": grads}
+
+
+def _accumulation_job(rank: int, out_dir: Path) -> dict[str, Any]:
+    """Rank r takes micro-batches 2r and 2r + 1 of the four (float64, BatchNorm, no SyncBN)."""
+    ctx = setup_distributed("cpu")
+    results = {}
+    for strategy, name in ACCUMULATED:
+        method = _method(name)
+        model = parallelize(method, ctx, strategy)
+        mine = _micro_batches()[2 * rank : 2 * rank + 2]
+        results[f"{strategy}/{name}"] = _accumulated(method, mine, model)
+    return results
+
+
+def test_two_processes_of_two_micro_batches_equal_one_of_four(tmp_path: Path) -> None:
+    """The loss of the joined embeddings over micro-batches and processes: DDP and FSDP2
+    gradients equal one process accumulating all four micro-batches exactly."""
+    ranks = _spawn(_accumulation_job, tmp_path)
+    for strategy, name in ACCUMULATED:
+        method = _method(name)
+        expected = _accumulated(method, _micro_batches(), method)
+        key = f"{strategy}/{name}"
+        for result in ranks:
+            _assert_same_grads(result[key]["grads"], expected["grads"])
+        # Each rank's loss is its share (SimCLR's and BYOL's anchors are its own images).
+        mean = sum(r[key]["loss"] for r in ranks) / WORLD
+        torch.testing.assert_close(mean, expected["loss"], rtol=1e-10, atol=0)
 
 
 def test_torchrun_fsdp2_writes_one_run_and_prints_once(tmp_path: Path) -> None:

@@ -119,8 +119,13 @@ def test_recipe_matches_its_source(name: str) -> None:
         assert rule.match == EXCLUDED and rule.lr_scale == pytest.approx(ratio)
     if views:
         augment = (
-            build_method(cfg)
-            .augmentation(cfg.data, torch.Generator())
+            build_method(cfg.method, cfg.model.backbone, cifar_stem=cfg.model.cifar_stem)
+            .augmentation(
+                cfg.data.image_size,
+                crop_scale=(cfg.data.crop_min_scale, 1.0),
+                color_strength=cfg.data.color_strength,
+                generator=torch.Generator(),
+            )
             .with_overrides(**cfg.data.augment.model_dump(exclude_none=True))
         )
         for field, value in views.items():

@@ -32,6 +32,7 @@ from ssl_toolkit.preemption import Preempted
 from ssl_toolkit.trainer import Trainer
 from ssl_toolkit.wandb_offline import read_offline_history, read_offline_summary
 from tests.data.test_folders import unlabelled_folder
+from tests.ssl_toolkit.test_checkpoint import Recorded
 from tests.ssl_toolkit.test_trainer import RecordingLogger, _state, tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,9 +43,9 @@ def _config(tmp_path: Path, **trainer: Any) -> ExperimentConfig:
 
 
 def _loss_hook(trainer: Trainer, change) -> None:
-    """Wrap the trainer's loss: ``change(step, loss)`` returns the loss to use."""
-    compute = trainer.compute_loss
-    trainer.compute_loss = lambda a, b: change(trainer.step, compute(a, b))
+    """Wrap the method's loss: ``change(step, loss)`` returns the loss to use."""
+    compute = trainer.method.loss
+    trainer.method.loss = lambda embeddings: change(trainer.step, compute(embeddings))
 
 
 # --- checkpoints ------------------------------------------------------------------------
@@ -59,14 +60,15 @@ def test_the_newest_checkpoints_and_the_best_are_kept(tmp_path: Path) -> None:
     assert os.path.samefile(directory / "last.pt", directory / "step-00000016.pt")
     knn = {step: m["knn/top1"] for step, m in logger.rows if "knn/top1" in m}
     best_step = max(knn, key=lambda s: (knn[s], -s))
-    assert load_checkpoint(directory / "best.pt")["step"] == best_step
-    assert load_checkpoint(directory / "best.pt")["best_knn"] == knn[best_step]
+    assert load_checkpoint(directory / "best.pt")["trainer"]["step"] == best_step
+    assert load_checkpoint(directory / "best.pt")["trainer"]["best_knn"] == knn[best_step]
 
 
 def test_a_resume_from_an_earlier_step_drops_the_abandoned_later_files(tmp_path: Path) -> None:
     directory = tmp_path / "checkpoints"
+    weights = Recorded([torch.ones(1)] * 5)
     checkpointer = Checkpointer(
-        tmp_path, lambda: {"w": torch.ones(1)}, every_steps=1, steps_per_epoch=100, keep=2
+        tmp_path, {"w": weights}, every_steps=1, steps_per_epoch=100, keep=2
     )
     for step in (8, 9, 10):
         checkpointer.save(step)
@@ -118,7 +120,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
     )
     assert logger.finished  # the W&B run's files are complete
     state = load_checkpoint(last)
-    assert state["step"] == 2
+    assert state["trainer"]["step"] == 2
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
@@ -167,15 +169,15 @@ def test_the_cli_reports_a_divergence_in_one_line_and_exits_1(
     from ssl_toolkit import cli
     from ssl_toolkit.methods import SimCLR
 
-    forward = SimCLR.forward
+    loss_of = SimCLR.loss
     calls = []
 
-    def nan_from_the_third_call(self, a, b):
+    def nan_from_the_third_call(self, embeddings):
         calls.extend([1] if self.training else [])  # the dry forward before step 1 is in eval
-        loss = forward(self, a, b)
+        loss = loss_of(self, embeddings)
         return loss * float("nan") if len(calls) >= 3 else loss
 
-    monkeypatch.setattr(SimCLR, "forward", nan_from_the_third_call)
+    monkeypatch.setattr(SimCLR, "loss", nan_from_the_third_call)
     code = cli.main(
         [
             "--config",
@@ -211,7 +213,7 @@ def test_sigint_finishes_the_step_saves_and_stops(tmp_path: Path) -> None:
     with pytest.raises(Preempted) as info:
         trainer.fit()
     assert (info.value.step, info.value.exit_code) == (3, 130)
-    assert load_checkpoint(info.value.path)["step"] == 3
+    assert load_checkpoint(info.value.path)["trainer"]["step"] == 3
     assert signal.getsignal(signal.SIGINT) is before  # restored
 
 
@@ -257,7 +259,7 @@ def test_sigterm_saves_and_resume_auto_continues_bitwise(tmp_path: Path) -> None
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=240)
     assert process.returncode == 143, err[-2000:]
-    stopped = load_checkpoint(last)["step"]
+    stopped = load_checkpoint(last)["trainer"]["step"]
     assert f"stopped by SIGTERM after step {stopped}" in err and 8 <= stopped < 32
     resumed = _pretrain(f"trainer.output_dir={run}", "eval.every_epochs=1", "--resume", "auto")
     _, err = resumed.communicate(timeout=300)
@@ -267,7 +269,7 @@ def test_sigterm_saves_and_resume_auto_continues_bitwise(tmp_path: Path) -> None
     straight = Trainer(load_config("simclr_lars", overrides), logger=RecordingLogger())
     straight.fit()
     final = load_checkpoint(last)["model"]
-    expected = straight.state_dict()["model"]
+    expected = straight.checkpointer.state_dict()["model"]
     assert final.keys() == expected.keys()
     assert all(torch.equal(final[k], expected[k]) for k in final)
     runs = sorted((run / "wandb").glob("offline-run-*"))
@@ -292,7 +294,10 @@ def test_the_best_knn_survives_a_resume_whose_evaluations_are_worse(tmp_path: Pa
     resumed.evaluator.probes = lambda encoder: Probes(0.25, 0.5, 0.5, 10)
     resumed.fit()
     assert [(step, m["knn/best"]) for step, m in logger.rows if "knn/best" in m] == [(16, 0.75)]
-    assert load_checkpoint(Path(cfg.trainer.output_dir) / "checkpoints" / "best.pt")["step"] == 8
+    assert (
+        load_checkpoint(Path(cfg.trainer.output_dir) / "checkpoints" / "best.pt")["trainer"]["step"]
+        == 8
+    )
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -318,7 +323,7 @@ def test_a_signal_to_the_process_group_with_decoding_workers_saves_and_stops(
     os.killpg(process.pid, signum)
     _, err = process.communicate(timeout=240)
     assert process.returncode == 128 + signum, err[-2000:]
-    stopped = load_checkpoint(last)["step"]
+    stopped = load_checkpoint(last)["trainer"]["step"]
     assert f"stopped by {signum.name} after step {stopped}" in err and stopped < 200
     assert "Traceback" not in err
 

@@ -61,7 +61,7 @@ def test_a_failing_final_probe_keeps_the_checkpoint_backbone_and_summary(
     _failing_probes(monkeypatch, "class 3 has only 2 samples")
     code, _, err = run_cli(capsys, "--config", "simclr_lars", *TINY, f"trainer.output_dir={run}")
     assert code == 0, err
-    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 2
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["trainer"]["step"] == 2
     backbone = torch.load(run / "backbone.pt", weights_only=True)
     assert backbone and all(isinstance(v, torch.Tensor) for v in backbone.values())
     summary = _strict_json(run / "summary.json")
@@ -129,7 +129,7 @@ def test_sigterm_during_the_last_checkpoint_write_stops_after_it(
         trainer.fit()
     assert info.value.exit_code == 143 and info.value.step == 3
     run = Path(cfg.trainer.output_dir)
-    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 3
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["trainer"]["step"] == 3
     assert (run / "backbone.pt").is_file() and calls == []
     assert _strict_json(run / "summary.json")["probes"] is None  # left for --resume auto
 
@@ -187,7 +187,7 @@ def test_a_second_run_into_a_busy_directory_exits_2_and_the_first_finishes(
     finally:
         first.kill()
     assert first.returncode == 0, err
-    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 10
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["trainer"]["step"] == 10
     assert sorted(p.name for p in (run / "checkpoints").glob("step-*.pt"))[-1] == (
         "step-00000010.pt"
     )
@@ -424,7 +424,7 @@ def test_a_corrupt_validation_image_fails_the_final_probe_not_the_run(
     run = tmp_path / "run"
     code, _, err = run_cli(capsys, *_folder_args(root, run), "trainer.max_steps=2")
     assert code == 0, err
-    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 2
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["trainer"]["step"] == 2
     assert (run / "backbone.pt").is_file()
     error = _strict_json(run / "summary.json")["probes"]["error"]
     assert error.startswith(f"BadImageError: cannot decode the image {bad}: ")
@@ -443,7 +443,7 @@ def test_a_corrupt_validation_image_at_a_kNN_check_saves_the_step_first(
     )
     assert code == 2
     assert err.strip().splitlines()[-1].startswith(f"error: cannot decode the image {bad}: ")
-    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 3
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["trainer"]["step"] == 3
 
 
 def test_skip_bad_trains_on_lists_the_bad_images_and_logs_their_count(tmp_path: Path) -> None:

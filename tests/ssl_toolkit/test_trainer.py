@@ -14,6 +14,7 @@ from rich.console import Console
 from torch import nn
 
 from optim import warmup_cosine
+from ssl_toolkit.checkpoint import load_checkpoint, save_checkpoint
 from ssl_toolkit.config import ExperimentConfig
 from ssl_toolkit.data import SimCLRAugment
 from ssl_toolkit.evaluation import encode, eval_datasets, knn_top1, linear_probe
@@ -108,6 +109,42 @@ def test_resume_continues_bit_identically(tmp_path: Path, method: str) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
+def _in_the_earlier_layout(path: Path) -> Path:
+    """The checkpoint at ``path`` as the trainer wrote it before components saved themselves
+    (the counters at the top level; the loader's position alone), written next to it."""
+    state = load_checkpoint(path)
+    counters = state.pop("trainer")
+    loader = {key: state["loader"][key] for key in ("epoch", "position", "generator")}
+    old = {**state, **counters, "loader": loader, "epoch": loader["epoch"]}
+    save_checkpoint(path.with_name("earlier.pt"), old)
+    return path.with_name("earlier.pt")
+
+
+@pytest.mark.parametrize("layout", ["current", "earlier"])
+def test_resume_with_exact_accumulation_continues_bit_identically(
+    tmp_path: Path, layout: str
+) -> None:
+    """Two micro-batches per step, exact: stopped mid-epoch and resumed (also from a
+    checkpoint of the earlier layout), the run ends as the uninterrupted one."""
+    options = {"accumulate_grad_batches": 2, "accumulation": "exact"}
+    straight = Trainer(
+        tiny_config(tmp_path / "a", "barlow_twins", **options), logger=RecordingLogger()
+    )
+    straight.fit()
+    cfg = tiny_config(tmp_path / "b", "barlow_twins", **options)
+    Trainer(cfg, logger=RecordingLogger()).fit(stop_at_step=3)  # epoch 1, step 3 of 4
+    last = Path(cfg.trainer.output_dir) / "checkpoints" / "last.pt"
+    path = last if layout == "current" else _in_the_earlier_layout(last)
+    resumed = Trainer(cfg, resume=path, logger=RecordingLogger())
+    assert resumed.step == 3 and resumed.loader.position == 6
+    resumed.fit()
+    assert resumed.step == straight.step == 8
+    a, b = _state(straight), _state(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def test_logged_metrics_follow_schedule_and_optimizer(tmp_path: Path) -> None:
     logger = RecordingLogger()
     trainer = Trainer(tiny_config(tmp_path), logger=logger)
@@ -133,7 +170,7 @@ def test_logged_metrics_follow_schedule_and_optimizer(tmp_path: Path) -> None:
     ckpt = torch.load(
         Path(trainer.cfg.trainer.output_dir) / "checkpoints" / "last.pt", weights_only=True
     )
-    assert ckpt["step"] == 16 and ckpt["wandb_run_id"] == "recorded"
+    assert ckpt["trainer"]["step"] == 16 and ckpt["trainer"]["wandb_run_id"] == "recorded"
 
 
 def test_byol_logs_the_tau_of_each_step(tmp_path: Path) -> None:
@@ -214,12 +251,15 @@ def test_a_method_registered_here_trains_with_no_change_to_the_trainer(
         def build(cls, config: ToyConfig, backbone: nn.Module) -> Toy:
             return cls(backbone, nn.Linear(backbone.num_features, config.width))
 
-        def forward(self, view_a: torch.Tensor, view_b: torch.Tensor) -> torch.Tensor:
-            z_a, z_b = self.head(self.backbone(view_a)), self.head(self.backbone(view_b))
+        def embed(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+            return tuple(self.head(self.backbone(v)) for v in views)
+
+        def loss(self, embeddings: tuple[torch.Tensor, ...]) -> torch.Tensor:
+            z_a, z_b = embeddings
             return (2 - 2 * F.cosine_similarity(z_a, z_b)).mean()
 
-        def augmentation(self, data: Any, generator: torch.Generator) -> SimCLRAugment:
-            return SimCLRAugment(data.image_size, generator=generator)
+        def augmentation(self, image_size: int, **kwargs: Any) -> SimCLRAugment:
+            return SimCLRAugment(image_size, generator=kwargs["generator"])
 
         def after_optimizer_step(self, step: int, total_steps: int) -> None:
             self.hook_calls.append((step, total_steps))
@@ -240,7 +280,10 @@ def test_a_method_registered_here_trains_with_no_change_to_the_trainer(
     rows = [(step, m["method/hook_calls"]) for step, m in logger.rows if "train/loss" in m]
     assert rows == [(1, 1.0), (2, 2.0)]
     saved = torch.load(Path(cfg.trainer.output_dir) / "checkpoints" / "last.pt", weights_only=True)
-    assert saved["step"] == 2 and saved["config"]["method"] == {"name": "toy", "width": 4}
+    assert saved["trainer"]["step"] == 2 and saved["trainer"]["config"]["method"] == {
+        "name": "toy",
+        "width": 4,
+    }
 
 
 def test_summary_json_holds_the_probes_and_a_random_init_baseline(tmp_path: Path) -> None:
@@ -256,7 +299,7 @@ def test_summary_json_holds_the_probes_and_a_random_init_baseline(tmp_path: Path
         """Recomputed here from the evaluation functions, outside the trainer."""
         bank, test = eval_datasets(trainer.cfg)
         (x, y), (tx, ty) = (
-            encode(method.embed, d, trainer.cfg, trainer.device) for d in (bank, test)
+            encode(method.features, d, trainer.cfg, trainer.device) for d in (bank, test)
         )
         common = {"num_classes": 10}
         return {

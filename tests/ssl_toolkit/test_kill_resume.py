@@ -1,0 +1,210 @@
+"""A run killed with SIGKILL mid-epoch and resumed with ``--resume auto`` ends bitwise equal
+to one never stopped, with exact gradient accumulation, in one process and under torchrun.
+
+SIGKILL gives the trainer no chance to save: the resume comes from the last checkpoint the
+run wrote on its own (possibly while a write was cut short), which is what a lost machine or
+the kernel's OOM killer leaves behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ssl_toolkit.checkpoint import load_checkpoint, step_checkpoints
+from tests.ssl_toolkit.test_multiprocess import _free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT = 300
+
+SMALL = [
+    "model.backbone=timm/test_resnet",
+    "method.projector={hidden_dim: 32, out_dim: 16}",
+    "data.name=synthetic",  # 256 images
+    "data.num_workers=0",
+    "trainer.device=cpu",
+    "trainer.epochs=2",
+    "trainer.accumulate_grad_batches=2",
+    "trainer.accumulation=exact",
+    "trainer.checkpoint_every_steps=1",
+    "eval.every_epochs=100",  # no kNN monitor mid-run; the probes at the end only
+    "eval.baseline=false",
+    "logging.wandb.mode=disabled",
+]
+
+
+def _command(world_size: int) -> list[str]:
+    """``pretrain.py`` in one process, or under torchrun with ``world_size`` of them."""
+    script = str(ROOT / "scripts" / "pretrain.py")
+    if world_size == 1:
+        return [sys.executable, script]
+    launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(world_size)]
+    return [sys.executable, *launcher, "--master-port", str(_free_port()), script]
+
+
+def _start(run: Path, world_size: int, batch_size: int, *args: str) -> subprocess.Popen:
+    """A pretraining run into ``run`` in a session of its own, its output in files there (a
+    full pipe would stall a run the test is polling)."""
+    run.mkdir(parents=True, exist_ok=True)
+    name = "resumed" if "--resume" in args else "first"
+    with open(run / f"{name}.out", "w") as out, open(run / f"{name}.err", "w") as err:
+        return subprocess.Popen(
+            [
+                *_command(world_size),
+                "--config",
+                "simclr_lars",
+                *SMALL,
+                f"data.batch_size={batch_size}",
+                f"trainer.output_dir={run}",
+                *args,
+            ],
+            stdout=out,
+            stderr=err,
+            cwd=run,
+            start_new_session=True,
+        )
+
+
+def _finish(process: subprocess.Popen, run: Path) -> str:
+    """Wait for ``process`` to succeed; its stderr."""
+    process.wait(timeout=TIMEOUT)
+    name = "resumed" if "--resume" in process.args else "first"
+    err = (run / f"{name}.err").read_text()
+    assert process.returncode == 0, err[-3000:]
+    return err
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, from ``/proc`` (torchrun starts each rank in a session of
+    its own, so killing the launcher's process group leaves the ranks running)."""
+    found = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            pids = [int(child) for child in children.read_text().split()]
+        except OSError:  # the thread or process ended meanwhile
+            continue
+        for child in pids:
+            found += [child, *_descendants(child)]
+    return found
+
+
+def _dead(pid: int) -> bool:
+    """True when ``pid`` has exited (gone, or a zombie waiting for its new parent)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _kill_all(process: subprocess.Popen) -> None:
+    """SIGKILL ``process`` and everything it started (the launcher first, so that it cannot
+    react to its ranks dying), and wait until all of them are dead."""
+    pids = [process.pid, *_descendants(process.pid)]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+    deadline = time.monotonic() + 30
+    while not all(_dead(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(_dead(pid) for pid in pids), f"still running after SIGKILL: {pids}"
+
+
+def _newest_step(run: Path) -> int:
+    """The step of the newest complete step checkpoint (each is renamed into place whole,
+    before ``last.pt`` links to it), 0 before any."""
+    files = step_checkpoints(run / "checkpoints")
+    return int(files[0].stem.removeprefix("step-")) if files else 0
+
+
+def _kill_mid_epoch(process: subprocess.Popen, run: Path, steps_per_epoch: int) -> None:
+    """SIGKILL the run once it has saved a step inside its second epoch, while it trains on."""
+    deadline = time.monotonic() + TIMEOUT
+    while process.poll() is None and time.monotonic() < deadline:
+        step = _newest_step(run)
+        if step > steps_per_epoch and step % steps_per_epoch:
+            break
+        time.sleep(0.01)
+    assert process.poll() is None, (
+        f"the run ended (or timed out) before a mid-epoch checkpoint of its second epoch; "
+        f"newest step {_newest_step(run)}"
+    )
+    _kill_all(process)
+
+
+def _tensors(tree: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor in a nested checkpoint entry, by its dotted path."""
+    if isinstance(tree, torch.Tensor):
+        return {prefix: tree}
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+    found: dict[str, torch.Tensor] = {}
+    for key, value in items:
+        if isinstance(value, dict | list | tuple | torch.Tensor):
+            found |= _tensors(value, f"{prefix}.{key}" if prefix else str(key))
+    return found
+
+
+def _assert_bitwise_equal(expected: dict[str, Any], actual: dict[str, Any], what: str) -> None:
+    a, b = _tensors(expected), _tensors(actual)
+    assert a and a.keys() == b.keys(), f"{what}: no tensors, or other ones"
+    different = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+    assert not different, f"{what}: {len(different)} of {len(a)} tensors differ: {different[:5]}"
+
+
+def _kill_resume_is_bitwise(
+    tmp_path: Path, *, world_size: int, batch_size: int, steps_per_epoch: int
+) -> None:
+    """Run A straight through and run B killed mid-epoch then resumed; the same weights."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    first = _start(straight, world_size, batch_size)  # alongside B: the machine has 2 cores
+    try:
+        victim = _start(killed, world_size, batch_size)
+        try:
+            _kill_mid_epoch(victim, killed, steps_per_epoch)
+        finally:
+            if victim.poll() is None:
+                _kill_all(victim)
+        resumed = _start(killed, world_size, batch_size, "--resume", "auto")
+        err = _finish(resumed, killed)
+        _finish(first, straight)
+    finally:
+        if first.poll() is None:
+            _kill_all(first)
+
+    found = re.search(r"resumed from (\S+) at step (\d+)", err)
+    assert found, err[-3000:]
+    path, step = Path(found.group(1)), int(found.group(2))
+    assert path.parent == killed / "checkpoints"
+    assert step > steps_per_epoch and step % steps_per_epoch, f"resumed at step {step}"
+    last = [load_checkpoint(run / "checkpoints" / "last.pt") for run in (straight, killed)]
+    assert [state["trainer"]["step"] for state in last] == [2 * steps_per_epoch] * 2
+    _assert_bitwise_equal(last[0]["model"], last[1]["model"], "last.pt model")
+    _assert_bitwise_equal(last[0]["optimizer"], last[1]["optimizer"], "last.pt optimizer")
+    backbones = [
+        torch.load(run / "backbone.pt", map_location="cpu", weights_only=True)
+        for run in (straight, killed)
+    ]
+    _assert_bitwise_equal(backbones[0], backbones[1], "backbone.pt")
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_auto_is_bitwise_in_one_process(tmp_path: Path) -> None:
+    """256 images in micro-batches of 32, 2 a step: 4 steps an epoch."""
+    _kill_resume_is_bitwise(tmp_path, world_size=1, batch_size=32, steps_per_epoch=4)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_auto_is_bitwise_under_torchrun(tmp_path: Path) -> None:
+    """2 ranks (gloo): 128 images each in micro-batches of 16, 2 a step: 4 steps an epoch."""
+    _kill_resume_is_bitwise(tmp_path, world_size=2, batch_size=16, steps_per_epoch=4)
