@@ -55,7 +55,7 @@ def accumulate(
     - ``exact=True``: the loss is :meth:`Method.loss` of the embeddings of every
       micro-batch joined (and, inside the loss, of every process), so the step's gradients
       are those of one batch of all of them, except that batch-norm statistics are per
-      micro-batch. Returns that loss.
+      micro-batch. Returns that loss. A single micro-batch takes one pass, as below.
     - ``exact=False``: each micro-batch has its own loss, divided by their number; the
       gradients are the mean of the micro-batches' ones. Returns the mean of their losses.
 
@@ -69,7 +69,7 @@ def accumulate(
     model = model if model is not None else method
     autocast = autocast if autocast is not None else contextlib.nullcontext()
     scale: Callable[[Tensor], Tensor] = scaler.scale if scaler is not None else _identity
-    if exact:
+    if exact and len(micro_batches) > 1:  # one micro-batch is its own joined batch
         return _exact(method, model, micro_batches, scale, autocast)
     count, losses = len(micro_batches), []
     for index, views in enumerate(micro_batches):

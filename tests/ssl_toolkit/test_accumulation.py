@@ -208,12 +208,18 @@ def test_fp16_loss_scaling_scales_the_cached_gradients() -> None:
     _assert_same_grads(_grads(scaled), expected)
 
 
-def test_a_single_micro_batch_and_bad_input() -> None:
+def test_a_single_micro_batch_is_one_plain_pass_and_bad_input_is_refused() -> None:
+    """One micro-batch is its own joined batch: one forward pass, the plain gradients."""
     micro_batches = _micro_batches()[:1]
     reference, exact = _method("barlow_twins"), _method("barlow_twins")
     reference.loss(reference(micro_batches[0])).backward()
+    passes = []
+    exact.register_forward_hook(lambda module, args, out: passes.append(1))
     accumulate(exact, micro_batches)
-    _assert_same_grads(_grads(exact), _grads(reference))
+    assert len(passes) == 1
+    got, expected = _grads(exact), _grads(reference)
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[name], expected[name]) for name in expected)
     with pytest.raises(ValueError, match="at least one micro-batch"):
         accumulate(exact, [])
     with pytest.raises(ValueError, match="takes 2 views"):

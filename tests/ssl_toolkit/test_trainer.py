@@ -86,6 +86,14 @@ def _state(trainer: Trainer) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _assert_same_state(straight: Trainer, resumed: Trainer) -> None:
+    """Every weight, buffer and optimizer state tensor bit for bit."""
+    a, b = _state(straight), _state(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 @pytest.mark.parametrize("method", ["simclr", "byol", "barlow_twins"])
 def test_resume_continues_bit_identically(tmp_path: Path, method: str) -> None:
     """2N steps straight equal N steps, a checkpoint, a fresh trainer, and N more steps."""
@@ -103,10 +111,7 @@ def test_resume_continues_bit_identically(tmp_path: Path, method: str) -> None:
     assert resumed.step == 5
     resumed.fit()
     assert resumed.step == straight.step == 16
-    a, b = _state(straight), _state(resumed)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    _assert_same_state(straight, resumed)
 
 
 def _in_the_earlier_layout(path: Path) -> Path:
@@ -139,10 +144,7 @@ def test_resume_with_exact_accumulation_continues_bit_identically(
     assert resumed.step == 3 and resumed.loader.position == 6
     resumed.fit()
     assert resumed.step == straight.step == 8
-    a, b = _state(straight), _state(resumed)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    _assert_same_state(straight, resumed)
 
 
 def test_logged_metrics_follow_schedule_and_optimizer(tmp_path: Path) -> None:
