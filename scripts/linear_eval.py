@@ -30,7 +30,6 @@ from ssl_toolkit.checkpoint import (
     CheckpointError,
     checkpoint_path,
     load_checkpoint,
-    upgrade_checkpoint,
 )
 from ssl_toolkit.cli import USAGE_ERRORS, print_error
 from ssl_toolkit.config import ExperimentConfig, load_config
@@ -74,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         few = [f"eval.labels_per_class={args.labels_per_class}"] if args.labels_per_class else []
         cfg = load_config(str(args.run_dir / "config.yaml"), few)
         checkpoint = args.checkpoint or checkpoint_path(args.run_dir)
-        state = upgrade_checkpoint(load_checkpoint(checkpoint), checkpoint)
+        state = load_checkpoint(checkpoint)
         method = build_method(cfg.method, cfg.model.backbone, cifar_stem=cfg.model.cifar_stem)
         try:
             method.load_state_dict(state["model"])
@@ -100,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     except USAGE_ERRORS as err:
         print_error(err, Console(stderr=True))
         return 2
-    table = Table(title=f"{args.run_dir} at step {state['trainer']['step']}")
+    table = Table(title=f"{args.run_dir} at step {state.get('trainer', state).get('step')}")
     table.add_column("evaluation")
     table.add_column("top-1", justify="right")
     for name, top1 in rows.items():

@@ -15,7 +15,9 @@ Pass 2 computes exactly what pass 1 did: each micro-batch's random state (dropou
 drop-path) is replayed, and the buffers that a forward updates (batch-norm running
 statistics) are put back after it, so they move once per micro-batch. Batch-norm
 *statistics* stay those of each micro-batch. The cost is one more forward pass per step; the
-memory is the step's embeddings, never its activations.
+memory is the step's views and embeddings, never its activations. Everything learnable must
+be in :meth:`~ssl_toolkit.methods.Method.embed`: the loss is differentiated with respect to
+the embeddings only.
 """
 
 from __future__ import annotations
@@ -95,30 +97,33 @@ def _exact(
             random_states.append(_random_state(devices))
             with autocast:
                 cached.append(model(views))
-    after = _random_state(devices)
-
     joined = _map(lambda *parts: torch.cat(parts).requires_grad_(), *cached)
     leaves = _leaves(joined)
     with autocast:
         loss = method.loss(joined)
     grads = torch.autograd.grad(scale(loss), leaves, allow_unused=True)
+    after = _random_state(devices)  # the streams continue from here, as after one pass
 
-    start, last = 0, len(micro_batches) - 1
+    # Each micro-batch's rows of each embedding: its own offsets, from pass 1's shapes.
+    rows = [[leaf.shape[0] for leaf in _leaves(part)] for part in cached]
+    starts = [0] * len(leaves)
+    last = len(micro_batches) - 1
     with _buffers_kept(method):
         for index, views in enumerate(micro_batches):
             _set_random_state(random_states[index], devices)
             with gradient_sync(model, enabled=index == last):
                 with autocast:
                     outputs = _leaves(model(views))
-                stop = start + outputs[0].shape[0]
                 pairs = [
-                    (output, grad[start:stop])
-                    for output, grad in zip(outputs, grads, strict=True)
+                    (output, grad[start : start + count])
+                    for output, grad, start, count in zip(
+                        outputs, grads, starts, rows[index], strict=True
+                    )
                     if grad is not None and output.requires_grad
                 ]
                 if pairs:
                     torch.autograd.backward(*zip(*pairs, strict=True))
-            start = stop
+            starts = [start + count for start, count in zip(starts, rows[index], strict=True)]
     _set_random_state(after, devices)
     return at_least_fp32(loss.detach())
 

@@ -35,6 +35,7 @@ __all__ = [
     "checkpoint_path",
     "load_checkpoint",
     "load_latest",
+    "mismatch",
     "restore_rng_state",
     "save_checkpoint",
     "step_checkpoints",
@@ -210,6 +211,20 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
+_REFUSED = (KeyError, IndexError, AttributeError, RuntimeError, ValueError, TypeError)
+"""What a component raises on a state it cannot take (a checkpoint of another config)."""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return one_line(text.splitlines()[0] if text else repr(err))
+
+
+def mismatch(path: Path, reason: str) -> CheckpointError:
+    """The error of a checkpoint that does not fit this run: one line naming the file."""
+    return CheckpointError(f"checkpoint {path} does not match this config ({reason})")
+
+
 def upgrade_checkpoint(state: dict[str, Any], path: Path) -> dict[str, Any]:
     """A checkpoint of the earlier layout in the current one (a copy; others unchanged).
 
@@ -342,19 +357,19 @@ class Checkpointer:
         A missing component, or a state its component refuses, is one
         :class:`CheckpointError` naming the file.
         """
-        state = upgrade_checkpoint(state if state is not None else load_checkpoint(path), path)
+        state = state if state is not None else load_checkpoint(path)
+        try:
+            state = upgrade_checkpoint(state, path)
+        except _REFUSED as err:
+            raise CheckpointError(f"checkpoint {path} is not a run's checkpoint ({err})") from None
         missing = [name for name in self.components if name not in state]
         if missing:
             raise CheckpointError(f"checkpoint {path} holds no {', '.join(missing)} state")
         for name, component in self.components.items():
             try:
                 component.load_state_dict(state[name])
-            except (KeyError, RuntimeError, ValueError, TypeError) as err:
-                text = str(err).strip()
-                reason = one_line(text.splitlines()[0] if text else repr(err))
-                raise CheckpointError(
-                    f"checkpoint {path} does not match this config ({name}: {reason})"
-                ) from None
+            except _REFUSED as err:
+                raise mismatch(path, f"{name}: {_first_line(err)}") from None
 
     def should_save(self, step: int, *, last_step: bool = False) -> bool:
         """True when the state after step ``step`` (1-based) is to be saved."""

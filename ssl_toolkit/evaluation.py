@@ -54,7 +54,7 @@ __all__ = [
 @contextlib.contextmanager
 def _eval_mode(encoder: Callable[[Tensor], Tensor]) -> Iterator[None]:
     """Put the module behind ``encoder`` (a module or a bound method of one, like
-    ``model.embed``) in eval mode for the duration, then restore its previous mode.
+    ``model.features``) in eval mode for the duration, then restore its previous mode.
 
     Batch-norm layers left in train mode would normalise with test-batch statistics and overwrite
     their running statistics with evaluation data.

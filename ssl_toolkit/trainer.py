@@ -33,6 +33,7 @@ from ssl_toolkit.checkpoint import (
     Checkpointer,
     atomic_write,
     load_latest,
+    mismatch,
     save_checkpoint,
     step_checkpoints,
 )
@@ -681,14 +682,18 @@ class Trainer:
         """Restore every component from the checkpoint ``path``; returns the W&B run id.
 
         With as many processes as wrote it, every rank gets its own random streams back and the
-        run continues exactly. With another number, progress is kept in images (the loader
-        keeps the images seen in the epoch), the step becomes the one that has seen as many
-        images at this run's global batch, and each rank's random streams are re-seeded, with
-        a warning.
+        run continues exactly. With another number of processes, batch size or accumulation,
+        progress is kept in images (the loader keeps the images seen in the epoch) and the
+        step becomes the one that has seen as many images at this run's global batch; with
+        another number of processes each rank's random streams are also re-seeded, with a
+        warning.
         """
         self.checkpointer.restore(path, state)
-        if not self.streams.restored:
-            self._continue_on_another_world_size(path)
+        if not self.streams.restored or not self._same_batches(self.saved_config):
+            try:
+                self._continue_from_the_images_seen(path)
+            except ValueError as err:  # more batches seen than this run's epoch holds
+                raise mismatch(path, f"loader: {err}") from None
         self.checkpointer.last_saved = self.step
         if self.ctx.is_main:
             self.console.print(f"resumed from {path} at step {self.step}", soft_wrap=True)
@@ -702,13 +707,27 @@ class Trainer:
                 )
         return self.resumed_run_id
 
-    def _continue_on_another_world_size(self, path: Path) -> None:
-        """After a checkpoint of another number of processes: start at the whole optimizer
-        step of this run that the loader's position holds, with new random streams."""
+    def _same_batches(self, saved: dict[str, Any] | None) -> bool:
+        """True when a checkpoint's config counted steps in this run's micro-batches (the
+        same batch size and accumulation; an unknown config counts as the same)."""
+        if not isinstance(saved, dict):
+            return True
+        now = self.cfg.to_dict()
+        return all(
+            saved.get(section, {}).get(key) == now[section][key]
+            for section, key in (("data", "batch_size"), ("trainer", "accumulate_grad_batches"))
+        )
+
+    def _continue_from_the_images_seen(self, path: Path) -> None:
+        """After a checkpoint that counted steps in other batches: start at the whole
+        optimizer step of this run that the loader's position holds; with another number of
+        processes, with new random streams."""
         accumulate = self.cfg.trainer.accumulate_grad_batches
         steps = self.loader.position // accumulate
         self.step = self.loader.epoch * self.steps_per_epoch + steps
         self.loader.seek(steps * accumulate)
+        if self.streams.restored:
+            return
         self.streams.reseed(self.cfg.trainer.seed + 1_000_003 * self.step)
         if self.ctx.is_main:
             warnings.warn(

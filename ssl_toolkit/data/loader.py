@@ -348,6 +348,12 @@ class WorkerBatchLoader:
         self._skipped: dict[str, None] = {}  # insertion-ordered, each path once
 
     @property
+    def epoch(self) -> int:
+        """Index of the current epoch (starts at 0): that of the batches handed out, not of
+        the sampler, which runs ahead by the batches the workers prefetch."""
+        return self._epoch_state["epoch"]
+
+    @property
     def skipped(self) -> list[str]:
         """The images skipped so far because they do not decode (``skip_bad``), each once, in
         the order they were met; those of this process's shard only."""

@@ -78,8 +78,12 @@ class Method(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} must implement loss(embeddings)")
 
     def forward(self, views: Sequence[Tensor]) -> Embeddings:
-        """:meth:`embed`: wrappers (DDP, FSDP2, ``torch.compile``) call ``forward``."""
-        return self.embed(views)
+        """:meth:`embed`: wrappers (DDP, FSDP2, ``torch.compile``) call ``forward``.
+
+        It calls the class's ``embed``, not the instance's, which FSDP2 wraps with its
+        forward hooks (``register_fsdp_forward_method``): the hooks run once per call.
+        """
+        return type(self).embed(self, views)
 
     def augmentation(
         self,

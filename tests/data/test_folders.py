@@ -111,8 +111,10 @@ def test_worker_loader_resumes_at_any_batch(tmp_path: Path, workers: int) -> Non
     head = stream(first, 7)
     state = first.state_dict()
     assert (state["epoch"], state["position"]) == (1, 2)
+    assert (first.epoch, first.position) == (1, 2)  # of the batches handed out
     resumed = loader()
     resumed.load_state_dict(state)
+    assert (resumed.epoch, resumed.position) == (1, 2)
     tail = stream(resumed, 5)
     for got, want in zip(head + tail, straight, strict=True):
         assert torch.equal(got, want)

@@ -124,6 +124,27 @@ def test_resume_from_state_saved_after_the_last_batch():
     assert resumed.epoch == 2
 
 
+def test_a_state_of_other_batches_keeps_the_images_seen():
+    """Saved by 2 processes of 10 images after 3 batches (60 images of the epoch): a loader of
+    one process and batch 25 continues after 2 whole batches (50 images), in that epoch;
+    ``seek`` moves within it."""
+    saved = _loader(batch_size=10, world_size=2)
+    iterator = iter(saved)
+    for _ in range(3):
+        next(iterator)
+    state = saved.state_dict()
+    assert (state["batch_size"], state["world_size"], state["position"]) == (10, 2, 3)
+    resumed = _loader(batch_size=25, seed=5)
+    resumed.load_state_dict(state)
+    assert (resumed.epoch, resumed.position) == (0, 2)
+    order = _flat(_epoch(_loader(batch_size=25)))
+    assert _flat(_epoch(resumed)) == order[50:100]  # the same permutation, from image 50
+    resumed.seek(1)
+    assert resumed.position == 1
+    with pytest.raises(ValueError, match="position must be in"):
+        resumed.seek(len(resumed) + 1)
+
+
 def test_breaking_out_and_iterating_again_continues_the_epoch():
     reference = _epoch(_loader())
     loader = _loader()

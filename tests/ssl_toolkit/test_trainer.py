@@ -147,6 +147,19 @@ def test_resume_with_exact_accumulation_continues_bit_identically(
     _assert_same_state(straight, resumed)
 
 
+def test_a_resume_with_another_batch_size_keeps_the_images_seen(tmp_path: Path) -> None:
+    """Stopped after 3 steps of 2 micro-batches of 32 (192 images), resumed with micro-batches
+    of 16: step 6 of this run (6 x 2 x 16 = 192), the loader at micro-batch 12, same epoch."""
+    saved = tiny_config(tmp_path, accumulate_grad_batches=2, max_steps=3)
+    Trainer(saved, logger=RecordingLogger()).fit()
+    cfg = saved.to_dict()
+    cfg["data"]["batch_size"] = 16
+    cfg["trainer"]["max_steps"] = None
+    resumed = Trainer(ExperimentConfig.from_dict(cfg), resume="auto", logger=RecordingLogger())
+    assert resumed.steps_per_epoch == 8
+    assert (resumed.step, resumed.loader.epoch, resumed.loader.position) == (6, 0, 12)
+
+
 def test_logged_metrics_follow_schedule_and_optimizer(tmp_path: Path) -> None:
     logger = RecordingLogger()
     trainer = Trainer(tiny_config(tmp_path), logger=logger)
