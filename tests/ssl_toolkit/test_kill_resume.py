@@ -121,24 +121,29 @@ def _kill_all(process: subprocess.Popen) -> None:
     assert all(_dead(pid) for pid in pids), f"still running after SIGKILL: {pids}"
 
 
-def _newest_step(run: Path) -> int:
-    """The step of the newest complete step checkpoint (each is renamed into place whole,
-    before ``last.pt`` links to it), 0 before any."""
-    files = step_checkpoints(run / "checkpoints")
-    return int(files[0].stem.removeprefix("step-")) if files else 0
+def _last_step(run: Path) -> int:
+    """The step of the checkpoint ``last.pt`` names (a link to a whole step file, replaced
+    atomically), 0 before any. Not the newest step file: a run killed between writing it and
+    linking ``last.pt`` to it resumes from ``last.pt``."""
+    last = run / "checkpoints" / "last.pt"
+    for path in step_checkpoints(run / "checkpoints"):
+        with contextlib.suppress(OSError):  # a file removed or replaced meanwhile
+            if os.path.samefile(path, last):
+                return int(path.stem.removeprefix("step-"))
+    return 0
 
 
 def _kill_mid_epoch(process: subprocess.Popen, run: Path, steps_per_epoch: int) -> None:
     """SIGKILL the run once it has saved a step inside its second epoch, while it trains on."""
     deadline = time.monotonic() + TIMEOUT
     while process.poll() is None and time.monotonic() < deadline:
-        step = _newest_step(run)
+        step = _last_step(run)
         if step > steps_per_epoch and step % steps_per_epoch:
             break
         time.sleep(0.01)
     assert process.poll() is None, (
         f"the run ended (or timed out) before a mid-epoch checkpoint of its second epoch; "
-        f"newest step {_newest_step(run)}"
+        f"last.pt at step {_last_step(run)}"
     )
     _kill_all(process)
 
