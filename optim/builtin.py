@@ -48,6 +48,8 @@ def build_lars(config: LARSConfig, model: nn.Module) -> LARS:
         },
         trust_clip=config.trust_clip,
         nesterov=config.nesterov,
+        trust_ratio=config.trust_ratio,
+        lr_in_buffer=config.lr_in_buffer,
         foreach=config.foreach,
         fused=config.fused,
     )

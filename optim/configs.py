@@ -106,6 +106,16 @@ class LARSConfig(OptimizerConfig):
     )
     trust_clip: bool = Field(False, description=_TRUST_CLIP)
     nesterov: bool = Field(False, description=_NESTEROV)
+    trust_ratio: Literal["original", "update"] = Field(
+        "original",
+        description="original: η‖w‖/(‖g‖ + λ‖w‖ + ε); update: η‖w‖/‖g + λw‖ (SimCLR, BYOL, "
+        "Barlow Twins, VICReg, MoCo v3)",
+    )
+    lr_in_buffer: bool = Field(
+        True,
+        description="lr inside the momentum buffer (original, SimCLR); false: p -= lr·buf "
+        "(BYOL, Barlow Twins, VICReg, MoCo v3)",
+    )
     foreach: bool | None = Field(None, description=_FOREACH)
     fused: bool = Field(False, description="compile the update with `torch.compile`")
 
@@ -113,6 +123,10 @@ class LARSConfig(OptimizerConfig):
     def _consistent(self) -> LARSConfig:
         if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov needs momentum > 0")
+        if self.trust_ratio == "update" and "epsilon" in self.model_fields_set:
+            raise ValueError(
+                "epsilon is part of the original trust ratio only; trust_ratio: update has none"
+            )
         if self.fused and self.foreach:
             raise ValueError("fused and foreach cannot both be true")
         return self

@@ -1,8 +1,12 @@
 """LARS: layer-wise adaptive rate scaling (You et al., 2017, arXiv:1708.03888).
 
 The default behaviour reproduces the original minerva LARS: the paper's trust ratio, the learning
-rate inside the momentum buffer, and weight decay on every parameter. Unlike the original, the
-ratio is computed on the device with ``torch.where``, so ``step()`` never waits for the GPU.
+rate inside the momentum buffer, and weight decay on every parameter. Two options give the
+variants the SSL papers ran (docs/lars.md): the ratio taken on the update ``g + λp``
+(``trust_ratio="update"``: SimCLR, BYOL, Barlow Twins, VICReg, MoCo v3) and the learning rate
+applied outside the buffer (``lr_in_buffer=False``: BYOL, Barlow Twins, VICReg, MoCo v3). Unlike
+the original, the ratio is computed on the device with ``torch.where``, so ``step()`` never
+waits for the GPU.
 
 Each step splits a param group into one bucket per device and dtype (and device mesh, for sharded
 parameters); which tensors are adapted and which decayed travel with the bucket as per-tensor
@@ -22,7 +26,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 import torch.distributed as dist
@@ -33,7 +37,11 @@ from torch.optim.optimizer import Optimizer, ParamsT
 if dist.is_available():
     from torch.distributed.tensor import DTensor
 
-__all__ = ["LARS", "lars"]
+__all__ = ["LARS", "TrustRatio", "lars"]
+
+TrustRatio = Literal["original", "update"]
+"""Which trust ratio LARS takes: the paper's, or the one on the update ``g + λp``."""
+_TRUST_RATIOS = get_args(TrustRatio)
 
 # As torch does: multi-tensor kernels on CUDA. On CPU scripts/bench_optim.py measures the
 # single-tensor path faster (each tensor's update runs while it is in cache): 0.7x the
@@ -52,6 +60,10 @@ class LARS(Optimizer):
         buf = momentum * buf + lr * r * d
         p  -= buf
 
+    ``trust_ratio="update"`` takes ``r = eta * ||p|| / ||d||`` instead (1 where either norm is
+    0; ``epsilon`` unused), and ``lr_in_buffer=False`` accumulates ``buf = momentum * buf + r * d``
+    and steps ``p -= lr * buf``.
+
     Args:
         params: parameters or param groups. A group may set ``layer_adaptation=False`` to exclude
             all its parameters from adaptation.
@@ -64,6 +76,11 @@ class LARS(Optimizer):
         exclude_from_weight_decay: exact ``param.param_name`` values that get no decay term.
         trust_clip: LARC clipping, effective lr = min(lr, r) instead of lr * r.
         nesterov: Nesterov momentum.
+        trust_ratio: ``"original"`` (the paper's ratio) or ``"update"`` (the ratio of the weight
+            norm to the norm of the decayed gradient, as SimCLR's and BYOL's code take it).
+        lr_in_buffer: the learning rate multiplies what enters the momentum buffer (the
+            original, and SimCLR's code); False applies it to the buffer at the step, so that a
+            schedule changes the step at once (BYOL, Barlow Twins, VICReg, MoCo v3, timm).
         foreach: multi-tensor path; ``None`` picks the faster path for the device.
         fused: compile the update with ``torch.compile`` (needs a working compiler; the first
             step pays the compilation).
@@ -82,6 +99,8 @@ class LARS(Optimizer):
         exclude_from_weight_decay: Iterable[str] | None = None,
         trust_clip: bool = False,
         nesterov: bool = False,
+        trust_ratio: TrustRatio = "original",
+        lr_in_buffer: bool = True,
         foreach: bool | None = None,
         fused: bool = False,
     ) -> None:
@@ -99,6 +118,8 @@ class LARS(Optimizer):
             raise ValueError("Nesterov momentum requires momentum > 0")
         if fused and foreach:
             raise ValueError("`fused` and `foreach` cannot both be True")
+        if trust_ratio not in _TRUST_RATIOS:
+            raise ValueError(f"Invalid trust_ratio: {trust_ratio!r} (one of {_TRUST_RATIOS})")
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -107,6 +128,8 @@ class LARS(Optimizer):
             epsilon=epsilon,
             trust_clip=trust_clip,
             nesterov=nesterov,
+            trust_ratio=trust_ratio,
+            lr_in_buffer=lr_in_buffer,
             layer_adaptation=True,
         )
         super().__init__(params, defaults)
@@ -119,6 +142,13 @@ class LARS(Optimizer):
         # for overflow itself, which would cost a host sync per step.
         self._step_supports_amp_scaling = True
         self._last_ratios: list[_BucketRatios] = []
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """State saved before the variants existed was the original's."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("trust_ratio", "original")
+            group.setdefault("lr_in_buffer", True)
 
     def _check_exclusions(self) -> None:
         """Exclusion names must name parameters: a typo, or names given before ``param_name``
@@ -162,6 +192,8 @@ class LARS(Optimizer):
                     decayed=bucket.decayed,
                     trust_clip=group["trust_clip"],
                     nesterov=group["nesterov"],
+                    trust_ratio=group["trust_ratio"],
+                    lr_in_buffer=group["lr_in_buffer"],
                     foreach=self.foreach,
                     fused=self.fused,
                     grad_scale=grad_scale,
@@ -250,6 +282,8 @@ def lars(
     decayed: Sequence[bool] | None = None,
     trust_clip: bool = False,
     nesterov: bool = False,
+    trust_ratio: TrustRatio = "original",
+    lr_in_buffer: bool = True,
     foreach: bool | None = None,
     fused: bool = False,
     grad_scale: Tensor | None = None,
@@ -259,6 +293,7 @@ def lars(
 
     The first ``adapted`` tensors (default: all) get trust ratios, the rest ratio 1;
     ``decayed[i]`` (default: all True) says whether tensor ``i`` gets the weight-decay term.
+    ``trust_ratio`` and ``lr_in_buffer`` select the variant (see :class:`LARS`).
     Returns the applied trust ratios of the adapted tensors stacked in a 1-d float32 tensor
     (float64 for float64 parameters), or None when none is adapted. ``grad_scale`` divides the
     gradients; a nonzero ``found_inf`` leaves parameters and momentum untouched. Neither needs a
@@ -283,6 +318,8 @@ def lars(
         decays=_decays(weight_decay, decayed),
         trust_clip=trust_clip,
         nesterov=nesterov,
+        on_update=trust_ratio == "update",
+        lr_in_buffer=lr_in_buffer,
         grad_scale=grad_scale,
         found_inf=found_inf,
     )
@@ -339,10 +376,29 @@ def _trust_ratio(
 ) -> Tensor:
     """The paper's ratio, 1 where the weight norm or the denominator is zero (on device)."""
     denom = torch.add(g_norm, w_norm, alpha=weight_decay) if weight_decay else g_norm
-    denom = denom + epsilon
+    return _ratio_of_norms(w_norm, denom + epsilon, eta)
+
+
+def _ratio_of_norms(w_norm: Tensor, denom: Tensor, eta: float) -> Tensor:
+    """``eta * w_norm / denom``, 1 where either is zero; with ``denom`` the norm of the decayed
+    gradient this is the ratio on the update (``trust_ratio="update"``)."""
     ratio = eta * w_norm / denom
     # Norms and weight decay are >= 0, so min(w, denom) > 0 holds exactly when both are > 0.
     return torch.where(torch.minimum(w_norm, denom) > 0, ratio, 1.0)
+
+
+def _decayed_grad(grad: Tensor, param: Tensor, decay: float) -> Tensor:
+    """``g + decay * p``, the update whose norm ``trust_ratio="update"`` takes."""
+    return grad.add(param, alpha=decay) if decay else grad
+
+
+def _foreach_decayed_grads(
+    grads: list[Tensor], params: list[Tensor], decays: float | list[float]
+) -> list[Tensor]:
+    """:func:`_decayed_grad` of every tensor, in one or two multi-tensor ops."""
+    if isinstance(decays, list):
+        return torch._foreach_add(grads, torch._foreach_mul(params, decays))
+    return torch._foreach_add(grads, params, alpha=decays) if decays else grads
 
 
 def _applied_ratio(ratio: Tensor, lr: float | Tensor, trust_clip: bool) -> Tensor:
@@ -367,6 +423,16 @@ def _overflow(found_inf: Tensor | None, momentum: float, like: Tensor) -> _Overf
     return _Overflow(keep, mask, held)
 
 
+def _update_scale(
+    lr: float | Tensor, lr_in_buffer: bool, overflow: _Overflow | None
+) -> float | Tensor | None:
+    """What multiplies the update subtracted from ``p``: the learning rate when it sits outside
+    the buffer, times 0 on a GradScaler overflow; None when that is 1."""
+    if lr_in_buffer:
+        return None if overflow is None else overflow.step_mask
+    return lr if overflow is None else overflow.step_mask * lr
+
+
 def _tensor_update_(
     p: Tensor,
     g: Tensor,
@@ -376,11 +442,11 @@ def _tensor_update_(
     momentum: float,
     held: float | Tensor,
     nesterov: bool,
-    step_mask: Tensor | None,
+    update_scale: float | Tensor | None,
 ) -> None:
     """One tensor's update in place: ``buf = held * buf + step * g + decayed_step * p`` (see
-    _multi_tensor_lars), then ``p -= buf``, or the Nesterov look-ahead; ``step_mask`` is 0 on
-    a GradScaler overflow."""
+    _multi_tensor_lars), then ``p -= update_scale * buf``, or the Nesterov look-ahead
+    (:func:`_update_scale`)."""
     buf.mul_(held)
     _add_scaled_(buf, g, step)
     if decayed_step is not None:
@@ -392,7 +458,12 @@ def _tensor_update_(
             _add_scaled_(update, p, decayed_step)
     else:
         update = buf
-    p.sub_(update if step_mask is None else update * step_mask)
+    if update_scale is None:
+        p.sub_(update)
+    elif isinstance(update_scale, Tensor):
+        p.addcmul_(update, update_scale, value=-1)
+    else:
+        p.sub_(update, alpha=update_scale)
 
 
 def _fused_tensor_update_(
@@ -404,7 +475,7 @@ def _fused_tensor_update_(
     momentum: float,
     held: float | Tensor,
     nesterov: bool,
-    step_mask: Tensor | None,
+    update_scale: Tensor | None,
 ) -> None:
     """:func:`_tensor_update_` as one compiled kernel over the tensors' memory, in rows of
     ``_LANES`` values: one graph serves every size and memory format.
@@ -423,7 +494,7 @@ def _fused_tensor_update_(
         and _is_dense(p)
         and p.stride() == g.stride() == buf.stride()
     ):
-        _tensor_update_(p, g, buf, step, decayed_step, momentum, held, nesterov, step_mask)
+        _tensor_update_(p, g, buf, step, decayed_step, momentum, held, nesterov, update_scale)
         return
     rows = (_rows(p), _rows(g), _rows(buf))
     for tensor in rows:
@@ -437,7 +508,7 @@ def _fused_tensor_update_(
         _operand(momentum, step),
         _operand(held, step),
         nesterov,
-        _operand(1.0 if step_mask is None else step_mask, step),
+        _operand(1.0 if update_scale is None else update_scale, step),
     )
 
 
@@ -487,6 +558,8 @@ def _single_tensor_lars(
     decays: float | list[float],
     trust_clip: bool,
     nesterov: bool,
+    on_update: bool,
+    lr_in_buffer: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
     update_: Callable[..., None] = _tensor_update_,
@@ -502,16 +575,33 @@ def _single_tensor_lars(
         grads = [torch.where(overflow.keep, g, 0.0) for g in grads]
     norms = None
     if adapted:
-        norms = torch.stack([_norm(t) for t in (*params[:adapted], *grads[:adapted])])
+        # The ratio on the update takes each decayed gradient's norm as it is made, so that no
+        # more than one tensor's temporary is alive.
+        pairs = zip(params[:adapted], grads[:adapted])
+        denoms = (
+            [_norm(_decayed_grad(g, p, _item(decays, i))) for i, (p, g) in enumerate(pairs)]
+            if on_update
+            else [_norm(g) for g in grads[:adapted]]
+        )
+        norms = torch.stack([*(_norm(p) for p in params[:adapted]), *denoms])
     ratios, steps = _bucket_steps(
-        norms, len(params), lr, weight_decay, eta, epsilon, trust_clip, overflow
+        norms,
+        len(params),
+        lr,
+        weight_decay,
+        eta,
+        epsilon,
+        trust_clip,
+        on_update,
+        lr_in_buffer,
+        overflow,
     )
     decayed_steps = _decayed_steps(steps, decays)
     held = momentum if overflow is None else overflow.momentum
-    step_mask = None if overflow is None else overflow.step_mask
+    update_scale = _update_scale(lr, lr_in_buffer, overflow)
     for index, (p, g, buf) in enumerate(zip(params, grads, bufs)):
         step, decayed_step = _item(steps, index), _item(decayed_steps, index)
-        update_(p, g, buf, step, decayed_step, momentum, held, nesterov, step_mask)
+        update_(p, g, buf, step, decayed_step, momentum, held, nesterov, update_scale)
     return ratios
 
 
@@ -543,6 +633,8 @@ def _multi_tensor_lars(
     decays: float | list[float],
     trust_clip: bool,
     nesterov: bool,
+    on_update: bool,
+    lr_in_buffer: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
     norm_group: Any = None,
@@ -552,9 +644,23 @@ def _multi_tensor_lars(
         grads = torch._foreach_div(grads, grad_scale.to(params[0].device))
     if overflow is not None:
         grads = [torch.where(overflow.keep, g, 0.0) for g in grads]
-    norms = _bucket_norms(params[:adapted], grads[:adapted], norm_group) if adapted else None
+    norms = None
+    if adapted:
+        denoms = grads[:adapted]
+        if on_update:
+            denoms = _foreach_decayed_grads(denoms, params[:adapted], _head(decays, adapted))
+        norms = _bucket_norms(params[:adapted], denoms, norm_group)
     ratios, steps = _bucket_steps(
-        norms, len(params), lr, weight_decay, eta, epsilon, trust_clip, overflow
+        norms,
+        len(params),
+        lr,
+        weight_decay,
+        eta,
+        epsilon,
+        trust_clip,
+        on_update,
+        lr_in_buffer,
+        overflow,
     )
     # buf = momentum * buf + step * g + step * decay * p: g + decay * p is never materialised,
     # since a temporary the size of the model costs more than the extra multiply-add.
@@ -570,10 +676,23 @@ def _multi_tensor_lars(
             _foreach_add_scaled_(update, params, decayed_steps)
     else:
         update = bufs
-    if overflow is not None:
-        update = torch._foreach_mul(update, overflow.step_mask)
-    torch._foreach_sub_(params, update)
+    update_scale = _update_scale(lr, lr_in_buffer, overflow)
+    if isinstance(update_scale, Tensor):
+        update = torch._foreach_mul(update, update_scale)
+    if isinstance(update_scale, float):
+        torch._foreach_add_(params, update, alpha=-update_scale)
+    else:
+        torch._foreach_sub_(params, update)
     return ratios
+
+
+def _head(values: float | list[float], count: int) -> float | list[float]:
+    """The first ``count`` entries of a per-tensor list, or the value they share (the adapted
+    tensors usually all decay alike: one multi-tensor op instead of two)."""
+    if not isinstance(values, list):
+        return values
+    head = values[:count]
+    return head[0] if len(set(head)) == 1 else head
 
 
 def _add_scaled_(out: Tensor, tensor: Tensor, scale: float | Tensor) -> None:
@@ -624,18 +743,26 @@ def _bucket_steps(
     eta: float,
     epsilon: float,
     trust_clip: bool,
+    on_update: bool,
+    lr_in_buffer: bool,
     overflow: _Overflow | None,
 ) -> tuple[Tensor | None, float | list[Tensor]]:
     """The applied ratios of the adapted tensors (from their weight norms followed by their
-    gradient norms; None when none is adapted) and every tensor's step size: lr times its
-    ratio, 1 past the adapted ones, and 0 on a GradScaler overflow."""
+    gradient norms, or with ``on_update`` their decayed gradients' norms; None when none is
+    adapted) and every tensor's step size into the buffer: its ratio, 1 past the adapted ones,
+    times lr when it sits in the buffer, and 0 on a GradScaler overflow."""
     ratios = None
-    step_size: float | Tensor = lr
+    step_size: float | Tensor = lr if lr_in_buffer else 1.0
     if norms is not None:
-        w_norms, g_norms = norms.chunk(2)
-        ratios = _trust_ratio(w_norms, g_norms, weight_decay, eta, epsilon)
+        w_norms, denoms = norms.chunk(2)
+        if on_update:
+            ratios = _ratio_of_norms(w_norms, denoms, eta)
+        else:
+            ratios = _trust_ratio(w_norms, denoms, weight_decay, eta, epsilon)
         ratios = _applied_ratio(ratios, lr, trust_clip)
-        step_size = F.pad(ratios, (0, count - len(ratios)), value=1.0) * lr
+        step_size = F.pad(ratios, (0, count - len(ratios)), value=1.0)
+        if lr_in_buffer:
+            step_size = step_size * lr
     if overflow is not None:
         step_size = overflow.step_mask * step_size
     return ratios, _per_tensor(step_size, count)

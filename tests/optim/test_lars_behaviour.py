@@ -198,13 +198,21 @@ def test_low_precision_parameters_use_float32_norms(dtype: torch.dtype, path: di
     torch.testing.assert_close(w.detach().float(), torch.full((4,), 297.0), rtol=1e-2, atol=0)
 
 
+VARIANTS = {
+    "original": {},
+    "update-ratio-lr-outside": {"trust_ratio": "update", "lr_in_buffer": False},
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS.values(), ids=list(VARIANTS))
 @pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
-def test_grad_scaler_step_equals_fp32_step_and_skips_overflow(path: dict) -> None:
+def test_grad_scaler_step_equals_fp32_step_and_skips_overflow(path: dict, variant: dict) -> None:
     """scaler.step: unscaled gradients on a normal step; nothing changes on an overflow step."""
     torch.manual_seed(0)
     model = SmallResNet()
     reference = copy.deepcopy(model)
     cfg = {"name": "lars", "lr": 0.5, "exclude_from_layer_adaptation": ["@norm"], **path}
+    cfg.update(variant)
     opt = build_optimizer(cfg, model)
     ref_opt = build_optimizer(cfg, reference)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)

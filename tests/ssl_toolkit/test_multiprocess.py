@@ -372,6 +372,10 @@ LARS_CFG = {
     "exclude_from_layer_adaptation": ["@norm", "@bias"],
     "exclude_from_weight_decay": ["@norm"],
 }
+LARS_VARIANTS = {
+    "original": LARS_CFG,
+    "update-ratio-lr-outside": {**LARS_CFG, "trust_ratio": "update", "lr_in_buffer": False},
+}
 
 
 def _lars_model() -> nn.Module:
@@ -385,8 +389,8 @@ def _lars_model() -> nn.Module:
     )
 
 
-def _lars_steps(model: nn.Module, rank: int, world: int) -> dict[str, Any]:
-    optimizer = build_optimizer(LARS_CFG, model)
+def _lars_steps(model: nn.Module, rank: int, world: int, cfg: dict) -> dict[str, Any]:
+    optimizer = build_optimizer(cfg, model)
     data = torch.randn(3, 8, 6, generator=torch.Generator().manual_seed(1))
     ratios, syncs = [], []
     for batch in data:
@@ -404,20 +408,33 @@ def _lars_steps(model: nn.Module, rank: int, world: int) -> dict[str, Any]:
 def _fsdp2_lars_job(rank: int, out_dir: Path) -> dict[str, Any]:
     from torch.distributed.fsdp import fully_shard
 
-    model = _lars_model()
-    fully_shard(model[3])
-    fully_shard(model)
-    assert type(next(model.parameters())).__name__ == "DTensor"
-    return _lars_steps(model, rank, WORLD)
+    results = {}
+    for variant, cfg in LARS_VARIANTS.items():
+        model = _lars_model()
+        fully_shard(model[3])
+        fully_shard(model)
+        assert type(next(model.parameters())).__name__ == "DTensor"
+        results[variant] = _lars_steps(model, rank, WORLD, cfg)
+    return results
+
+
+@pytest.fixture(scope="module")
+def fsdp2_lars_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """One 2-process FSDP2 run of every variant, shared by the tests that check them."""
+    return _spawn(_fsdp2_lars_job, tmp_path_factory.mktemp("fsdp2-lars"))
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
 
 
-def test_fsdp2_lars_equals_the_unsharded_step(tmp_path: Path) -> None:
-    ranks = _spawn(_fsdp2_lars_job, tmp_path)
-    reference = _lars_steps(_lars_model(), 0, 1)
+@pytest.mark.parametrize("variant", list(LARS_VARIANTS))
+def test_fsdp2_lars_equals_the_unsharded_step(
+    fsdp2_lars_results: list[dict[str, Any]], variant: str
+) -> None:
+    """Both LARS variants: the sharded step's ratios and parameters are the unsharded ones."""
+    ranks = [result[variant] for result in fsdp2_lars_results]
+    reference = _lars_steps(_lars_model(), 0, 1, LARS_VARIANTS[variant])
     adapted = {"0.weight", "3.0.weight", "3.1.weight"}
     for result in ranks:
         assert result["syncs"] == [0, 0, 0]

@@ -1,0 +1,304 @@
+"""The LARS variants of the SSL papers' code, each against a float64 re-derivation of it.
+
+Each reference below follows its authors' optimizer step line by line (docs/lars.md names the
+files), one parameter at a time, in float64. The toolkit's LARS is configured as the recipe
+that reproduces it; both see the same gradients and the same learning-rate schedule (a lr
+that changes every step, which is where the lr inside or outside the buffer differ). After each
+step, parameters must agree to float64 rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from conftest import SmallResNet, make_batch
+from torch import Tensor, nn
+
+from optim import build_optimizer
+from optim.op_count import count_ops
+
+STEPS = 12
+MOMENTUM, WEIGHT_DECAY, ETA = 0.9, 1e-2, 0.02
+
+
+@dataclass
+class Param:
+    """What the authors' filters look at: the tensor's rank and the module that owns it."""
+
+    ndim: int
+    is_norm_or_bias: bool
+    lr_scale: float = 1.0
+
+
+def _norm(t: Tensor) -> Tensor:
+    return torch.sqrt((t * t).sum())
+
+
+def _where_positive(w_norm: Tensor, u_norm: Tensor) -> Tensor:
+    """The authors' nested ``where``: eta·‖w‖/‖u‖ if ‖w‖ > 0 and ‖u‖ > 0, else 1."""
+    one = torch.ones_like(w_norm)
+    return torch.where(w_norm > 0, torch.where(u_norm > 0, ETA * w_norm / u_norm, one), one)
+
+
+def simclr_step(state: dict, lr: float, info: dict[str, Param], nesterov: bool) -> None:
+    """google-research/simclr ``lars_optimizer.py``, ``classic_momentum=True``: decay added to
+    the gradient, the ratio on that sum, ``next_v = m·v + lr·r·grad``, ``param -= next_v`` (or
+    the Nesterov ``m·next_v + lr·r·grad``). Biases and batch norm are excluded from both by
+    name."""
+    for name, (p, g, v) in state.items():
+        excluded = info[name].is_norm_or_bias
+        grad = g if excluded else g + WEIGHT_DECAY * p
+        trust_ratio = 1.0 if excluded else _where_positive(_norm(p), _norm(grad))
+        scaled_lr = lr * trust_ratio
+        next_v = MOMENTUM * v + scaled_lr * grad
+        update = MOMENTUM * next_v + scaled_lr * grad if nesterov else next_v
+        state[name] = (p - update, g, next_v)
+
+
+def byol_step(state: dict, lr: float, info: dict[str, Param], nesterov: bool) -> None:
+    """deepmind-research ``byol/utils/optimizers.py``: ``optax.chain(add_weight_decay,
+    scale_by_lars, scale(-lr))``: decayed update, times the ratio on it, ``mu = m·mu + u``,
+    then ``-lr·mu``. Biases and batch norm are filtered out of both."""
+    assert not nesterov
+    for name, (p, g, mu) in state.items():
+        keep = not info[name].is_norm_or_bias
+        update = g + WEIGHT_DECAY * p if keep else g
+        if keep:
+            update = update * _where_positive(_norm(p), _norm(update))
+        mu = MOMENTUM * mu + update
+        state[name] = (p + (-lr) * mu, g, mu)
+
+
+def barlow_twins_step(state: dict, lr: float, info: dict[str, Param], nesterov: bool) -> None:
+    """facebookresearch/barlowtwins ``main.py`` ``LARS``: with both filters on, 1-d tensors
+    get neither decay nor ratio; ``mu.mul_(m).add_(dp)``; ``p.add_(mu, alpha=-lr)``. Weights
+    and biases are two param groups with their own learning rates."""
+    assert not nesterov
+    for name, (p, g, mu) in state.items():
+        dp = g
+        if info[name].ndim != 1:
+            dp = dp + WEIGHT_DECAY * p
+            dp = dp * _where_positive(_norm(p), _norm(dp))
+        mu = mu * MOMENTUM + dp
+        state[name] = (p - lr * info[name].lr_scale * mu, g, mu)
+
+
+def vicreg_step(state: dict, lr: float, info: dict[str, Param], nesterov: bool) -> None:
+    """facebookresearch/vicreg ``main_vicreg.py`` ``LARS`` with ``exclude_bias_and_norm``
+    (``p.ndim == 1``) as both filters: the same update as Barlow Twins, one learning rate."""
+    assert not nesterov
+    for name, (p, g, mu) in state.items():
+        dp = g
+        if info[name].ndim != 1:
+            dp = dp + WEIGHT_DECAY * p
+        if info[name].ndim != 1:
+            dp = dp * _where_positive(_norm(p), _norm(dp))
+        mu = mu * MOMENTUM + dp
+        state[name] = (p - lr * mu, g, mu)
+
+
+def mocov3_step(state: dict, lr: float, info: dict[str, Param], nesterov: bool) -> None:
+    """facebookresearch/moco-v3 ``moco/optimizer.py``: tensors of more than one dimension get
+    decay and the ratio on the update; ``mu = m·mu + dp``; ``p -= lr·(dp + m·mu)`` with
+    Nesterov, else ``p -= lr·mu``."""
+    for name, (p, g, mu) in state.items():
+        dp = g
+        if info[name].ndim > 1:
+            dp = dp + WEIGHT_DECAY * p
+            dp = dp * _where_positive(_norm(p), _norm(dp))
+        mu = mu * MOMENTUM + dp
+        dp = dp + MOMENTUM * mu if nesterov else mu
+        state[name] = (p - lr * dp, g, mu)
+
+
+NORM_AND_BIAS = ["@norm", "@bias"]
+ONE_DIM = ["@1d"]
+BIAS_LR = 0.0048 / 0.2  # Barlow Twins: learning-rate-biases / learning-rate-weights
+
+VARIANTS: dict[str, tuple[Callable, dict]] = {
+    "simclr": (
+        simclr_step,
+        dict(
+            trust_ratio="update",
+            exclude_from_weight_decay=NORM_AND_BIAS,
+            exclude_from_layer_adaptation=NORM_AND_BIAS,
+        ),
+    ),
+    "byol": (
+        byol_step,
+        dict(
+            trust_ratio="update",
+            lr_in_buffer=False,
+            exclude_from_weight_decay=NORM_AND_BIAS,
+            exclude_from_layer_adaptation=NORM_AND_BIAS,
+        ),
+    ),
+    "barlow_twins": (
+        barlow_twins_step,
+        dict(
+            trust_ratio="update",
+            lr_in_buffer=False,
+            exclude_from_weight_decay=ONE_DIM,
+            exclude_from_layer_adaptation=ONE_DIM,
+            param_groups=[{"match": ONE_DIM, "lr_scale": BIAS_LR}],
+        ),
+    ),
+    "vicreg": (
+        vicreg_step,
+        dict(
+            trust_ratio="update",
+            lr_in_buffer=False,
+            exclude_from_weight_decay=ONE_DIM,
+            exclude_from_layer_adaptation=ONE_DIM,
+        ),
+    ),
+    "mocov3": (
+        mocov3_step,
+        dict(
+            trust_ratio="update",
+            lr_in_buffer=False,
+            exclude_from_weight_decay=ONE_DIM,
+            exclude_from_layer_adaptation=ONE_DIM,
+        ),
+    ),
+}
+CASES = [*((name, False) for name in VARIANTS), ("simclr", True), ("mocov3", True)]
+PATHS = {"single": dict(foreach=False), "foreach": dict(foreach=True)}
+
+
+def _schedule(step: int) -> float:
+    """A learning rate that changes at every step."""
+    return 0.8 * (1.0 - step / (2 * STEPS))
+
+
+def _param_info(model: nn.Module) -> dict[str, Param]:
+    modules = dict(model.named_modules())
+    info = {}
+    for name, p in model.named_parameters():
+        owner = modules[name.rpartition(".")[0]]
+        norm_or_bias = isinstance(owner, nn.BatchNorm2d) or name.endswith("bias")
+        info[name] = Param(p.ndim, norm_or_bias, BIAS_LR if p.ndim == 1 else 1.0)
+    return info
+
+
+def _run(
+    reference_step: Callable, options: dict, nesterov: bool, path: dict, steps: int = STEPS
+) -> None:
+    torch.manual_seed(0)
+    model = SmallResNet().double()
+    cfg = {"name": "lars", "lr": _schedule(0), "momentum": MOMENTUM, "eta": ETA}
+    cfg.update(weight_decay=WEIGHT_DECAY, nesterov=nesterov, **options, **path)
+    opt = build_optimizer(cfg, model)
+    info = _param_info(model)
+    state = {
+        n: (p.detach().clone(), None, torch.zeros_like(p)) for n, p in model.named_parameters()
+    }
+    for step in range(steps):
+        x, y = make_batch(step, torch.float64)
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        state = {
+            n: (p, q.grad.clone(), b)
+            for (n, (p, _, b)), q in zip(state.items(), model.parameters())
+        }
+        lr = _schedule(step)
+        for group in opt.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        reference_step(state, lr, info, nesterov)
+        opt.step()
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(
+                p.detach(), state[n][0], rtol=1e-12, atol=1e-14, msg=lambda m, n=n: f"{n}: {m}"
+            )
+        # Both trajectories continue from the same parameters: rounding does not accumulate.
+        state = {
+            n: (p.detach().clone(), g, b)
+            for (n, (_, g, b)), p in zip(state.items(), model.parameters())
+        }
+
+
+@pytest.mark.parametrize("path", PATHS.values(), ids=list(PATHS))
+@pytest.mark.parametrize(
+    ("variant", "nesterov"), CASES, ids=[f"{v}{'-nesterov' * n}" for v, n in CASES]
+)
+def test_variant_equals_its_authors_step(variant: str, nesterov: bool, path: dict) -> None:
+    _run(*VARIANTS[variant], nesterov, path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["simclr", "byol"])
+def test_fused_path_runs_the_variants(variant: str) -> None:
+    _run(*VARIANTS[variant], False, {"fused": True}, steps=4)
+
+
+def test_the_references_differ_from_the_original() -> None:
+    """The variants change the update: the original's step, run through the same harness,
+    does not reproduce the authors' code (so the checks above can fail)."""
+    with pytest.raises(AssertionError):
+        _run(simclr_step, dict(VARIANTS["simclr"][1], trust_ratio="original"), False, {})
+    with pytest.raises(AssertionError):
+        _run(byol_step, dict(VARIANTS["byol"][1], lr_in_buffer=True), False, {})
+
+
+def test_update_ratio_is_one_when_either_norm_is_zero() -> None:
+    """Hand-computed: a zero weight, and a zero decayed gradient, both give ratio 1."""
+    zero_w = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    zero_w.grad = torch.tensor([3.0, 0.0, 4.0], dtype=torch.float64)
+    zero_g = nn.Parameter(torch.ones(2, dtype=torch.float64))
+    zero_g.grad = torch.zeros(2, dtype=torch.float64)  # and no weight decay
+    plain = nn.Parameter(torch.tensor([3.0, 4.0], dtype=torch.float64))
+    plain.grad = torch.tensor([0.0, 0.5], dtype=torch.float64)
+    for name, p in (("zero_w", zero_w), ("zero_g", zero_g), ("plain", plain)):
+        p.param_name = name
+    from optim import LARS
+
+    opt = LARS([zero_w, zero_g, plain], lr=0.1, weight_decay=0.0, eta=0.01, trust_ratio="update")
+    opt.step()
+    ratios = {k: v.item() for k, v in opt.trust_ratios().items()}
+    assert ratios == {"zero_w": 1.0, "zero_g": 1.0, "plain": pytest.approx(0.01 * 5.0 / 0.5)}
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
+def test_variants_keep_the_op_bound_and_no_sync(foreach: bool) -> None:
+    """On ResNet-50 with norms and biases excluded: at most 20 ops on the multi-tensor path,
+    the same count as the original's or fewer, and no host sync on either path."""
+    import torchvision
+    from test_op_counts import OP_BOUND, _steady_state_count, _with_grads
+
+    model = _with_grads(torchvision.models.resnet50())
+    base = {
+        "name": "lars",
+        "lr": 0.1,
+        "exclude_from_layer_adaptation": NORM_AND_BIAS,
+        "exclude_from_weight_decay": NORM_AND_BIAS,
+        "foreach": foreach,
+    }
+    counts = {}
+    for trust_ratio in ("original", "update"):
+        for lr_in_buffer in (True, False):
+            cfg = dict(base, trust_ratio=trust_ratio, lr_in_buffer=lr_in_buffer)
+            opt = build_optimizer(cfg, model)
+            counts[trust_ratio, lr_in_buffer] = _steady_state_count(opt)
+            assert count_ops(opt.trust_ratios).syncs == 0
+    assert all(c.syncs == 0 for c in counts.values())
+    if foreach:
+        original = counts["original", True].ops
+        assert all(c.ops <= original <= OP_BOUND for c in counts.values()), counts
+
+
+def test_bad_variant_settings_are_refused() -> None:
+    """A misspelt variant and an epsilon the chosen ratio never reads fail loudly."""
+    from optim import LARS, ConfigError
+
+    model = SmallResNet()
+    with pytest.raises(ConfigError, match="trust_ratio"):
+        build_optimizer({"name": "lars", "lr": 0.1, "trust_ratio": "updates"}, model)
+    with pytest.raises(ConfigError, match="epsilon"):
+        build_optimizer(
+            {"name": "lars", "lr": 0.1, "trust_ratio": "update", "epsilon": 1e-9}, model
+        )
+    with pytest.raises(ValueError, match="trust_ratio"):
+        LARS(model.parameters(), lr=0.1, trust_ratio="paper")
