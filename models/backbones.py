@@ -53,21 +53,31 @@ def check_backbone_name(name: str) -> str:
     raise ValueError(_unknown_name_message(name))
 
 
-def build_backbone(name: str, *, cifar_stem: bool = False, **kwargs: object) -> nn.Module:
+def build_backbone(
+    name: str, *, cifar_stem: bool = False, zero_init_residual: bool = False, **kwargs: object
+) -> nn.Module:
     """Build a randomly initialised backbone whose forward returns pooled (B, D) features.
 
     ``name`` is a torchvision ResNet (``resnet18``, ``resnet34``, ``resnet50``, ``resnet101``,
     ``wide_resnet50_2``) or any timm architecture as ``timm/<name>``. ``cifar_stem=True`` swaps
     the 7x7 stride-2 stem convolution and max-pool for one 3x3 stride-1 convolution, the usual
     choice for 32-px images where the ImageNet stem would discard most of the resolution; it is
-    supported for ResNets only. Extra ``kwargs`` go to the model constructor. The returned module
-    has ``num_features`` set to D. Unknown names raise ``ValueError`` listing close names.
+    supported for ResNets only. ``zero_init_residual=True`` starts the last BatchNorm of every
+    residual block at γ = 0, so that each block starts as the identity (the SimCLR, Barlow Twins,
+    VICReg and MoCo v3 code do); torchvision ResNets only, since timm's ResNets do it by default
+    (``zero_init_last``). Extra ``kwargs`` go to the model constructor. The returned module has
+    ``num_features`` set to D. Unknown names raise ``ValueError`` listing close names.
     """
     check_backbone_name(name)
     if name.startswith(TIMM_PREFIX):
+        if zero_init_residual:
+            raise ValueError(
+                "zero_init_residual is for torchvision ResNets; timm's ResNets start their "
+                "blocks' last BatchNorm at zero by default (zero_init_last)"
+            )
         model = _build_timm(name.removeprefix(TIMM_PREFIX), **kwargs)
     else:
-        model = _TORCHVISION[name](weights=None, **kwargs)
+        model = _TORCHVISION[name](weights=None, zero_init_residual=zero_init_residual, **kwargs)
         model.num_features = model.fc.in_features
         model.fc = nn.Identity()
     if cifar_stem:

@@ -7,19 +7,51 @@ avoid collapse.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch.nn as nn
 from torch import Tensor
+
+LastBatchNorm = Literal["none", "affine", "scale", "plain"]
+"""The batch norm on a head's output: none; with a learnt scale and shift; with a scale only
+(SimCLR's code: ``center=False``); with neither (MoCo v3's: ``affine=False``)."""
+
+
+class ScaleBatchNorm1d(nn.BatchNorm1d):
+    """A BatchNorm1d with a learnt scale γ and no shift β, as SimCLR's last projection layer
+    (TensorFlow's ``batch_normalization(center=False)``)."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__(num_features)
+        self.register_parameter("bias", None)
+
+    def reset_parameters(self) -> None:
+        """Running statistics reset, γ = 1 (there is no β)."""
+        self.reset_running_stats()
+        nn.init.ones_(self.weight)
+
+
+def _last_batch_norm(kind: LastBatchNorm, dim: int) -> nn.Module | None:
+    if kind == "affine":
+        return nn.BatchNorm1d(dim)
+    if kind == "scale":
+        return ScaleBatchNorm1d(dim)
+    if kind == "plain":
+        return nn.BatchNorm1d(dim, affine=False)
+    if kind == "none":
+        return None
+    raise ValueError(f"last_batch_norm must be one of none, affine, scale, plain; got {kind!r}")
 
 
 class ProjectionHead(nn.Module):
     """MLP of ``num_layers`` Linear layers: (Linear -> BatchNorm -> ReLU) blocks, final Linear.
 
     Covers the SimCLR projector (``ProjectionHead(2048, 2048, 128)``), the BYOL projector
-    (``ProjectionHead(2048, 4096, 256)``) and SimCLR v2's deeper variant with a BatchNorm on the
-    output (``num_layers=3, last_batch_norm=True``). Linear layers followed by a BatchNorm have no
-    bias, since the BatchNorm shift makes it redundant; ``last_bias=False`` drops the output bias
-    too (Barlow Twins, whose loss standardises the output). ``num_layers=1`` is a single Linear
-    map and ignores ``hidden_dim``.
+    (``ProjectionHead(2048, 4096, 256)``), SimCLR's code with a scale-only BatchNorm on the
+    output (``last_batch_norm="scale"``) and MoCo v3's with a plain one (``"plain"``). Linear
+    layers followed by a BatchNorm have no bias, since the BatchNorm shift makes it redundant;
+    ``last_bias=False`` drops the output bias too (Barlow Twins, whose loss standardises the
+    output). ``num_layers=1`` is a single Linear map and ignores ``hidden_dim``.
     """
 
     def __init__(
@@ -29,7 +61,7 @@ class ProjectionHead(nn.Module):
         out_dim: int,
         num_layers: int = 2,
         batch_norm: bool = True,
-        last_batch_norm: bool = False,
+        last_batch_norm: LastBatchNorm = "none",
         last_bias: bool = True,
     ) -> None:
         super().__init__()
@@ -43,9 +75,10 @@ class ProjectionHead(nn.Module):
                 layers.append(nn.BatchNorm1d(hidden_dim))
             layers.append(nn.ReLU(inplace=True))
             dim = hidden_dim
-        layers.append(nn.Linear(dim, out_dim, bias=last_bias and not last_batch_norm))
-        if last_batch_norm:
-            layers.append(nn.BatchNorm1d(out_dim))
+        last_norm = _last_batch_norm(last_batch_norm, out_dim)
+        layers.append(nn.Linear(dim, out_dim, bias=last_bias and last_norm is None))
+        if last_norm is not None:
+            layers.append(last_norm)
         self.layers = nn.Sequential(*layers)
         self.in_dim = in_dim
         self.out_dim = out_dim
@@ -63,6 +96,13 @@ class PredictionHead(ProjectionHead):
     """
 
     def __init__(
-        self, in_dim: int = 256, hidden_dim: int = 4096, out_dim: int = 256, num_layers: int = 2
+        self,
+        in_dim: int = 256,
+        hidden_dim: int = 4096,
+        out_dim: int = 256,
+        num_layers: int = 2,
+        last_batch_norm: LastBatchNorm = "none",
     ) -> None:
-        super().__init__(in_dim, hidden_dim, out_dim, num_layers=num_layers)
+        super().__init__(
+            in_dim, hidden_dim, out_dim, num_layers=num_layers, last_batch_norm=last_batch_norm
+        )

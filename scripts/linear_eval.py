@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(str(args.run_dir / "config.yaml"), few)
         checkpoint = args.checkpoint or checkpoint_path(args.run_dir)
         state = load_checkpoint(checkpoint)
-        method = build_method(cfg.method, cfg.model.backbone, cifar_stem=cfg.model.cifar_stem)
+        method = build_method(cfg.method, **cfg.model.backbone_options())
         try:
             method.load_state_dict(state["model"])
         except (KeyError, RuntimeError) as err:

@@ -54,7 +54,7 @@ def accumulate(
     images). Gradients are added to the parameters' ``.grad``; the optimizer step is the
     caller's.
 
-    - ``exact=True``: the loss is :meth:`Method.loss` of the embeddings of every
+    - ``exact=True``: the loss is :meth:`Method.training_loss` of the embeddings of every
       micro-batch joined (and, inside the loss, of every process), so the step's gradients
       are those of one batch of all of them, except that batch-norm statistics are per
       micro-batch. Returns that loss. A single micro-batch takes one pass, as below.
@@ -77,7 +77,7 @@ def accumulate(
     for index, views in enumerate(micro_batches):
         with gradient_sync(model, enabled=index == count - 1):
             with autocast:
-                loss = method.loss(model(views)) / count
+                loss = method.training_loss(model(views)) / count
             scale(loss).backward()
         losses.append(at_least_fp32(loss.detach()))
     return torch.stack(losses).sum()
@@ -100,7 +100,7 @@ def _exact(
     joined = _map(lambda *parts: torch.cat(parts).requires_grad_(), *cached)
     leaves = _leaves(joined)
     with autocast:
-        loss = method.loss(joined)
+        loss = method.training_loss(joined)
     grads = torch.autograd.grad(scale(loss), leaves, allow_unused=True)
     after = _random_state(devices)  # the streams continue from here, as after one pass
 

@@ -89,9 +89,7 @@ def _resume(resume: str | None) -> Path | str | None:
 def dry_run(cfg: ExperimentConfig, console: Console) -> None:
     """Print the resolved config and which rule each parameter matched."""
     console.print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="", markup=False)
-    module = build_method(
-        cfg.method, cfg.model.backbone, cifar_stem=cfg.model.cifar_stem
-    ).trainable_module()
+    module = build_method(cfg.method, **cfg.model.backbone_options()).trainable_module()
     name_parameters(module)
     console.print(render_param_table(resolve_params(module, cfg.optim)))
 

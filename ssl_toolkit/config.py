@@ -83,6 +83,11 @@ class ModelConfig(ConfigSection):
     cifar_stem: bool = Field(
         False, description="3x3 stride-1 stem without max-pool, for 32 px images (ResNets)"
     )
+    zero_init_residual: bool = Field(
+        False,
+        description="each residual block's last BatchNorm starts at γ = 0 (torchvision "
+        "ResNets; the SimCLR, Barlow Twins, VICReg and MoCo v3 code)",
+    )
 
     @field_validator("backbone")
     @classmethod
@@ -94,6 +99,14 @@ class ModelConfig(ConfigSection):
         description="batch-norm statistics over all processes' batches (every BatchNorm of "
         "the method); `auto`: when more than one process trains",
     )
+
+    def backbone_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``build_method`` that describe the backbone."""
+        return {
+            "backbone": self.backbone,
+            "cifar_stem": self.cifar_stem,
+            "zero_init_residual": self.zero_init_residual,
+        }
 
 
 def _probability(description: str) -> Any:

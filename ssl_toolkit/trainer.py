@@ -614,8 +614,7 @@ class Trainer:
         ``trainer.seed``, whatever the rank's own random streams are."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.trainer.seed)
-            model = self.cfg.model
-            return build_method(self.cfg.method, model.backbone, cifar_stem=model.cifar_stem)
+            return build_method(self.cfg.method, **self.cfg.model.backbone_options())
 
     def evaluate(self, step: int) -> float:
         """kNN top-1 of the method's features after step ``step``; every rank takes part, the

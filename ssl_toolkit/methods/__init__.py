@@ -3,13 +3,25 @@
 ``register_method(name, config_cls)`` decorates a :class:`Method` subclass; ``list_methods()``
 and ``get_method(name)`` look them up; other packages add methods through the entry-point group
 ``ssl_toolkit.methods``. Built in (registered by importing their modules here): ``simclr``,
-``byol`` and ``barlow_twins``. A method is two steps, ``embed(views) -> embeddings`` and
-``loss(embeddings) -> Tensor`` (see :mod:`ssl_toolkit.methods.base`).
+``byol``, ``barlow_twins``, ``vicreg`` and ``mocov3``; their losses are plain functions of
+tensors (``nt_xent``, ``byol_loss``, ``barlow_twins_loss``, ``vicreg_loss``,
+``moco_v3_loss``) with the papers' coefficients as keyword defaults. A method is two steps,
+``embed(views) -> embeddings`` and ``loss(embeddings) -> Tensor``
+(see :mod:`ssl_toolkit.methods.base`).
 """
 
-from .barlow_twins import BarlowTwins, BarlowTwinsConfig
-from .base import Embeddings, HeadConfig, Method, MethodConfig, at_least_fp32, two_views
-from .byol import BYOL, BYOLConfig, cosine_tau
+from .barlow_twins import BarlowTwins, BarlowTwinsConfig, barlow_twins_loss
+from .base import (
+    Embeddings,
+    HeadConfig,
+    Method,
+    MethodConfig,
+    at_least_fp32,
+    scale_gradient,
+    two_views,
+)
+from .byol import BYOL, BYOLConfig, byol_loss, cosine_tau
+from .mocov3 import MoCoV3, MoCoV3Config, moco_v3_loss
 from .registry import (
     METHODS,
     build_method,
@@ -18,7 +30,8 @@ from .registry import (
     parse_method_config,
     register_method,
 )
-from .simclr import SimCLR, SimCLRConfig
+from .simclr import SimCLR, SimCLRConfig, nt_xent
+from .vicreg import VICReg, VICRegConfig, vicreg_loss
 
 __all__ = [
     "BYOL",
@@ -30,14 +43,24 @@ __all__ = [
     "HeadConfig",
     "Method",
     "MethodConfig",
+    "MoCoV3",
+    "MoCoV3Config",
     "SimCLR",
     "SimCLRConfig",
+    "VICReg",
+    "VICRegConfig",
     "at_least_fp32",
+    "barlow_twins_loss",
     "build_method",
+    "byol_loss",
     "cosine_tau",
     "get_method",
     "list_methods",
+    "moco_v3_loss",
+    "nt_xent",
     "parse_method_config",
     "register_method",
+    "scale_gradient",
     "two_views",
+    "vicreg_loss",
 ]

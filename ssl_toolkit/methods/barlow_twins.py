@@ -24,11 +24,17 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from models import ProjectionHead
-from ssl_toolkit.data import BYOLAugment
 from ssl_toolkit.distributed import sum_over_ranks, world_size
 
-from .base import HeadConfig, Method, MethodConfig, at_least_fp32, two_views
+from .base import (
+    BYOLAugmentation,
+    HeadConfig,
+    Method,
+    MethodConfig,
+    at_least_fp32,
+    off_diagonal,
+    two_views,
+)
 from .registry import register_method
 
 __all__ = [
@@ -83,12 +89,6 @@ def cross_correlation(z_a: Tensor, z_b: Tensor) -> Tensor:
         return sum_over_ranks(a.T @ b) / batch
 
 
-def _off_diagonal(c: Tensor) -> Tensor:
-    """The off-diagonal entries of a square matrix, as a flat view (no copy)."""
-    d = c.shape[0]
-    return c.flatten()[:-1].view(d - 1, d + 1)[:, 1:]
-
-
 class BarlowTwinsLoss(NamedTuple):
     """The loss and its two terms (before λ), for the log."""
 
@@ -97,18 +97,21 @@ class BarlowTwinsLoss(NamedTuple):
     off_diagonal: Tensor
 
 
-def barlow_twins_loss(z_a: Tensor, z_b: Tensor, off_diagonal_weight: float) -> BarlowTwinsLoss:
-    """``Σ_i (1 - C_ii)² + λ Σ_{i≠j} C_ij²`` with ``C`` from :func:`cross_correlation`."""
+def barlow_twins_loss(
+    z_a: Tensor, z_b: Tensor, *, off_diagonal_weight: float = 0.0051
+) -> BarlowTwinsLoss:
+    """``Σ_i (1 - C_ii)² + λ Σ_{i≠j} C_ij²`` with ``C`` from :func:`cross_correlation`;
+    λ defaults to the paper's 0.0051."""
     c = cross_correlation(z_a, z_b)
     on_diagonal = (torch.diagonal(c) - 1).square().sum()
-    off_diagonal = _off_diagonal(c).square().sum()
+    off_diagonal_sum = off_diagonal(c).square().sum()
     return BarlowTwinsLoss(
-        on_diagonal + off_diagonal_weight * off_diagonal, on_diagonal, off_diagonal
+        on_diagonal + off_diagonal_weight * off_diagonal_sum, on_diagonal, off_diagonal_sum
     )
 
 
 @register_method("barlow_twins", BarlowTwinsConfig)
-class BarlowTwins(Method):
+class BarlowTwins(BYOLAugmentation, Method):
     """Backbone + projector; the loss drives the views' cross-correlation to the identity.
 
     Parameter names are ``backbone.*`` and ``projector.*``, as for the other methods. Each view
@@ -128,14 +131,7 @@ class BarlowTwins(Method):
     @classmethod
     def build(cls, config: BarlowTwinsConfig, backbone: nn.Module) -> BarlowTwins:
         """Barlow Twins with ``config``'s projector (biases off, as the authors') and λ."""
-        head = config.projector
-        projector = ProjectionHead(
-            backbone.num_features,
-            head.hidden_dim,
-            head.out_dim,
-            num_layers=head.num_layers,
-            last_bias=False,
-        )
+        projector = config.projector.build(backbone.num_features, last_bias=False)
         return cls(backbone, projector, config.off_diagonal_weight)
 
     def embed(self, views: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -146,24 +142,12 @@ class BarlowTwins(Method):
     def loss(self, embeddings: tuple[Tensor, Tensor]) -> Tensor:
         """The Barlow Twins loss of the batch's projections; keeps its two terms for the log."""
         z_a, z_b = embeddings
-        result = barlow_twins_loss(z_a, z_b, self.off_diagonal_weight)
+        result = barlow_twins_loss(z_a, z_b, off_diagonal_weight=self.off_diagonal_weight)
         self._terms = {
             "method/on_diagonal": result.on_diagonal.detach(),
             "method/off_diagonal": result.off_diagonal.detach(),
         }
         return result.loss
-
-    def augmentation(
-        self,
-        image_size: int,
-        *,
-        crop_scale: tuple[float, float],
-        color_strength: float,
-        generator: torch.Generator,
-    ) -> BYOLAugment:
-        """The authors' augmentation, which is BYOL's: blur 1.0 / 0.1, solarise 0 / 0.2
-        (its colour jitter is the authors' fixed one, so ``color_strength`` is not used)."""
-        return BYOLAugment(image_size, scale=crop_scale, generator=generator)
 
     def log_metrics(self) -> dict[str, Tensor | float]:
         """The invariance and redundancy terms (before λ) of this process's last loss."""

@@ -27,10 +27,22 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from models import ProjectionHead
+from models.heads import LastBatchNorm
 from optim.configs import ConfigModel
-from ssl_toolkit.data import TwoViewAugment
+from ssl_toolkit.data import BYOLAugment, TwoViewAugment
 
-__all__ = ["Embeddings", "HeadConfig", "Method", "MethodConfig", "at_least_fp32", "two_views"]
+__all__ = [
+    "BYOLAugmentation",
+    "Embeddings",
+    "HeadConfig",
+    "Method",
+    "MethodConfig",
+    "at_least_fp32",
+    "off_diagonal",
+    "scale_gradient",
+    "two_views",
+]
 
 Embeddings = Tensor | dict[str, Any] | tuple[Any, ...]
 """What :meth:`Method.embed` returns: a tensor, or a dict / tuple (possibly nested) of
@@ -42,14 +54,41 @@ class MethodConfig(ConfigModel):
     (unknown keys, non-finite numbers and booleans as numbers are errors)."""
 
     name: str = Field(description="the registered method to pretrain with")
+    loss_scale: float = Field(
+        1.0,
+        gt=0.0,
+        description="multiplies the loss and its gradient (SimCLR's code sums both directions: 2)",
+    )
+    gradient_scale: float = Field(
+        1.0,
+        gt=0.0,
+        description="multiplies the loss's gradient, not its value (reproduces an authors' "
+        "gradient that was a fraction of the exact one)",
+    )
 
 
 class HeadConfig(ConfigModel):
-    """An MLP head: hidden width, output width, number of linear layers."""
+    """An MLP head: hidden width, output width, number of linear layers, the output's norm."""
 
     hidden_dim: int = Field(2048, ge=1, description="width of the hidden layers")
     out_dim: int = Field(128, ge=1, description="width of the output")
     num_layers: int = Field(2, ge=1, description="number of linear layers")
+    last_batch_norm: LastBatchNorm = Field(
+        "none",
+        description="batch norm on the output: none, affine, scale (γ only: SimCLR's code), "
+        "plain (neither: MoCo v3's)",
+    )
+
+    def build(self, in_dim: int, *, last_bias: bool = True) -> ProjectionHead:
+        """The head on ``in_dim`` features."""
+        return ProjectionHead(
+            in_dim,
+            self.hidden_dim,
+            self.out_dim,
+            num_layers=self.num_layers,
+            last_batch_norm=self.last_batch_norm,
+            last_bias=last_bias,
+        )
 
 
 class Method(nn.Module):
@@ -62,6 +101,8 @@ class Method(nn.Module):
     """
 
     backbone: nn.Module
+    loss_scale: float = 1.0
+    gradient_scale: float = 1.0
 
     @classmethod
     def build(cls, config: MethodConfig, backbone: nn.Module) -> Method:
@@ -76,6 +117,15 @@ class Method(nn.Module):
         """The loss of a batch's embeddings (those :meth:`embed` returned, or several
         micro-batches' concatenated), a scalar."""
         raise NotImplementedError(f"{type(self).__name__} must implement loss(embeddings)")
+
+    def training_loss(self, embeddings: Embeddings) -> Tensor:
+        """What the trainer back-propagates: :meth:`loss` times ``loss_scale``, with its
+        gradient times ``gradient_scale`` (``method.loss_scale`` / ``method.gradient_scale``;
+        ``build_method`` sets both)."""
+        loss = self.loss(embeddings)
+        if self.loss_scale != 1.0:
+            loss = loss * self.loss_scale
+        return scale_gradient(loss, self.gradient_scale)
 
     def forward(self, views: Sequence[Tensor]) -> Embeddings:
         """:meth:`embed`: wrappers (DDP, FSDP2, ``torch.compile``) call ``forward``.
@@ -111,6 +161,41 @@ class Method(nn.Module):
     def log_metrics(self) -> dict[str, Tensor | float]:
         """Extra ``method/*`` metrics for the log rows (tensors are fine: one transfer)."""
         return {}
+
+
+class BYOLAugmentation:
+    """Mixin of the methods whose authors cut BYOL's asymmetric views: blur 1.0 / 0.1 and
+    solarisation 0 / 0.2 (BYOL, Barlow Twins, VICReg, MoCo v3). Its colour jitter is the
+    authors' fixed one, so ``color_strength`` is not used."""
+
+    def augmentation(
+        self,
+        image_size: int,
+        *,
+        crop_scale: tuple[float, float],
+        color_strength: float,
+        generator: torch.Generator,
+    ) -> BYOLAugment:
+        """BYOL's augmentation at ``image_size`` with crops of ``crop_scale`` of the area."""
+        return BYOLAugment(image_size, scale=crop_scale, generator=generator)
+
+
+def off_diagonal(c: Tensor) -> Tensor:
+    """The off-diagonal entries of a square matrix, as a flat view (no copy)."""
+    d = c.shape[0]
+    return c.flatten()[:-1].view(d - 1, d + 1)[:, 1:]
+
+
+def scale_gradient(t: Tensor, scale: float) -> Tensor:
+    """``t`` unchanged in value, its gradient multiplied by ``scale``.
+
+    ``t.detach() + scale·(t - t.detach())`` adds an exact zero to the value, so the logged
+    loss stays the loss while everything upstream receives ``scale`` times its gradient.
+    """
+    if scale == 1.0:
+        return t
+    value = t.detach()
+    return value + scale * (t - value)
 
 
 def two_views(views: Sequence[Tensor], method: str) -> tuple[Tensor, Tensor]:

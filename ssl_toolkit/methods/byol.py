@@ -17,11 +17,9 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from models import PredictionHead, ProjectionHead
 from optim.schedules import cosine_ramp
-from ssl_toolkit.data import BYOLAugment
 
-from .base import HeadConfig, Method, MethodConfig, at_least_fp32, two_views
+from .base import BYOLAugmentation, HeadConfig, Method, MethodConfig, at_least_fp32, two_views
 from .registry import register_method
 
 __all__ = ["BYOL", "BYOLConfig", "byol_loss", "cosine_tau"]
@@ -80,7 +78,7 @@ def cosine_tau(step: int, total_steps: int, tau_base: float, tau_final: float = 
 
 
 @register_method("byol", BYOLConfig)
-class BYOL(Method):
+class BYOL(BYOLAugmentation, Method):
     """Online backbone + projector + predictor regressing onto an EMA target network.
 
     Module layout and parameter names:
@@ -119,13 +117,8 @@ class BYOL(Method):
     @classmethod
     def build(cls, config: BYOLConfig, backbone: nn.Module) -> BYOL:
         """BYOL with ``config``'s heads and τ schedule on ``backbone``."""
-        head, pred = config.projector, config.predictor
-        projector = ProjectionHead(
-            backbone.num_features, head.hidden_dim, head.out_dim, num_layers=head.num_layers
-        )
-        predictor = PredictionHead(
-            head.out_dim, pred.hidden_dim, pred.out_dim, num_layers=pred.num_layers
-        )
+        projector = config.projector.build(backbone.num_features)
+        predictor = config.predictor.build(config.projector.out_dim)
         return cls(
             backbone, projector, predictor, tau_base=config.tau_base, tau_final=config.tau_final
         )
@@ -158,18 +151,6 @@ class BYOL(Method):
         [0, 8]."""
         (p_a, p_b), (z_a, z_b) = embeddings["online"], embeddings["target"]
         return byol_loss(p_a, z_b) + byol_loss(p_b, z_a)
-
-    def augmentation(
-        self,
-        image_size: int,
-        *,
-        crop_scale: tuple[float, float],
-        color_strength: float,
-        generator: torch.Generator,
-    ) -> BYOLAugment:
-        """BYOL's asymmetric augmentation: blur 1.0 / 0.1 and solarisation 0 / 0.2 per view
-        (its colour jitter is the authors' fixed one, so ``color_strength`` is not used)."""
-        return BYOLAugment(image_size, scale=crop_scale, generator=generator)
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         """Move the target towards the online network with τ of step ``step``.

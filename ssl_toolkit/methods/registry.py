@@ -68,11 +68,22 @@ def parse_method_config(
     return METHODS.parse(cfg, prefix)
 
 
-def build_method(config: MethodConfig, backbone: str, *, cifar_stem: bool = False) -> Method:
+def build_method(
+    config: MethodConfig,
+    backbone: str,
+    *,
+    cifar_stem: bool = False,
+    zero_init_residual: bool = False,
+) -> Method:
     """The method of ``config`` on a fresh ``backbone`` (a name ``models.build_backbone``
-    takes; ``cifar_stem`` for 32-pixel images)."""
+    takes, with its ``cifar_stem`` and ``zero_init_residual``), its loss and gradient scaled
+    as ``config`` says."""
     try:
-        network = build_backbone(backbone, cifar_stem=cifar_stem)
+        network = build_backbone(
+            backbone, cifar_stem=cifar_stem, zero_init_residual=zero_init_residual
+        )
     except ValueError as err:  # e.g. cifar_stem on a backbone without a ResNet stem
         raise ConfigError([f"model: {err}"]) from None
-    return get_method(config.name).build(config, network)
+    method = get_method(config.name).build(config, network)
+    method.loss_scale, method.gradient_scale = config.loss_scale, config.gradient_scale
+    return method

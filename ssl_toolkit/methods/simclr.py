@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from models import ProjectionHead
 from ssl_toolkit.data import SimCLRAugment
 from ssl_toolkit.distributed import gather_with_grad, world_size
 
@@ -35,13 +34,15 @@ class SimCLRConfig(MethodConfig):
     )
 
 
-def nt_xent(z_a: Tensor, z_b: Tensor, temperature: float) -> Tensor:
+def nt_xent(z_a: Tensor, z_b: Tensor, *, temperature: float = 0.1) -> Tensor:
     """SimCLR's NT-Xent loss (normalised temperature-scaled cross entropy) over 2N views.
 
     ``z_a[i]`` and ``z_b[i]`` are the projections of two augmented views of image ``i``, shape
     ``(n, d)``. Each of the 2n views is an anchor whose positive is the other view of the same
     image and whose negatives are all remaining views; self-similarity is masked out. The loss
     is the mean over anchors of ``-log softmax(cos(anchor, candidates) / temperature)[positive]``.
+    The authors' code (``objective.py``) returns the sum of the two directions' means, twice
+    this: ``method.loss_scale: 2`` reproduces it. ``temperature`` defaults to the paper's 0.1.
 
     Distributed: when a process group with world size W > 1 is initialised, the candidates are
     the views of all ranks, gathered with gradients, while the anchors are this rank's 2n views
@@ -96,11 +97,7 @@ class SimCLR(Method):
     @classmethod
     def build(cls, config: SimCLRConfig, backbone: nn.Module) -> SimCLR:
         """SimCLR with ``config``'s projector and temperature on ``backbone``."""
-        head = config.projector
-        projector = ProjectionHead(
-            backbone.num_features, head.hidden_dim, head.out_dim, num_layers=head.num_layers
-        )
-        return cls(backbone, projector, config.temperature)
+        return cls(backbone, config.projector.build(backbone.num_features), config.temperature)
 
     def embed(self, views: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """The projections ``(z_a, z_b)`` of a batch of view pairs ``(n, ...)`` and ``(n, ...)``.
@@ -117,7 +114,7 @@ class SimCLR(Method):
     def loss(self, embeddings: tuple[Tensor, Tensor]) -> Tensor:
         """The NT-Xent loss of the projections of every view pair of the batch."""
         z_a, z_b = embeddings
-        return nt_xent(z_a, z_b, self.temperature)
+        return nt_xent(z_a, z_b, temperature=self.temperature)
 
     def augmentation(
         self,

@@ -92,3 +92,25 @@ def test_list_backbones():
     names = list_backbones()
     assert {"resnet18", "resnet50", "wide_resnet50_2"} <= set(names)
     assert "timm/resnet10t" in list_backbones(include_timm=True)
+
+
+@pytest.mark.parametrize(("name", "last_norm"), [("resnet18", "bn2"), ("resnet50", "bn3")])
+def test_zero_init_residual_starts_every_block_as_the_identity(name: str, last_norm: str):
+    """The last BatchNorm of every residual block starts at γ = 0 (and only it)."""
+    model = build_backbone(name, zero_init_residual=True)
+    blocks = [m for m in model.modules() if hasattr(m, last_norm) and hasattr(m, "conv1")]
+    assert len(blocks) == (8 if name == "resnet18" else 16)
+    for block in blocks:
+        assert torch.count_nonzero(getattr(block, last_norm).weight) == 0
+        assert torch.all(block.bn1.weight == 1)
+    default = build_backbone(name)
+    assert all(
+        torch.all(getattr(b, last_norm).weight == 1)
+        for b in default.modules()
+        if hasattr(b, last_norm) and hasattr(b, "conv1")
+    )
+
+
+def test_zero_init_residual_is_refused_for_timm():
+    with pytest.raises(ValueError, match="zero_init_last"):
+        build_backbone("timm/resnet10t", zero_init_residual=True)

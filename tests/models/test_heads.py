@@ -31,12 +31,34 @@ def test_num_layers(num_layers):
     assert head(torch.randn(5, 32)).shape == (5, 16)
 
 
-def test_last_batch_norm_normalises_the_output():
-    head = ProjectionHead(32, 64, 16, num_layers=3, last_batch_norm=True).train()
-    assert isinstance(head.layers[-1], nn.BatchNorm1d)
+@pytest.mark.parametrize(
+    ("kind", "params"), [("affine", {"weight", "bias"}), ("scale", {"weight"}), ("plain", set())]
+)
+def test_last_batch_norm_normalises_the_output(kind: str, params: set[str]):
+    """Every kind standardises the output; they differ in which affine parameters they learn
+    (SimCLR's code keeps γ only, MoCo v3's neither)."""
+    head = ProjectionHead(32, 64, 16, num_layers=3, last_batch_norm=kind).train()
+    norm = head.layers[-1]
+    assert isinstance(norm, nn.BatchNorm1d)
+    assert {name for name, _ in norm.named_parameters()} == params
     assert head.layers[-2].bias is None
-    out = head(torch.randn(64, 32))
-    torch.testing.assert_close(out.mean(0), torch.zeros(16), atol=1e-5, rtol=0)
+    x = torch.randn(64, 32)
+    with torch.no_grad():
+        if "weight" in params:
+            norm.weight.fill_(2.0)
+        before = head.layers[:-1](x)
+    expected = (before - before.mean(0)) / torch.sqrt(before.var(0, unbiased=False) + norm.eps)
+    if "weight" in params:
+        expected = 2.0 * expected
+    torch.testing.assert_close(head(x), expected, atol=1e-5, rtol=1e-5)
+    norm.reset_parameters()
+    if "weight" in params:
+        assert torch.equal(norm.weight, torch.ones(16))
+
+
+def test_unknown_last_batch_norm_is_an_error():
+    with pytest.raises(ValueError, match="last_batch_norm"):
+        ProjectionHead(8, 16, 4, last_batch_norm="gamma")
 
 
 def test_without_batch_norm_matches_the_mlp_formula():

@@ -46,7 +46,9 @@ def test_loss_matches_float64_rederivation(n: int, d: int, weight: float) -> Non
     z_a = torch.randn(n, d, dtype=torch.float64, generator=g) * 3 + 1
     z_b = torch.randn(n, d, dtype=torch.float64, generator=g)
     expected = _loss_loop(z_a, z_b, weight)
-    assert barlow_twins_loss(z_a, z_b, weight).loss.item() == pytest.approx(expected, rel=1e-12)
+    assert barlow_twins_loss(z_a, z_b, off_diagonal_weight=weight).loss.item() == pytest.approx(
+        expected, rel=1e-12
+    )
 
 
 def test_cross_correlation_equals_the_authors_affine_free_batch_norm() -> None:
@@ -62,12 +64,14 @@ def test_hand_computed_identity_and_anti_identity() -> None:
     # Columns of z are standardised already (mean 0, variance 1) and uncorrelated.
     z = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]], dtype=torch.float64)
     shrink = 1 / (1 + EPS)  # C = I / (1 + eps): the eps of the standardisation
-    same = barlow_twins_loss(z, z, 0.0051)
+    same = barlow_twins_loss(z, z, off_diagonal_weight=0.0051)
     assert same.loss.item() == pytest.approx(2 * (1 - shrink) ** 2, rel=1e-9)
     assert same.off_diagonal.item() == pytest.approx(0.0, abs=1e-30)  # rounding only
-    opposite = barlow_twins_loss(z, -z, 0.0051)
+    opposite = barlow_twins_loss(z, -z, off_diagonal_weight=0.0051)
     assert opposite.loss.item() == pytest.approx(2 * (1 + shrink) ** 2, rel=1e-12)
-    swapped = barlow_twins_loss(z, z.flip(1), 0.0051)  # C = [[0, 1], [1, 0]] / (1 + eps)
+    swapped = barlow_twins_loss(
+        z, z.flip(1), off_diagonal_weight=0.0051
+    )  # C = [[0, 1], [1, 0]] / (1 + eps)
     assert swapped.on_diagonal.item() == pytest.approx(2.0, rel=1e-12)
     assert swapped.off_diagonal.item() == pytest.approx(2 * shrink**2, rel=1e-12)
     assert swapped.loss.item() == pytest.approx(2.0 + 0.0051 * 2 * shrink**2, rel=1e-12)
@@ -76,13 +80,15 @@ def test_hand_computed_identity_and_anti_identity() -> None:
 def test_loss_gradients_match_finite_differences() -> None:
     z_a = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
     z_b = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b: barlow_twins_loss(a, b, 0.3).loss, (z_a, z_b))
+    assert torch.autograd.gradcheck(
+        lambda a, b: barlow_twins_loss(a, b, off_diagonal_weight=0.3).loss, (z_a, z_b)
+    )
 
 
 def test_loss_is_fp32_under_bf16_autocast() -> None:
     z_a, z_b = torch.randn(8, 4), torch.randn(8, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = barlow_twins_loss(z_a.bfloat16(), z_b.bfloat16(), 0.0051).loss
+        loss = barlow_twins_loss(z_a.bfloat16(), z_b.bfloat16(), off_diagonal_weight=0.0051).loss
     assert loss.dtype == torch.float32
     with pytest.raises(ValueError, match="equal shape"):
         cross_correlation(z_a, z_b[:, :3])

@@ -155,11 +155,11 @@ def test_script_exit_code_and_usage_error() -> None:
 
 
 def test_unknown_method_is_one_unbroken_line_listing_the_registered_ones(capsys) -> None:
-    code, _, err = run_cli(capsys, "--config", "simclr_lars", "method.name=mocov3")
+    code, _, err = run_cli(capsys, "--config", "simclr_lars", "method.name=simclrv9")
     assert code == 2
     assert err == (
-        "error: method.name: unknown method 'mocov3'; did you mean 'simclr'? "
-        "registered: barlow_twins, byol, simclr\n"
+        "error: method.name: unknown method 'simclrv9'; did you mean 'simclr'? "
+        "registered: barlow_twins, byol, mocov3, simclr, vicreg\n"
     )
 
 

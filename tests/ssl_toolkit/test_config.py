@@ -53,7 +53,7 @@ def test_overrides_are_parsed_as_yaml() -> None:
         ("trainer.epochs=many", "trainer.epochs: Input should be a valid integer"),
         ("trainer.epoch=3", "trainer.epoch: unknown key; did you mean 'epochs'?"),
         ("method.temprature=0.1", "method.temprature: unknown key; did you mean 'temperature'?"),
-        ("method.name=mocov3", "method.name: unknown method 'mocov3'; did you mean"),
+        ("method.name=simclrv9", "method.name: unknown method 'simclrv9'; did you mean"),
         ("data.name=imagenet", "data.name: Input should be 'digits', 'synthetic'"),
         ("logging.wandb.mode=cloud", "logging.wandb.mode: Input should be 'offline', 'online'"),
         ("optim.name=lasr", "optim.name: unknown optimizer 'lasr'; did you mean 'lars'?"),
@@ -71,8 +71,10 @@ def test_bad_overrides_name_their_key(override: str, expected: str) -> None:
 
 
 def test_unknown_method_lists_the_registered_ones() -> None:
-    with pytest.raises(ConfigError, match=r"registered: barlow_twins, byol, simclr$"):
-        load_config("simclr_lars", ["method.name=mocov3"])
+    with pytest.raises(
+        ConfigError, match=r"registered: barlow_twins, byol, mocov3, simclr, vicreg$"
+    ):
+        load_config("simclr_lars", ["method.name=simclrv9"])
 
 
 def test_byol_tau_must_rise() -> None:

@@ -18,7 +18,7 @@ from ssl_toolkit.distributed import (
     cleanup_distributed,
     setup_distributed,
 )
-from ssl_toolkit.methods import BarlowTwins, SimCLR
+from ssl_toolkit.methods import BarlowTwins, MoCoV3, SimCLR, VICReg
 
 WORLD = 2
 PER_RANK = 3
@@ -38,6 +38,17 @@ def _model() -> SimCLR:
 def _barlow() -> BarlowTwins:
     # A large λ so that the off-diagonal term weighs in the gradients.
     return BarlowTwins(_backbone(), nn.Linear(8, 5), off_diagonal_weight=0.3).double()
+
+
+def _vicreg() -> VICReg:
+    # Weights that make every term count: a variance hinge active in every dimension.
+    return VICReg(
+        _backbone(), nn.Linear(8, 5), invariance_weight=2.0, covariance_weight=3.0
+    ).double()
+
+
+def _mocov3() -> MoCoV3:
+    return MoCoV3(_backbone(), nn.Linear(8, 4), nn.Linear(4, 4), temperature=0.3).double()
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,16 +89,17 @@ class _SumWithoutGradient(torch.autograd.Function):
         return grad
 
 
+def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 def _loss_and_grads(ddp: nn.Module, rank: int) -> dict:
     view_a, view_b = _batch()
     rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
     ddp.zero_grad(set_to_none=True)
-    loss = ddp.module.loss(ddp([view_a[rows], view_b[rows]]))
+    loss = ddp.module.training_loss(ddp([view_a[rows], view_b[rows]]))
     loss.backward()
-    return {
-        "loss": all_reduce_mean(loss.detach()).item(),
-        "grads": {n: p.grad.clone() for n, p in ddp.module.named_parameters()},
-    }
+    return {"loss": all_reduce_mean(loss.detach()).item(), "grads": _grads(ddp.module)}
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -102,15 +114,27 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     try:
         ddp = nn.parallel.DistributedDataParallel(_model())
         barlow = nn.parallel.DistributedDataParallel(_barlow())
+        scaled = _barlow()
+        scaled.gradient_scale = 1 / WORLD  # the recipes' method.gradient_scale
         result = {
             "ctx": (ctx.rank, ctx.world_size, ctx.local_rank, str(ctx.device), ctx.is_main),
             "backend": dist.get_backend(),
             "mean": all_reduce_mean(torch.tensor([rank + 1.0, 10.0 * rank])),
             "correct": _loss_and_grads(ddp, rank),
             "barlow": _loss_and_grads(barlow, rank),
+            "barlow_scaled": _loss_and_grads(nn.parallel.DistributedDataParallel(scaled), rank),
+            "vicreg": _loss_and_grads(nn.parallel.DistributedDataParallel(_vicreg()), rank),
+            "mocov3": _loss_and_grads(nn.parallel.DistributedDataParallel(_mocov3()), rank),
         }
         simclr_module.gather_with_grad = _SliceOnlyGather.apply
         result["slice_only"] = _loss_and_grads(ddp, rank)
+        exact_sum = barlow_module.sum_over_ranks
+        # The authors' code: batch statistics from SyncBatchNorm (with gradients), then the
+        # cross-correlation (the only 2-d sum) all-reduced in place, blind to autograd.
+        barlow_module.sum_over_ranks = lambda t: (
+            _SumWithoutGradient.apply(t) if t.ndim == 2 else exact_sum(t)
+        )
+        result["barlow_authors"] = _loss_and_grads(barlow, rank)
         barlow_module.sum_over_ranks = _SumWithoutGradient.apply
         result["barlow_no_grad_sum"] = _loss_and_grads(barlow, rank)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -138,7 +162,7 @@ def _joined_batch(model: nn.Module) -> tuple[float, dict]:
     view_a, view_b = _batch()
     loss = model.loss(model([view_a, view_b]))
     loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    return loss.item(), _grads(model)
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +175,16 @@ def barlow_single_process():
     return _joined_batch(_barlow())
 
 
+@pytest.fixture(scope="module")
+def vicreg_single_process():
+    return _joined_batch(_vicreg())
+
+
+@pytest.fixture(scope="module")
+def mocov3_single_process():
+    return _joined_batch(_mocov3())
+
+
 def test_setup_distributed_reads_torchrun_env_and_uses_gloo(rank_results):
     for rank, result in enumerate(rank_results):
         assert result["ctx"] == (rank, WORLD, rank, "cpu", rank == 0)
@@ -158,9 +192,15 @@ def test_setup_distributed_reads_torchrun_env_and_uses_gloo(rank_results):
         torch.testing.assert_close(result["mean"], torch.tensor([1.5, 5.0]))
 
 
-# (result key, the single-process fixture it must equal): SimCLR's gathered NT-Xent and
-# Barlow Twins' batch statistics and cross-correlation summed over ranks, both with gradients.
-CORRECT = [("correct", "single_process"), ("barlow", "barlow_single_process")]
+# (result key, the single-process fixture it must equal): SimCLR's gathered NT-Xent, Barlow
+# Twins' batch statistics and cross-correlation summed over ranks and VICReg's gathered
+# embeddings, all with gradients, and MoCo v3's keys gathered without.
+CORRECT = [
+    ("correct", "single_process"),
+    ("barlow", "barlow_single_process"),
+    ("vicreg", "vicreg_single_process"),
+    ("mocov3", "mocov3_single_process"),
+]
 # The known bugs: a gather whose backward keeps this rank's slice, and the authors' in-place
 # all_reduce, blind to autograd. Both leave the loss right and the gradients wrong.
 BUGGY = [("slice_only", "single_process"), ("barlow_no_grad_sum", "barlow_single_process")]
@@ -176,6 +216,18 @@ def test_two_ranks_reproduce_loss_and_gradients_of_joined_batch(
         assert result[key]["grads"].keys() == ref_grads.keys()
         for name, grad in result[key]["grads"].items():
             torch.testing.assert_close(grad, ref_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_gradient_scale_reproduces_the_barlow_authors_gradient(rank_results):
+    """The authors' in-place all_reduce of the cross-correlation gives 1 / world size of the
+    exact gradient; ``gradient_scale = 1 / world size`` on the exact gradient gives the same,
+    and keeps the loss."""
+    for result in rank_results:
+        exact, scaled, authors = (result[k] for k in ("barlow", "barlow_scaled", "barlow_authors"))
+        assert scaled["loss"] == pytest.approx(authors["loss"], rel=1e-12)
+        for name, grad in scaled["grads"].items():
+            torch.testing.assert_close(grad, authors["grads"][name], rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(grad * WORLD, exact["grads"][name], rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("key, reference", BUGGY)

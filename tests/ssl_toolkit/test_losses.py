@@ -40,7 +40,7 @@ def test_nt_xent_hand_computed_two_pairs():
     l2 = -math.log(e(s / t) / (e(s / t) + e(s / t) + e(0)))  # anchor v2, positive v0
     l3 = -math.log(e(-s / t) / (e(s / t) + e(-s / t) + e(0)))  # anchor v3, positive v1
     expected = (l0 + l1 + l2 + l3) / 4
-    assert nt_xent(z_a, z_b, t).item() == pytest.approx(expected, rel=1e-12)
+    assert nt_xent(z_a, z_b, temperature=t).item() == pytest.approx(expected, rel=1e-12)
 
 
 @pytest.mark.parametrize("n,d,temperature", [(1, 3, 0.1), (5, 4, 0.2), (8, 16, 0.5)])
@@ -49,13 +49,13 @@ def test_nt_xent_matches_python_loop(n, d, temperature):
     z_a = torch.randn(n, d, dtype=torch.float64, generator=g)
     z_b = torch.randn(n, d, dtype=torch.float64, generator=g)
     expected = _nt_xent_loop(z_a, z_b, temperature)
-    assert nt_xent(z_a, z_b, temperature).item() == pytest.approx(expected, rel=1e-10)
+    assert nt_xent(z_a, z_b, temperature=temperature).item() == pytest.approx(expected, rel=1e-10)
 
 
 def test_nt_xent_analytic_gradients_match_finite_differences():
     z_a = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     z_b = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b: nt_xent(a, b, 0.3), (z_a, z_b))
+    assert torch.autograd.gradcheck(lambda a, b: nt_xent(a, b, temperature=0.3), (z_a, z_b))
 
 
 def test_nt_xent_is_fp32_under_bf16_autocast():
@@ -63,7 +63,7 @@ def test_nt_xent_is_fp32_under_bf16_autocast():
     z_a = torch.randn(6, 8, generator=g).bfloat16()
     z_b = torch.randn(6, 8, generator=g).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = nt_xent(z_a, z_b, 0.1)
+        loss = nt_xent(z_a, z_b, temperature=0.1)
     assert loss.dtype == torch.float32
     expected = _nt_xent_loop(z_a.double(), z_b.double(), 0.1)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
@@ -71,9 +71,9 @@ def test_nt_xent_is_fp32_under_bf16_autocast():
 
 def test_nt_xent_rejects_mismatched_shapes_and_bad_temperature():
     with pytest.raises(ValueError, match="equal shape"):
-        nt_xent(torch.randn(3, 4), torch.randn(2, 4), 0.1)
+        nt_xent(torch.randn(3, 4), torch.randn(2, 4), temperature=0.1)
     with pytest.raises(ValueError, match="temperature"):
-        nt_xent(torch.randn(3, 4), torch.randn(3, 4), 0.0)
+        nt_xent(torch.randn(3, 4), torch.randn(3, 4), temperature=0.0)
 
 
 def test_byol_loss_hand_computed():
@@ -106,7 +106,7 @@ def test_losses_compute_in_fp32_under_fp16_autocast_on_cuda():
     z_a = torch.randn(16, 32, generator=g).half()
     z_b = torch.randn(16, 32, generator=g).half()
     with torch.autocast("cuda", dtype=torch.float16):
-        loss = nt_xent(z_a.cuda(), z_b.cuda(), 0.1)
+        loss = nt_xent(z_a.cuda(), z_b.cuda(), temperature=0.1)
         regression = byol_loss(z_a.cuda(), z_b.cuda())
     assert loss.dtype == regression.dtype == torch.float32
     assert loss.item() == pytest.approx(_nt_xent_loop(z_a.double(), z_b.double(), 0.1), rel=1e-5)

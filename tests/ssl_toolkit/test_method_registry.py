@@ -18,8 +18,10 @@ from ssl_toolkit.methods import (
     METHODS,
     BarlowTwins,
     MethodConfig,
+    MoCoV3,
     SimCLR,
     SimCLRConfig,
+    VICReg,
     get_method,
     list_methods,
     register_method,
@@ -27,8 +29,10 @@ from ssl_toolkit.methods import (
 
 
 def test_builtins_are_listed_and_found() -> None:
-    assert list_methods() == ["barlow_twins", "byol", "simclr"]
+    assert list_methods() == ["barlow_twins", "byol", "mocov3", "simclr", "vicreg"]
     assert get_method("simclr") is SimCLR
+    assert get_method("vicreg") is VICReg
+    assert get_method("mocov3") is MoCoV3
     assert get_method("byol") is BYOL
     assert get_method("barlow_twins") is BarlowTwins
     with pytest.raises(ConfigError, match=r"method\.name: unknown method 'simclrr'; did you mean"):
@@ -56,9 +60,9 @@ def test_method_section_is_validated_by_the_registered_config() -> None:
         load_config("barlow_lars", ["method.off_diagonal_wieght=0.1", "method.projector.out=3"])
     assert sorted(info.value.problems) == [
         "method.off_diagonal_wieght: unknown key; did you mean 'off_diagonal_weight'? "
-        "allowed keys: name, projector, off_diagonal_weight",
+        "allowed keys: name, loss_scale, gradient_scale, projector, off_diagonal_weight",
         "method.projector.out: unknown key; did you mean 'out_dim'? "
-        "allowed keys: hidden_dim, out_dim, num_layers",
+        "allowed keys: hidden_dim, out_dim, num_layers, last_batch_norm",
     ]
     with pytest.raises(ConfigError, match=r"method\.name: required; one of barlow_twins, byol"):
         load_config("simclr_lars", ["method={temperature: 0.1}"])

@@ -54,7 +54,9 @@ def test_simclr_loss_equals_nt_xent_of_projections():
     view_a, view_b = _views()
     with torch.no_grad():
         expected = nt_xent(
-            model.projector(model.backbone(view_a)), model.projector(model.backbone(view_b)), 0.2
+            model.projector(model.backbone(view_a)),
+            model.projector(model.backbone(view_b)),
+            temperature=0.2,
         )
         assert model.loss(model([view_a, view_b])).item() == pytest.approx(
             expected.item(), rel=1e-6
@@ -226,3 +228,35 @@ def test_byol_hook_updates_with_tau_of_the_step_and_logs_it():
     model.after_optimizer_step(10, 10)
     assert model.log_metrics()["method/tau"] == pytest.approx(cosine_tau(9, 10, 0.9, 1.0))
     assert cosine_tau(9, 10, 0.9, 1.0) < 1.0
+
+
+def test_training_loss_scales_loss_and_gradient_as_configured():
+    """``loss_scale`` multiplies value and gradient (SimCLR's code sums both directions);
+    ``gradient_scale`` multiplies only the gradient, leaving the value bitwise."""
+    from ssl_toolkit.methods import build_method, parse_method_config, scale_gradient
+
+    views = list(_views(n=8))
+    results = {}
+    for scales in ((1.0, 1.0), (2.0, 1.0), (1.0, 1 / 32)):
+        config = parse_method_config(
+            {
+                "name": "simclr",
+                "loss_scale": scales[0],
+                "gradient_scale": scales[1],
+                "projector": {"hidden_dim": 16, "out_dim": 8},
+            }
+        )
+        torch.manual_seed(0)
+        method = build_method(config, "timm/resnet10t").double()
+        assert (method.loss_scale, method.gradient_scale) == scales
+        loss = method.training_loss(method([v.double() for v in views]))
+        loss.backward()
+        results[scales] = (loss.detach(), {n: p.grad for n, p in method.named_parameters()})
+    base_loss, base_grads = results[1.0, 1.0]
+    assert torch.equal(results[2.0, 1.0][0], 2 * base_loss)
+    assert torch.equal(results[1.0, 1 / 32][0], base_loss)
+    for name, grad in base_grads.items():
+        torch.testing.assert_close(results[2.0, 1.0][1][name], 2 * grad, rtol=1e-12, atol=0)
+        torch.testing.assert_close(results[1.0, 1 / 32][1][name], grad / 32, rtol=1e-12, atol=0)
+    t = torch.tensor(3.0, requires_grad=True)
+    assert scale_gradient(t, 1.0) is t
