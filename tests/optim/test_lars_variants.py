@@ -114,6 +114,23 @@ def mocov3_step(state: dict, lr: float, info: dict[str, Param], nesterov: bool) 
         state[name] = (p - lr * dp, g, mu)
 
 
+def solo_learn_step(state: dict, lr: float, info: dict[str, Param], nesterov: bool) -> None:
+    """vturrisi/solo-learn ``solo/utils/lars.py`` with ``exclude_bias_n_norm`` and
+    ``clip_lr`` (its CIFAR recipes): 2-d and larger tensors get
+    ``min(eta·‖p‖/(‖g‖ + wd·‖p‖ + eps) / lr, 1)·(g + wd·p)``; ``buf = m·buf + d_p``;
+    ``p -= lr·buf`` (or the Nesterov ``d_p + m·buf``)."""
+    for name, (p, g, buf) in state.items():
+        d_p = g
+        p_norm, g_norm = _norm(p), _norm(g)
+        if info[name].ndim != 1 and p_norm != 0 and g_norm != 0:
+            lars_lr = p_norm / (g_norm + p_norm * WEIGHT_DECAY + 1e-8) * ETA
+            lars_lr = min(float(lars_lr) / lr, 1.0)
+            d_p = (d_p + WEIGHT_DECAY * p) * lars_lr
+        buf = buf * MOMENTUM + d_p
+        d_p = d_p + MOMENTUM * buf if nesterov else buf
+        state[name] = (p - lr * d_p, g, buf)
+
+
 NORM_AND_BIAS = ["@norm", "@bias"]
 ONE_DIM = ["@1d"]
 BIAS_LR = 0.0048 / 0.2  # Barlow Twins: learning-rate-biases / learning-rate-weights
@@ -159,6 +176,15 @@ VARIANTS: dict[str, tuple[Callable, dict]] = {
         mocov3_step,
         dict(
             trust_ratio="update",
+            lr_in_buffer=False,
+            exclude_from_weight_decay=ONE_DIM,
+            exclude_from_layer_adaptation=ONE_DIM,
+        ),
+    ),
+    "solo_learn": (
+        solo_learn_step,
+        dict(
+            trust_clip=True,
             lr_in_buffer=False,
             exclude_from_weight_decay=ONE_DIM,
             exclude_from_layer_adaptation=ONE_DIM,

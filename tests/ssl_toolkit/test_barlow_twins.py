@@ -127,26 +127,23 @@ def test_shipped_configs_carry_the_papers_recipe() -> None:
     assert cfg.method == BarlowTwinsConfig(
         projector=HeadConfig(hidden_dim=8192, out_dim=8192, num_layers=3),
         off_diagonal_weight=0.0051,
+        gradient_scale=1 / 32,
     )
-    assert (cfg.optim.lr, cfg.optim.weight_decay) == (0.2, 1.5e-6)
+    assert (cfg.optim.lr, cfg.optim.weight_decay) == (0.2, 1e-6)
     assert cfg.schedule.lr_scaling == "linear" and cfg.schedule.warmup_epochs == 10
     assert cfg.trainer.epochs == 1000 and cfg.model.backbone == "resnet50"
-    for name in ("imagenet/barlow", "barlow_lars"):
-        optim = load_config(name).optim
-        assert optim.exclude_from_layer_adaptation == ["@norm", "@bias"]
-        assert optim.exclude_from_weight_decay == ["@norm", "@bias"]
-        [rule] = optim.param_groups
-        assert rule.match == ["@norm", "@bias"]
-        assert rule.lr_scale == pytest.approx(0.0048 / 0.2)
+    optim = cfg.optim
+    assert optim.exclude_from_layer_adaptation == optim.exclude_from_weight_decay == ["@1d"]
+    [rule] = optim.param_groups
+    assert rule.match == ["@1d"]
+    assert rule.lr_scale == pytest.approx(0.0048 / 0.2)
 
 
 def test_recipe_gives_biases_and_norms_their_own_lr_without_adaptation_or_decay() -> None:
     cfg = load_config(
         "barlow_lars", ["model.backbone=timm/test_resnet", "method.projector.hidden_dim=32"]
     )
-    model = build_method(
-        cfg.method, cfg.model.backbone, cifar_stem=cfg.model.cifar_stem
-    ).trainable_module()
+    model = build_method(cfg.method, **cfg.model.backbone_options()).trainable_module()
     optimizer = build_optimizer(cfg.optim, model)
     set_lr(optimizer, 1.0)
     groups = {p.param_name: g for g in optimizer.param_groups for p in g["params"]}

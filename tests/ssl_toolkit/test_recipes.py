@@ -15,6 +15,16 @@ from ssl_toolkit.config import load_config
 from ssl_toolkit.methods import build_method
 
 EXCLUDED = ["@norm", "@bias"]
+ONE_DIM = ["@1d"]  # the authors' `p.ndim == 1` filters
+
+# solo/utils/lars.py: the original ratio, clipped (clip_lr), the lr outside the buffer, 1-d
+# tensors excluded (exclude_bias_n_norm); torchvision's ResNet with its default init.
+SOLO_LEARN_LARS = {
+    "optim.trust_ratio": "original",
+    "optim.lr_in_buffer": False,
+    "model.zero_init_residual": False,
+    "exclude": ONE_DIM,
+}
 
 RECIPES: dict[str, dict[str, Any]] = {
     # Chen et al. 2020 (arXiv:2002.05709), section 2.3, appendix A, table 5.
@@ -33,6 +43,13 @@ RECIPES: dict[str, dict[str, Any]] = {
         "data.color_strength": 1.0,
         "data.crop_min_scale": 0.08,
         "views": {"jitter_p": (0.8, 0.8), "gray_p": (0.2, 0.2), "blur_p": (0.5, 0.5)},
+        # google-research/simclr: lars_optimizer.py (classic_momentum), objective.py
+        # (loss_a + loss_b), model_util.py (center=False), resnet.py (init_zero=True).
+        "optim.trust_ratio": "update",
+        "optim.lr_in_buffer": True,
+        "method.loss_scale": 2.0,
+        "method.projector.last_batch_norm": "scale",
+        "model.zero_init_residual": True,
     },
     # Grill et al. 2020 (arXiv:2006.07733), section 5 and appendix F (300 epochs), table 6.
     "imagenet/byol": {
@@ -48,6 +65,10 @@ RECIPES: dict[str, dict[str, Any]] = {
         "schedule.warmup_epochs": 10,
         "trainer.epochs": 300,
         "views": {"blur_p": (1.0, 0.1), "solarize_p": (0.0, 0.2), "jitter": [(0.4, 0.4, 0.2, 0.1)]},
+        # byol/utils/optimizers.py (scale_by_lars, then optax.scale(-lr)); haiku's ResNet.
+        "optim.trust_ratio": "update",
+        "optim.lr_in_buffer": False,
+        "model.zero_init_residual": True,
     },
     # Zbontar et al. 2021 (arXiv:2103.03230), section 2; facebookresearch/barlowtwins main.py.
     "imagenet/barlow": {
@@ -58,11 +79,103 @@ RECIPES: dict[str, dict[str, Any]] = {
         "method.projector.out_dim": 8192,
         "method.projector.num_layers": 3,
         "optim.lr": 0.2,
-        "optim.weight_decay": 1.5e-6,
+        "optim.weight_decay": 1e-6,  # main.py's default (the README's best model)
         "schedule.warmup_epochs": 10,
         "schedule.final_lr": 0.2 * 2048 / 256 * 0.001,
         "trainer.epochs": 1000,
         "bias_lr_ratio": 0.0048 / 0.2,
+        "exclude": ONE_DIM,
+        "optim.trust_ratio": "update",
+        "optim.lr_in_buffer": False,
+        "model.zero_init_residual": True,
+        # The in-place all_reduce of c: 1 / (32 processes, section 4) of the exact gradient.
+        "method.gradient_scale": 1 / 32,
+        "method.loss_scale": 1.0,
+    },
+    # facebookresearch/vicreg main_vicreg.py and its README's 1000-epoch command.
+    "imagenet/vicreg": {
+        "processes": 32,
+        "global_batch": 2048,
+        "method.projector.hidden_dim": 8192,
+        "method.projector.out_dim": 8192,
+        "method.projector.num_layers": 3,
+        "method.invariance_weight": 25.0,
+        "method.variance_weight": 25.0,
+        "method.covariance_weight": 1.0,
+        "model.backbone": "resnet50",
+        "model.zero_init_residual": True,
+        "optim.lr": 0.2,
+        "optim.weight_decay": 1e-6,
+        "optim.eta": 0.001,
+        "optim.trust_ratio": "update",
+        "optim.lr_in_buffer": False,
+        "schedule.lr_scaling": "linear",
+        "schedule.warmup_epochs": 10,
+        "schedule.final_lr": 0.2 * 2048 / 256 * 0.001,
+        "trainer.epochs": 1000,
+        "exclude": ONE_DIM,
+        "views": {"blur_p": (1.0, 0.1), "solarize_p": (0.0, 0.2)},
+    },
+    # facebookresearch/moco-v3 CONFIG.md (ResNet-50, 100 / 300 / 1000 epochs), main_moco.py's
+    # defaults, moco/builder.py and moco/optimizer.py.
+    "imagenet/mocov3": {
+        "processes": 16,
+        "global_batch": 4096,
+        "method.temperature": 1.0,
+        "method.tau_base": 0.99,
+        "method.tau_final": 1.0,
+        "method.projector.hidden_dim": 4096,
+        "method.projector.out_dim": 256,
+        "method.projector.num_layers": 2,
+        "method.projector.last_batch_norm": "plain",
+        "method.predictor.hidden_dim": 4096,
+        "method.predictor.last_batch_norm": "none",
+        "model.backbone": "resnet50",
+        "model.zero_init_residual": True,
+        "data.crop_min_scale": 0.2,
+        "optim.lr": 0.6,
+        "optim.weight_decay": 1e-6,
+        "optim.trust_ratio": "update",
+        "optim.lr_in_buffer": False,
+        "schedule.warmup_epochs": 10,
+        "schedule.final_lr": 0.0,
+        "trainer.epochs": 100,
+        "exclude": ONE_DIM,
+        "views": {"blur_p": (1.0, 0.1), "solarize_p": (0.0, 0.2)},
+    },
+    "imagenet/mocov3_300ep": {
+        "processes": 16,
+        "global_batch": 4096,
+        "optim.lr": 0.3,
+        "optim.weight_decay": 1e-6,
+        "method.tau_base": 0.99,
+        "trainer.epochs": 300,
+        "exclude": ONE_DIM,
+    },
+    "imagenet/mocov3_1000ep": {
+        "processes": 16,
+        "global_batch": 4096,
+        "optim.lr": 0.3,
+        "optim.weight_decay": 1.5e-6,
+        "method.tau_base": 0.996,
+        "trainer.epochs": 1000,
+        "exclude": ONE_DIM,
+    },
+    # CONFIG.md's ViT-S command (4 nodes of 8 GPUs): AdamW, no exclusions.
+    "imagenet/mocov3_vit_small": {
+        "processes": 32,
+        "global_batch": 4096,
+        "method.temperature": 0.2,
+        "method.projector.num_layers": 3,
+        "method.predictor.last_batch_norm": "plain",
+        "model.backbone": "timm/vit_small_patch16_224",
+        "optim.name": "adamw",
+        "optim.lr": 1.5e-4,
+        "optim.weight_decay": 0.1,
+        "schedule.warmup_epochs": 40,
+        "trainer.epochs": 300,
+        "data.crop_min_scale": 0.08,
+        "exclude": [],
     },
     # google-research/simclr README (v1) CIFAR-10 command; appendix B.9 of Chen et al. 2020.
     "cifar10/simclr": {
@@ -78,6 +191,10 @@ RECIPES: dict[str, dict[str, Any]] = {
         "trainer.epochs": 1000,
         "data.color_strength": 0.5,
         "views": {"blur_p": (0.0, 0.0)},
+        "optim.trust_ratio": "update",
+        "method.loss_scale": 2.0,
+        "method.projector.last_batch_norm": "scale",
+        "model.zero_init_residual": True,
     },
     # solo-learn scripts/pretrain/cifar/byol.yaml with augmentations/asymmetric.yaml.
     "cifar10/byol": {
@@ -91,6 +208,47 @@ RECIPES: dict[str, dict[str, Any]] = {
         "optim.trust_clip": True,
         "trainer.epochs": 1000,
         "views": {"blur_p": (0.0, 0.0), "solarize_p": (0.0, 0.2), "jitter_p": (0.8, 0.8)},
+        **SOLO_LEARN_LARS,
+    },
+    # solo-learn scripts/pretrain/cifar/vicreg.yaml (its variance term is a sum of the two
+    # views' hinges, twice main_vicreg.py's mean at the same weight).
+    "cifar10/vicreg": {
+        "processes": 1,
+        "global_batch": 256,
+        "method.projector.hidden_dim": 2048,
+        "method.projector.out_dim": 2048,
+        "method.invariance_weight": 25.0,
+        "method.variance_weight": 2 * 25.0,
+        "method.covariance_weight": 1.0,
+        "model.cifar_stem": True,
+        "optim.lr": 0.3,
+        "optim.weight_decay": 1e-4,
+        "optim.eta": 0.02,
+        "optim.trust_clip": True,
+        "trainer.epochs": 1000,
+        "schedule.warmup_epochs": 10,
+        "data.crop_min_scale": 0.2,
+        "views": {"blur_p": (0.0, 0.0), "solarize_p": (0.1, 0.1), "flip_p": (0.5, 0.5)},
+        **SOLO_LEARN_LARS,
+    },
+    # solo-learn scripts/pretrain/cifar/mocov3.yaml with augmentations/asymmetric.yaml.
+    "cifar10/mocov3": {
+        "processes": 1,
+        "global_batch": 256,
+        "method.temperature": 0.2,
+        "method.tau_base": 0.99,
+        "method.projector.hidden_dim": 4096,
+        "method.projector.out_dim": 256,
+        "method.predictor.hidden_dim": 4096,
+        "model.cifar_stem": True,
+        "optim.lr": 0.3,
+        "optim.weight_decay": 1e-6,
+        "optim.eta": 0.02,
+        "optim.trust_clip": True,
+        "trainer.epochs": 1000,
+        "data.crop_min_scale": 0.08,
+        "views": {"blur_p": (0.0, 0.0), "solarize_p": (0.0, 0.2)},
+        **SOLO_LEARN_LARS,
     },
 }
 
@@ -108,18 +266,20 @@ def test_recipe_matches_its_source(name: str) -> None:
     processes = expected.pop("processes")
     global_batch = cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * processes
     assert global_batch == expected.pop("global_batch")
-    assert cfg.optim.exclude_from_layer_adaptation == EXCLUDED
-    assert cfg.optim.exclude_from_weight_decay == EXCLUDED
+    excluded = expected.pop("exclude", EXCLUDED)
+    assert cfg.optim.exclude_from_weight_decay == excluded
+    if excluded:
+        assert cfg.optim.exclude_from_layer_adaptation == excluded
     views = expected.pop("views", {})
     ratio = expected.pop("bias_lr_ratio", None)
     for key, value in expected.items():
         assert _value(cfg, key) == pytest.approx(value), key
     if ratio is not None:
         [rule] = cfg.optim.param_groups
-        assert rule.match == EXCLUDED and rule.lr_scale == pytest.approx(ratio)
+        assert rule.match == excluded and rule.lr_scale == pytest.approx(ratio)
     if views:
         augment = (
-            build_method(cfg.method, cfg.model.backbone, cifar_stem=cfg.model.cifar_stem)
+            build_method(cfg.method, **cfg.model.backbone_options())
             .augmentation(
                 cfg.data.image_size,
                 crop_scale=(cfg.data.crop_min_scale, 1.0),
