@@ -66,8 +66,11 @@ class CPUSyncBatchNorm(_BatchNorm):
         if self.track_running_stats and self.running_mean is not None:
             self._update_running_stats(mean.detach(), var.detach() * count / (count - 1))
         out = centred * torch.rsqrt(var + self.eps).view(shape)
-        if self.affine:
-            out = out * self.weight.view(shape) + self.bias.view(shape)
+        # Either may be None: SimCLR's head learns a scale without a shift.
+        if self.weight is not None:
+            out = out * self.weight.view(shape)
+        if self.bias is not None:
+            out = out + self.bias.view(shape)
         return out.to(input.dtype)
 
     @torch.no_grad()

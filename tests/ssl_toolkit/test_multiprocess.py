@@ -19,6 +19,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from models.heads import ScaleBatchNorm1d
 from optim import build_optimizer
 from optim.op_count import count_ops
 from ssl_toolkit.accumulation import accumulate
@@ -82,6 +83,10 @@ def _bn_model(sync: bool) -> nn.Module:
         nn.Flatten(),
         nn.Linear(4, 5),
         nn.BatchNorm1d(5),
+        nn.Linear(5, 5),
+        ScaleBatchNorm1d(5),  # SimCLR's head: a scale, no shift
+        nn.Linear(5, 5),
+        nn.BatchNorm1d(5, affine=False),  # MoCo v3's head: neither
     ).double()
     return convert_sync_batchnorm(model, torch.device("cpu")) if sync else model
 
