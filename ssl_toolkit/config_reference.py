@@ -27,7 +27,7 @@ from pydantic_core import PydanticUndefined
 from optim import OptimizerConfig
 from optim.registry import OPTIMIZERS
 from ssl_toolkit.config import ConfigSection, ExperimentConfig
-from ssl_toolkit.methods import METHODS
+from ssl_toolkit.methods import METHODS, MethodConfig
 
 __all__ = ["TABLES", "method_rows", "render_table", "update_readme"]
 
@@ -148,9 +148,13 @@ def method_rows() -> Iterator[list[str]]:
         ", ".join(_code(name) for name in methods) + ", or a registered plugin",
         "the SSL method; its keys follow",
     ]
+    shared = MethodConfig.model_fields
+    for key, field in shared.items():
+        if key != "name":
+            yield _field_row(f"method.{key}", field, prefix="every method: ")
     for name, config in methods.items():
         for key, field in config.model_fields.items():
-            if key != "name":
+            if key not in shared:
                 yield _field_row(f"method.{key}", field, prefix=f"{name}: ")
 
 
