@@ -53,6 +53,10 @@ def excluded(params: list[nn.Parameter]) -> dict[str, set[str]]:
     return {"exclude_from_layer_adaptation": names, "exclude_from_weight_decay": names}
 
 
+# The variant of BYOL's, Barlow Twins', VICReg's and MoCo v3's code (docs/lars.md).
+AUTHORS_VARIANT = {"trust_ratio": "update", "lr_in_buffer": False}
+
+
 def optimizers(lr: float = 0.1, wd: float = 1e-6) -> dict[str, Callable]:
     common = dict(lr=lr, momentum=0.9, weight_decay=wd)
     return {
@@ -61,6 +65,12 @@ def optimizers(lr: float = 0.1, wd: float = 1e-6) -> dict[str, Callable]:
         "LARS multi-tensor": lambda ps: LARS(ps, **common, foreach=True),
         "LARS multi-tensor, norms/biases excluded": lambda ps: LARS(
             ps, **common, **excluded(ps), foreach=True
+        ),
+        "LARS multi-tensor, update ratio, lr outside, excluded": lambda ps: LARS(
+            ps, **common, **excluded(ps), **AUTHORS_VARIANT, foreach=True
+        ),
+        "LARS single-tensor, update ratio, lr outside, excluded": lambda ps: LARS(
+            ps, **common, **excluded(ps), **AUTHORS_VARIANT, foreach=False
         ),
         "LARS fused (compiled)": lambda ps: LARS(ps, **common, fused=True),
         "per-parameter LARS (original style)": lambda ps: PerParameterLARS(ps, **common),
