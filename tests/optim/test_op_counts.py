@@ -44,8 +44,9 @@ def _steady_state_count(opt: torch.optim.Optimizer):
         {"exclude_from_layer_adaptation": ["@norm", "@bias"]},
         {"exclude_from_weight_decay": ["@norm"], "trust_clip": True},
         {"nesterov": True, "weight_decay": 0.0},
+        {"trust_ratio": "update", "lr_in_buffer": False, "nesterov": True},
     ],
-    ids=["seed", "excluded", "trust-clip", "nesterov"],
+    ids=["seed", "excluded", "trust-clip", "nesterov", "update-ratio-lr-outside"],
 )
 @pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
 def test_no_host_sync(resnets: dict[str, nn.Module], options: dict, foreach: bool) -> None:
