@@ -32,6 +32,7 @@ from .base import (
     Method,
     MethodConfig,
     at_least_fp32,
+    check_pair,
     off_diagonal,
     two_views,
 )
@@ -77,11 +78,7 @@ def cross_correlation(z_a: Tensor, z_b: Tensor) -> Tensor:
     biased batch variance (plus ``eps = 1e-5``) and ``N`` is the batch over all ranks. Every rank
     passes the same number of rows. Computes in at least fp32, also under autocast.
     """
-    if z_a.shape != z_b.shape or z_a.ndim != 2:
-        raise ValueError(
-            f"cross_correlation expects two (n, d) tensors of equal shape, got "
-            f"{tuple(z_a.shape)} and {tuple(z_b.shape)}"
-        )
+    check_pair(z_a, z_b, "cross_correlation")
     batch = z_a.shape[0] * world_size()
     with torch.autocast(device_type=z_a.device.type, enabled=False):
         a = _standardise(at_least_fp32(z_a), batch)

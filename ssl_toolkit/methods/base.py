@@ -39,6 +39,8 @@ __all__ = [
     "Method",
     "MethodConfig",
     "at_least_fp32",
+    "check_pair",
+    "check_temperature",
     "off_diagonal",
     "scale_gradient",
     "two_views",
@@ -178,6 +180,23 @@ class BYOLAugmentation:
     ) -> BYOLAugment:
         """BYOL's augmentation at ``image_size`` with crops of ``crop_scale`` of the area."""
         return BYOLAugment(image_size, scale=crop_scale, generator=generator)
+
+
+def check_pair(a: Tensor, b: Tensor, loss: str) -> None:
+    """A clear error unless ``a`` and ``b`` are two ``(n, d)`` tensors of one shape, as every
+    loss of two views' embeddings takes."""
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(
+            f"{loss} expects two (n, d) tensors of equal shape, got {tuple(a.shape)} "
+            f"and {tuple(b.shape)}"
+        )
+
+
+def check_temperature(temperature: float) -> float:
+    """``temperature``, or a clear error unless it is positive."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    return temperature
 
 
 def off_diagonal(c: Tensor) -> Tensor:

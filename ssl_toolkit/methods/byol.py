@@ -19,7 +19,15 @@ from torch import Tensor, nn
 
 from optim.schedules import cosine_ramp
 
-from .base import BYOLAugmentation, HeadConfig, Method, MethodConfig, at_least_fp32, two_views
+from .base import (
+    BYOLAugmentation,
+    HeadConfig,
+    Method,
+    MethodConfig,
+    at_least_fp32,
+    check_pair,
+    two_views,
+)
 from .registry import register_method
 
 __all__ = ["BYOL", "BYOLConfig", "byol_loss", "cosine_tau"]
@@ -59,11 +67,7 @@ def byol_loss(p: Tensor, z: Tensor) -> Tensor:
     detached here, so the target never receives a gradient whatever the caller does. Computes in
     at least fp32, also under autocast.
     """
-    if p.shape != z.shape or p.ndim != 2:
-        raise ValueError(
-            f"byol_loss expects two (n, d) tensors of equal shape, got {tuple(p.shape)} "
-            f"and {tuple(z.shape)}"
-        )
+    check_pair(p, z, "byol_loss")
     with torch.autocast(device_type=p.device.type, enabled=False):
         p = F.normalize(at_least_fp32(p), dim=1)
         z = F.normalize(at_least_fp32(z.detach()), dim=1)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ssl_toolkit.distributed import all_gather_rows, world_size
 
-from .base import HeadConfig, MethodConfig, at_least_fp32
+from .base import HeadConfig, MethodConfig, at_least_fp32, check_pair, check_temperature
 from .byol import BYOL, cosine_tau
 from .registry import register_method
 
@@ -98,13 +98,8 @@ def moco_v3_loss(q: Tensor, k: Tensor, *, temperature: float = 1.0) -> Tensor:
     as ``builder.py``'s ``contrastive_loss``. After DDP's mean over ranks, the gradients are
     those of one process on the joined batch. Computes in at least fp32, also under autocast.
     """
-    if q.shape != k.shape or q.ndim != 2:
-        raise ValueError(
-            f"moco_v3_loss expects two (n, d) tensors of equal shape, got {tuple(q.shape)} "
-            f"and {tuple(k.shape)}"
-        )
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+    check_pair(q, k, "moco_v3_loss")
+    check_temperature(temperature)
     with torch.autocast(device_type=q.device.type, enabled=False):
         q = F.normalize(at_least_fp32(q), dim=1)
         keys = all_gather_rows(F.normalize(at_least_fp32(k.detach()), dim=1))
@@ -135,9 +130,7 @@ class MoCoV3(BYOL):
         tau_final: float = 1.0,
     ) -> None:
         super().__init__(backbone, projector, predictor, tau_base=tau_base, tau_final=tau_final)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        self.temperature = temperature
+        self.temperature = check_temperature(temperature)
 
     @classmethod
     def build(cls, config: MoCoV3Config, backbone: nn.Module) -> MoCoV3:

@@ -17,7 +17,15 @@ from torch import Tensor, nn
 from ssl_toolkit.data import SimCLRAugment
 from ssl_toolkit.distributed import gather_with_grad, world_size
 
-from .base import HeadConfig, Method, MethodConfig, at_least_fp32, two_views
+from .base import (
+    HeadConfig,
+    Method,
+    MethodConfig,
+    at_least_fp32,
+    check_pair,
+    check_temperature,
+    two_views,
+)
 from .registry import register_method
 
 __all__ = ["SimCLR", "SimCLRConfig", "nt_xent"]
@@ -53,13 +61,8 @@ def nt_xent(z_a: Tensor, z_b: Tensor, *, temperature: float = 0.1) -> Tensor:
 
     The computation runs in at least fp32, also under autocast.
     """
-    if z_a.shape != z_b.shape or z_a.ndim != 2:
-        raise ValueError(
-            f"nt_xent expects two (n, d) tensors of equal shape, got {tuple(z_a.shape)} "
-            f"and {tuple(z_b.shape)}"
-        )
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+    check_pair(z_a, z_b, "nt_xent")
+    check_temperature(temperature)
     n = z_a.shape[0]
     with torch.autocast(device_type=z_a.device.type, enabled=False):
         anchors = F.normalize(at_least_fp32(torch.cat([z_a, z_b])), dim=1)
@@ -88,11 +91,9 @@ class SimCLR(Method):
 
     def __init__(self, backbone: nn.Module, projector: nn.Module, temperature: float) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
         self.backbone = backbone
         self.projector = projector
-        self.temperature = temperature
+        self.temperature = check_temperature(temperature)
 
     @classmethod
     def build(cls, config: SimCLRConfig, backbone: nn.Module) -> SimCLR:

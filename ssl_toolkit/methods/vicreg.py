@@ -35,6 +35,7 @@ from .base import (
     Method,
     MethodConfig,
     at_least_fp32,
+    check_pair,
     off_diagonal,
     two_views,
 )
@@ -96,11 +97,7 @@ def vicreg_loss(
     variance term is the mean of the two views' hinges, as ``main_vicreg.py`` halves each.
     Computes in at least fp32, also under autocast.
     """
-    if z_a.shape != z_b.shape or z_a.ndim != 2:
-        raise ValueError(
-            f"vicreg_loss expects two (n, d) tensors of equal shape, got {tuple(z_a.shape)} "
-            f"and {tuple(z_b.shape)}"
-        )
+    check_pair(z_a, z_b, "vicreg_loss")
     if z_a.shape[0] * world_size() < 2:
         raise ValueError("vicreg_loss needs at least 2 rows over all processes (a variance)")
     with torch.autocast(device_type=z_a.device.type, enabled=False):
