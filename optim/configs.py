@@ -123,7 +123,11 @@ class LARSConfig(OptimizerConfig):
     def _consistent(self) -> LARSConfig:
         if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov needs momentum > 0")
-        if self.trust_ratio == "update" and "epsilon" in self.model_fields_set:
+        # Compared with the default, not with the keys set: a resolved config lists them all.
+        if (
+            self.trust_ratio == "update"
+            and self.epsilon != type(self).model_fields["epsilon"].default
+        ):
             raise ValueError(
                 "epsilon is part of the original trust ratio only; trust_ratio: update has none"
             )

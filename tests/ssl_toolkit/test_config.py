@@ -17,6 +17,8 @@ def test_every_shipped_config_validates(path: Path) -> None:
     """Every shipped config loads; a LARS one keeps norms and biases out of adaptation (by
     module type and name, or as the authors' 1-d filter), and only ViTs take AdamW."""
     cfg = load_config(str(path))
+    # A run directory's config.yaml is the resolved config: it must load back as it was.
+    assert ExperimentConfig.from_dict(cfg.to_dict()) == cfg
     if isinstance(cfg.optim, LARSConfig):
         assert cfg.optim.exclude_from_layer_adaptation in (["@norm", "@bias"], ["@1d"])
     else:
