@@ -297,6 +297,8 @@ def test_a_method_registered_here_trains_with_no_change_to_the_trainer(
     saved = torch.load(Path(cfg.trainer.output_dir) / "checkpoints" / "last.pt", weights_only=True)
     assert saved["trainer"]["step"] == 2 and saved["trainer"]["config"]["method"] == {
         "name": "toy",
+        "loss_scale": 1.0,
+        "gradient_scale": 1.0,
         "width": 4,
     }
 
