@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from optim import build_optimizer
 from optim.op_count import count_ops
 
-STEPS = 12
+STEPS = 6
 MOMENTUM, WEIGHT_DECAY, ETA = 0.9, 1e-2, 0.02
 
 
@@ -255,9 +255,9 @@ def test_variant_equals_its_authors_step(variant: str, nesterov: bool, path: dic
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["simclr", "byol"])
-def test_fused_path_runs_the_variants(variant: str) -> None:
-    _run(*VARIANTS[variant], False, {"fused": True}, steps=4)
+def test_fused_path_runs_the_variants() -> None:
+    """BYOL's variant takes both options (the ratio on the update, the lr outside)."""
+    _run(*VARIANTS["byol"], False, {"fused": True}, steps=4)
 
 
 def test_the_references_differ_from_the_original() -> None:
