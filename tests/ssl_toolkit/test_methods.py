@@ -260,3 +260,34 @@ def test_training_loss_scales_loss_and_gradient_as_configured():
         torch.testing.assert_close(results[1.0, 1 / 32][1][name], grad / 32, rtol=1e-12, atol=0)
     t = torch.tensor(3.0, requires_grad=True)
     assert scale_gradient(t, 1.0) is t
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_byol_digits_recipe_centres_targets_that_otherwise_share_a_direction(seed: int) -> None:
+    """The cause of the digits demo's loss to random init, on its ResNet-18 at initialisation:
+    without a batch norm on the projector's output, the targets of different digits share one
+    direction that a prediction can match without telling digits apart."""
+    from sklearn.datasets import load_digits
+
+    from ssl_toolkit.config import load_config
+    from ssl_toolkit.methods import build_method
+
+    images = torch.tensor(load_digits().images[:128], dtype=torch.float32)[:, None] / 16
+    images = F.interpolate(images, size=32, mode="bilinear").expand(-1, 3, -1, -1)
+
+    def targets(last_batch_norm: str) -> torch.Tensor:
+        overrides = [f"method.projector.last_batch_norm={last_batch_norm}"]
+        cfg = load_config("byol_lars", overrides)
+        torch.manual_seed(seed)
+        method = build_method(cfg.method, **cfg.model.backbone_options()).train()
+        with torch.no_grad():
+            return method.target["projector"](method.target["backbone"](images))
+
+    def mean_cosine_between_images(z: torch.Tensor) -> float:
+        z = F.normalize(z, dim=1)
+        return (z @ z.T)[~torch.eye(len(z), dtype=torch.bool)].mean().item()
+
+    recipe = targets(load_config("byol_lars").method.projector.last_batch_norm)
+    assert recipe.mean(dim=0).abs().max() < 1e-5  # centred over the batch, every dimension
+    assert abs(mean_cosine_between_images(recipe)) < 0.02
+    assert mean_cosine_between_images(targets("none")) > 0.2
