@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_toolkit.methods import BYOL, SimCLR, cosine_tau
+from ssl_toolkit.config import load_config
+from ssl_toolkit.data import build_dataset
+from ssl_toolkit.methods import BYOL, SimCLR, build_method, cosine_tau
 from ssl_toolkit.methods.simclr import nt_xent
 
 
@@ -267,13 +269,7 @@ def test_byol_digits_recipe_centres_targets_that_otherwise_share_a_direction(see
     """The cause of the digits demo's loss to random init, on its ResNet-18 at initialisation:
     without a batch norm on the projector's output, the targets of different digits share one
     direction that a prediction can match without telling digits apart."""
-    from sklearn.datasets import load_digits
-
-    from ssl_toolkit.config import load_config
-    from ssl_toolkit.methods import build_method
-
-    images = torch.tensor(load_digits().images[:128], dtype=torch.float32)[:, None] / 16
-    images = F.interpolate(images, size=32, mode="bilinear").expand(-1, 3, -1, -1)
+    images = build_dataset("digits", image_size=32).images[:128].float() / 255
 
     def targets(last_batch_norm: str) -> torch.Tensor:
         overrides = [f"method.projector.last_batch_norm={last_batch_norm}"]
