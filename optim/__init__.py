@@ -8,9 +8,12 @@ Usable alone by other projects::
 """
 
 from . import builtin as _builtin  # noqa: F401  (registers lars, sgd, adamw, lamb)
+from .clip_grad import clip_grad_norms_
 from .configs import (
     AdamWConfig,
     BuiltinOptimizerConfig,
+    ClipGradConfig,
+    FreezeConfig,
     LAMBConfig,
     LARSConfig,
     OptimizerConfig,
@@ -28,13 +31,15 @@ from .registry import (
     register_optimizer,
     require_trainable,
 )
-from .schedules import cosine_ramp, scale_lr, set_lr, warmup_cosine
+from .schedules import cosine_ramp, scale_lr, set_hyperparameter, set_lr, warmup_cosine
 
 __all__ = [
     "LARS",
     "AdamWConfig",
     "BuiltinOptimizerConfig",
+    "ClipGradConfig",
     "ConfigError",
+    "FreezeConfig",
     "LAMBConfig",
     "LARSConfig",
     "OptimizerConfig",
@@ -42,6 +47,7 @@ __all__ = [
     "ParamRow",
     "SGDConfig",
     "build_optimizer",
+    "clip_grad_norms_",
     "cosine_ramp",
     "get_optimizer_config",
     "lars",
@@ -53,6 +59,7 @@ __all__ = [
     "require_trainable",
     "resolve_params",
     "scale_lr",
+    "set_hyperparameter",
     "set_lr",
     "warmup_cosine",
 ]

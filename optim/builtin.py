@@ -17,23 +17,35 @@ __all__: list[str] = []
 def _decay_groups(config: OptimizerConfig, model: nn.Module) -> list[dict[str, object]]:
     """Param groups split by effective weight decay and lr scale."""
     rows = resolve_params(model, config)
-    return group_params(model, rows, config.lr, key=lambda row: {"weight_decay": row.weight_decay})
+    return group_params(
+        model,
+        rows,
+        config.lr,
+        key=lambda row: {
+            "weight_decay": row.weight_decay,
+            "weight_decay_scale": row.weight_decay_scale,
+        },
+    )
 
 
 @register_optimizer("lars", LARSConfig)
 def build_lars(config: LARSConfig, model: nn.Module) -> LARS:
     """LARS with the config's rules.
 
-    A group keeps its weight decay for the trust ratio; parameters excluded from decay or from
-    adaptation are passed by name, so exclusions never split a group (one multi-tensor bucket
-    per device and dtype) and their update drops the term exactly as ``LARS`` documents.
+    A group keeps its weight decay for the trust ratio (and a schedule scales it with the
+    group's ``weight_decay_scale``); parameters excluded from decay or from adaptation are passed
+    by name, so exclusions never split a group (one multi-tensor bucket per device and dtype)
+    and their update drops the term exactly as ``LARS`` documents.
     """
     rows = resolve_params(model, config)
     groups = group_params(
         model,
         rows,
         config.lr,
-        key=lambda row: {"weight_decay": row.group_weight_decay},
+        key=lambda row: {
+            "weight_decay": row.group_weight_decay,
+            "weight_decay_scale": row.decay_scale,
+        },
     )
     return LARS(
         groups,
@@ -52,6 +64,7 @@ def build_lars(config: LARSConfig, model: nn.Module) -> LARS:
         lr_in_buffer=config.lr_in_buffer,
         foreach=config.foreach,
         fused=config.fused,
+        unscale_in_step=config.unscale_in_step,
     )
 
 

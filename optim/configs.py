@@ -23,7 +23,9 @@ from .errors import short_repr
 __all__ = [
     "AdamWConfig",
     "BuiltinOptimizerConfig",
+    "ClipGradConfig",
     "ConfigModel",
+    "FreezeConfig",
     "LAMBConfig",
     "LARSConfig",
     "OptimizerConfig",
@@ -77,6 +79,26 @@ class ParamGroupRule(ConfigModel):
     )
 
 
+class ClipGradConfig(ConfigModel):
+    """Gradient clipping before every step, on the device (after a GradScaler's unscale)."""
+
+    max_norm: float = Field(gt=0.0, description="largest gradient norm kept")
+    per_parameter: bool = Field(
+        False,
+        description="clip each parameter's gradient to `max_norm` (DINO's `clip_gradients`); "
+        "false: the norm of all gradients together (`torch.nn.utils.clip_grad_norm_`)",
+    )
+
+
+class FreezeConfig(ConfigModel):
+    """Parameters left untouched, optimizer state included, for the first steps."""
+
+    params: list[str] = Field(
+        min_length=1, description="patterns of the parameters frozen (the rules' syntax)"
+    )
+    steps: int = Field(ge=1, description="optimizer steps during which they stay frozen")
+
+
 class OptimizerConfig(ConfigModel):
     """Keys every optimizer shares; subclasses fix ``name`` to a literal and add their own."""
 
@@ -90,6 +112,12 @@ class OptimizerConfig(ConfigModel):
         default_factory=list,
         description="ordered rules; the first that matches a parameter sets its lr scale "
         "and weight decay",
+    )
+    clip_grad: ClipGradConfig | None = Field(
+        None, description="clip gradients before each step (null: never)"
+    )
+    freeze: FreezeConfig | None = Field(
+        None, description="freeze parameters for the first steps (null: none)"
     )
 
 
@@ -118,6 +146,12 @@ class LARSConfig(OptimizerConfig):
     )
     foreach: bool | None = Field(None, description=_FOREACH)
     fused: bool = Field(False, description="compile the update with `torch.compile`")
+    unscale_in_step: bool = Field(
+        True,
+        description="under a GradScaler, unscale and skip overflow steps inside `step()`, "
+        "with no host sync; false: the scaler unscales first, as a trainer that clips "
+        "gradients itself needs (Lightning's `gradient_clip_val`)",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> LARSConfig:

@@ -84,6 +84,11 @@ class LARS(Optimizer):
         foreach: multi-tensor path; ``None`` picks the faster path for the device.
         fused: compile the update with ``torch.compile`` (needs a working compiler; the first
             step pays the compilation).
+        unscale_in_step: under a ``GradScaler``, take its scale and overflow flag into the step,
+            with no host sync. False lets the scaler unscale the gradients and check them for
+            overflow before the step, as its own path does for any optimizer: what a trainer
+            that clips gradients after ``unscale_`` needs (Lightning refuses to clip for an
+            optimizer that unscales in its step).
     """
 
     def __init__(
@@ -103,6 +108,7 @@ class LARS(Optimizer):
         lr_in_buffer: bool = True,
         foreach: bool | None = None,
         fused: bool = False,
+        unscale_in_step: bool = True,
     ) -> None:
         if lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
@@ -140,7 +146,7 @@ class LARS(Optimizer):
         self.fused = fused
         # GradScaler hands over `grad_scale` and `found_inf` instead of unscaling and checking
         # for overflow itself, which would cost a host sync per step.
-        self._step_supports_amp_scaling = True
+        self._step_supports_amp_scaling = unscale_in_step
         self._last_ratios: list[_BucketRatios] = []
 
     def __setstate__(self, state: dict[str, Any]) -> None:

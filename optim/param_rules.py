@@ -11,6 +11,7 @@ Patterns are matched against full names from ``model.named_parameters()``:
 
 A pattern that matches no parameter is an error listing close names. Like torchtitan's ordered
 rules, the first ``param_groups`` entry that matches decides a parameter's lr scale and decay.
+``freeze.params`` takes the same patterns.
 """
 
 from __future__ import annotations
@@ -65,6 +66,19 @@ class ParamRow:
     adapted: bool
     lr_scale: float
     group_weight_decay: float
+    decay_scale: float | None = 1.0
+    """``group_weight_decay`` over the optimizer's ``weight_decay``, which a weight-decay
+    schedule multiplies (``None``: a rule's decay that no schedule can scale, since the
+    optimizer's is 0)."""
+    decayed: bool = True
+    """False when an exclusion takes the decay term away (``weight_decay`` is then 0)."""
+    frozen_steps: int = 0
+    """Optimizer steps during which the parameter is frozen (``freeze``)."""
+
+    @property
+    def weight_decay_scale(self) -> float | None:
+        """What a weight-decay schedule multiplies for this parameter's own decay."""
+        return self.decay_scale if self.decayed else 0.0
 
 
 def compile_pattern(pattern: str, key: str) -> _Predicate:
@@ -141,6 +155,8 @@ def resolve_params(
         _Rules(rule.match, f"{prefix}.param_groups[{i}].match")
         for i, rule in enumerate(config.param_groups)
     ]
+    freeze = config.freeze
+    frozen = _Rules(freeze.params if freeze else (), f"{prefix}.freeze.params")
     rows = []
     names = []
     for name, param in model.named_parameters():
@@ -151,11 +167,13 @@ def resolve_params(
         # as matching nothing; the first match decides.
         group_hits = [rules.first_match(name, param, owner) for rules in group_rules]
         group_index = next((i for i, hit in enumerate(group_hits) if hit is not None), None)
-        lr_scale, group_decay = 1.0, config.weight_decay
+        lr_scale, group_decay, decay_scale = 1.0, config.weight_decay, 1.0
         if group_index is not None:
             rule = config.param_groups[group_index]
             lr_scale = rule.lr_scale
-            group_decay = config.weight_decay if rule.weight_decay is None else rule.weight_decay
+            if rule.weight_decay is not None:
+                group_decay = rule.weight_decay
+                decay_scale = _decay_scale(rule.weight_decay, config.weight_decay)
             reasons.append(f"param_groups[{group_index}]")
         decay_hit = no_decay.first_match(name, param, owner)
         if decay_hit is not None:
@@ -163,6 +181,9 @@ def resolve_params(
         adapt_hit = no_adapt.first_match(name, param, owner)
         if adapt_hit is not None:
             reasons.append(f"no adaptation: {no_adapt.patterns[adapt_hit]}")
+        frozen_hit = frozen.first_match(name, param, owner)
+        if frozen_hit is not None:
+            reasons.append(f"frozen {freeze.steps} steps: {frozen.patterns[frozen_hit]}")
         if not param.requires_grad:
             continue
         rows.append(
@@ -174,14 +195,25 @@ def resolve_params(
                 adapted=has_adaptation and adapt_hit is None,
                 lr_scale=lr_scale,
                 group_weight_decay=group_decay,
+                decay_scale=decay_scale,
+                decayed=decay_hit is None,
+                frozen_steps=freeze.steps if frozen_hit is not None else 0,
             )
         )
-    problems = no_decay.unmatched(names) + no_adapt.unmatched(names)
+    problems = no_decay.unmatched(names) + no_adapt.unmatched(names) + frozen.unmatched(names)
     for rules in group_rules:
         problems += rules.unmatched(names)
     if problems:
         raise ConfigError(problems)
     return rows
+
+
+def _decay_scale(rule_decay: float, decay: float) -> float | None:
+    """A rule's decay as a multiple of the optimizer's (``None`` when that is 0 and the rule's
+    is not: no multiple of 0 gives it)."""
+    if decay > 0:
+        return rule_decay / decay
+    return 0.0 if rule_decay == 0 else None
 
 
 def group_params(
@@ -193,12 +225,16 @@ def group_params(
     """Torch param groups: parameters whose ``key(row)`` settings are equal share one group.
 
     Long groups let the multi-tensor paths see long lists. Each group gets ``lr`` times its
-    ``lr_scale`` and keeps ``lr_scale`` so that a schedule can rescale it.
+    ``lr_scale`` and keeps ``lr_scale`` so that a schedule can rescale it
+    (:func:`~optim.schedules.set_hyperparameter`). Frozen parameters get groups of their own,
+    whose ``frozen_steps`` counts down the steps left (saved with the optimizer's state).
     """
     params = dict(model.named_parameters())
     groups: dict[tuple, dict[str, object]] = {}
     for row in rows:
         settings = {"lr_scale": row.lr_scale, **key(row)}
+        if row.frozen_steps:
+            settings["frozen_steps"] = row.frozen_steps
         group = groups.setdefault(
             tuple(sorted(settings.items())),
             {"params": [], "lr": lr * row.lr_scale, **settings},

@@ -21,6 +21,7 @@ from torch import nn
 from .configs import OptimizerConfig
 from .errors import ConfigError, closest, from_validation_error, short_repr
 from .param_rules import name_parameters
+from .step_hooks import install_step_hooks
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -191,10 +192,14 @@ def build_optimizer(
     """Build the optimizer ``cfg["name"]`` for ``model``'s trainable parameters.
 
     Every parameter gets ``param.param_name`` (its full name) first, so rules and LARS
-    exclusions see the names they were written against. A model with nothing to train is a
-    ``ConfigError`` (torch would say only "optimizer got an empty parameter list").
+    exclusions see the names they were written against. ``clip_grad`` and ``freeze`` become
+    step pre-hooks (:mod:`optim.step_hooks`), so they hold for any optimizer and any trainer.
+    A model with nothing to train is a ``ConfigError`` (torch would say only "optimizer got an
+    empty parameter list").
     """
     config = parse_optimizer_config(cfg)
     require_trainable(model)
     name_parameters(model)
-    return OPTIMIZERS.entry(config.name).target(config, model)
+    optimizer = OPTIMIZERS.entry(config.name).target(config, model)
+    install_step_hooks(optimizer, config)
+    return optimizer

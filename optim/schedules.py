@@ -1,5 +1,6 @@
-"""Learning-rate scaling with batch size, the per-step warmup + cosine schedule, and the
-half-cosine ramp it decays on (also BYOL's target EMA decay)."""
+"""Learning-rate scaling with batch size, the per-step warmup + cosine schedule, the half-cosine
+ramp it decays on (also BYOL's target EMA decay), and setting any scheduled hyperparameter of
+an optimizer's param groups."""
 
 from __future__ import annotations
 
@@ -8,7 +9,14 @@ from typing import Literal
 
 import torch
 
-__all__ = ["LRScaling", "cosine_ramp", "scale_lr", "set_lr", "warmup_cosine"]
+__all__ = [
+    "LRScaling",
+    "cosine_ramp",
+    "scale_lr",
+    "set_hyperparameter",
+    "set_lr",
+    "warmup_cosine",
+]
 
 LRScaling = Literal["linear", "sqrt", "none"]
 """How the peak lr follows the global batch: ``x batch / 256``, ``x sqrt(batch)``, or not."""
@@ -42,7 +50,22 @@ def warmup_cosine(
     return cosine_ramp(step - warmup_steps, max(1, total_steps - warmup_steps), peak_lr, final_lr)
 
 
+def set_hyperparameter(optimizer: torch.optim.Optimizer, name: str, value: float) -> None:
+    """Set every group's ``name`` (``lr``, ``weight_decay``, ``momentum``...) to ``value`` times
+    the group's ``<name>_scale`` (1 if absent): the scales the parameter rules gave each group
+    multiply the scheduled value, so a group without decay keeps none.
+
+    A group without the hyperparameter, or whose scale is ``None`` (a rule's decay that is no
+    multiple of the optimizer's), is a ``ValueError``: the schedule would otherwise not apply.
+    """
+    for index, group in enumerate(optimizer.param_groups):
+        scale = group.get(f"{name}_scale", 1.0)
+        if name not in group or scale is None:
+            why = f"has no {name!r}" if name not in group else f"has a fixed {name}"
+            raise ValueError(f"{type(optimizer).__name__} param group {index} {why} to schedule")
+        group[name] = value * scale
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every group's lr to ``lr`` times the group's ``lr_scale`` (1 if absent)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+    set_hyperparameter(optimizer, "lr", lr)

@@ -48,6 +48,7 @@ __all__ = [
     "ModelConfig",
     "ScheduleConfig",
     "TrainerConfig",
+    "ValueSchedule",
     "WandbConfig",
     "apply_overrides",
     "load_config",
@@ -151,8 +152,24 @@ class DataConfig(ConfigSection):
     )
 
 
+class ValueSchedule(ConfigSection):
+    """An optimizer hyperparameter per step: a linear warmup from 0, then a half cosine from
+    the optimizer's own value (``optim.<key>``) to ``end``, as the lr runs."""
+
+    end: float = Field(ge=0.0, description="the value at the last step")
+    warmup_epochs: float = Field(
+        0.0, ge=0.0, description="linear warmup from 0 to the optimizer's value, per step"
+    )
+
+
+# The optimizer keys a `schedule:` entry may drive, besides the lr.
+SCHEDULED_KEYS = ("weight_decay", "momentum")
+
+
 class ScheduleConfig(ConfigSection):
-    """Learning rate: batch-size scaling of ``optim.lr``, linear warmup, cosine decay."""
+    """Learning rate: batch-size scaling of ``optim.lr``, linear warmup, cosine decay; and the
+    other hyperparameters that follow a schedule (the optimizer's value is their start).
+    The scales the parameter rules give each param group multiply every scheduled value."""
 
     lr_scaling: LRScaling = Field(
         "linear",
@@ -161,6 +178,20 @@ class ScheduleConfig(ConfigSection):
     )
     warmup_epochs: float = Field(10.0, ge=0.0, description="linear warmup, per step")
     final_lr: float = Field(0.0, ge=0.0, description="lr at the end of the cosine decay")
+    weight_decay: ValueSchedule | None = Field(
+        None,
+        description="`optim.weight_decay` on a cosine to `end` (DINO: 0.04 to 0.4); null: "
+        "constant; logged as `train/weight_decay`",
+    )
+    momentum: ValueSchedule | None = Field(
+        None,
+        description="`optim.momentum` on a cosine to `end`; null: constant; logged as "
+        "`train/momentum`",
+    )
+
+    def scheduled(self) -> dict[str, ValueSchedule]:
+        """The optimizer keys with a schedule, and their schedules."""
+        return {key: getattr(self, key) for key in SCHEDULED_KEYS if getattr(self, key)}
 
 
 class TrainerConfig(ConfigSection):
@@ -293,6 +324,34 @@ class ExperimentConfig(ConfigSection):
     @classmethod
     def _registered_optimizer(cls, value: Any) -> OptimizerConfig:
         return parse_optimizer_config(value, prefix="optim")
+
+    @model_validator(mode="after")
+    def _schedulable(self) -> ExperimentConfig:
+        """Every scheduled key is one of the optimizer's, and every value the schedule takes
+        is one the optimizer accepts for it."""
+        optim_cls = type(self.optim)
+        for key, schedule in self.schedule.scheduled().items():
+            where = f"schedule.{key}"
+            if key not in optim_cls.model_fields:
+                raise ConfigError([f"{where}: optimizer {self.optim.name!r} has no {key}"])
+            try:
+                optim_cls.model_validate(self.optim.model_dump() | {key: schedule.end})
+            except ValidationError as err:
+                reason = err.errors()[0]["msg"]
+                raise ConfigError(
+                    [f"{where}.end: {schedule.end!r} is no valid optim.{key} ({reason})"]
+                ) from None
+        if self.schedule.weight_decay and self.optim.weight_decay == 0:
+            for index, rule in enumerate(self.optim.param_groups):
+                if rule.weight_decay:
+                    raise ConfigError(
+                        [
+                            f"schedule.weight_decay: optim.param_groups[{index}].weight_decay "
+                            f"({rule.weight_decay!r}) is no multiple of optim.weight_decay (0), "
+                            "which the schedule scales"
+                        ]
+                    )
+        return self
 
     @classmethod
     def from_dict(cls, data: Any) -> ExperimentConfig:

@@ -125,6 +125,24 @@ def _field_row(key: str, field: FieldInfo, prefix: str = "") -> list[str]:
     return [_code(key), _default(field), allowed, prefix + field.description]
 
 
+def _optional_model(annotation: Any) -> type[BaseModel] | None:
+    """The model of a ``Model | None`` key (``clip_grad``, ``schedule.weight_decay``), whose
+    own keys get rows below the key's."""
+    if get_origin(annotation) not in (Union, types.UnionType):
+        return None
+    models = [a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+    return models[0] if len(models) == 1 and type(None) in get_args(annotation) else None
+
+
+def _nested_rows(key: str, field: FieldInfo) -> Iterator[list[str]]:
+    """The row of ``key``, then, for an optional section, a row for each of its keys."""
+    yield _field_row(key, field)
+    model = _optional_model(field.annotation)
+    if model is not None:
+        for name, inner in model.model_fields.items():
+            yield _field_row(f"{key}.{name}", inner)
+
+
 def _section_rows(prefix: str, model: type[BaseModel]) -> Iterator[list[str]]:
     for name, field in model.model_fields.items():
         key = f"{prefix}.{name}"
@@ -132,7 +150,7 @@ def _section_rows(prefix: str, model: type[BaseModel]) -> Iterator[list[str]]:
         if isinstance(annotation, type) and issubclass(annotation, ConfigSection):
             yield from _section_rows(key, annotation)
         else:
-            yield _field_row(key, field)
+            yield from _nested_rows(key, field)
 
 
 def method_rows() -> Iterator[list[str]]:
@@ -197,8 +215,10 @@ def optimizer_rows() -> Iterator[list[str]]:
             else ", ".join(f"{'/'.join(n)} {d}" for d, n in defaults.items())
         )
         where = "all" if len(names) == len(configs) else ", ".join(names)
-        row = _field_row(key, fields[0])
-        yield [row[0], where, default, row[2], row[3]]
+        rows = list(_nested_rows(key, fields[0]))
+        yield [rows[0][0], where, default, rows[0][2], rows[0][3]]
+        for row in rows[1:]:
+            yield [row[0], where, row[1], row[2], row[3]]
 
 
 def render_table(header: list[str], rows: Iterator[list[str]]) -> str:

@@ -105,6 +105,8 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
 
 _SAVE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 _LOAD = StateDictOptions(full_state_dict=True)
+# Parameters frozen so far (`optim.freeze`) have no optimizer state yet, which is right.
+_LOAD_WITH_FROZEN = StateDictOptions(full_state_dict=True, strict=False)
 
 
 def full_model_state(method: nn.Module) -> dict[str, Any]:
@@ -143,5 +145,8 @@ class OptimizerState:
         return get_optimizer_state_dict(self.method, self.optimizer, options=_SAVE)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Load a full optimizer state on every rank (each keeps its shard)."""
-        set_optimizer_state_dict(self.method, self.optimizer, state, options=_LOAD)
+        """Load a full optimizer state on every rank (each keeps its shard). With frozen
+        param groups, parameters without state are expected: they have not stepped yet."""
+        frozen = any("frozen_steps" in group for group in self.optimizer.param_groups)
+        options = _LOAD_WITH_FROZEN if frozen else _LOAD
+        set_optimizer_state_dict(self.method, self.optimizer, state, options=options)

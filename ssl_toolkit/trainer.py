@@ -26,7 +26,14 @@ import yaml
 from rich.console import Console
 from torch import Tensor, nn
 
-from optim import build_optimizer, require_trainable, scale_lr, set_lr, warmup_cosine
+from optim import (
+    build_optimizer,
+    require_trainable,
+    scale_lr,
+    set_hyperparameter,
+    set_lr,
+    warmup_cosine,
+)
 from optim.errors import one_line, short_repr
 from ssl_toolkit.accumulation import accumulate
 from ssl_toolkit.checkpoint import (
@@ -280,6 +287,22 @@ class Trainer:
             final_lr=self.cfg.schedule.final_lr,
         )
 
+    def scheduled_at(self, step: int) -> dict[str, float]:
+        """The values the ``schedule:`` entries give the optimizer's other hyperparameters at
+        step ``step`` (1-based; before group scales): each warms up from 0 and then follows a
+        cosine from the optimizer's own value to its ``end``, as the lr does."""
+        values = {}
+        for key, schedule in self.cfg.schedule.scheduled().items():
+            warmup = round(schedule.warmup_epochs * self.steps_per_epoch)
+            values[key] = warmup_cosine(
+                step - 1,
+                total_steps=self.total_steps,
+                warmup_steps=min(self.total_steps, warmup),
+                peak_lr=getattr(self.cfg.optim, key),
+                final_lr=schedule.end,
+            )
+        return values
+
     def fit(self, stop_at_step: int | None = None) -> TrainResult:
         """Train until ``total_steps``, evaluating, logging and saving when each is due.
 
@@ -350,10 +373,12 @@ class Trainer:
         return result
 
     def _optimizer_step(self, batches: Iterator[Any], window: _LogWindow) -> int:
-        """Step ``self.step + 1``: its lr, its micro-batches, the optimizer and the method's
-        hook; returns the images it took (over all processes)."""
+        """Step ``self.step + 1``: its lr and scheduled hyperparameters, its micro-batches, the
+        optimizer and the method's hook; returns the images it took (over all processes)."""
         self.step += 1
         set_lr(self.optimizer, self.lr_at(self.step))
+        for key, value in self.scheduled_at(self.step).items():
+            set_hyperparameter(self.optimizer, key, value)
         micro_batches = self.micro_batches_of(self.step)
         images = self.images_of(micro_batches)
         window.add(self.train_step(batches, micro_batches), images)
@@ -375,6 +400,7 @@ class Trainer:
         loss, speed = window.flush()
         lr = self.lr_at(step)
         row = {"train/loss": loss, "train/lr": lr, "train/img_per_s": speed}
+        row |= {f"train/{key}": value for key, value in self.scheduled_at(step).items()}
         row |= self._health_metrics() | self._data_metrics()
         self.logger.log(row | self._method_metrics(), step=step)
         progress.update(step, loss=loss, lr=lr, speed=speed)

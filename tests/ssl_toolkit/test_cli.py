@@ -176,3 +176,28 @@ def test_linear_eval_script_runs_both_protocols(capsys, tmp_path: Path) -> None:
     assert script.main(args) == 0
     assert "linear (SGD, 1 epochs, crops and flips)" in capsys.readouterr().out
     assert script.main([str(tmp_path / "missing")]) == 2
+
+
+def test_dry_run_shows_a_vits_adamw_exclusions(capsys) -> None:
+    """AdamW's decay exclusions of the ViT recipes (DINO's, timm's) through the rules: norms,
+    biases, the position embedding and the class token get none; every other weight keeps it."""
+    optim = (
+        "optim={name: adamw, lr: 0.0005, weight_decay: 0.04, exclude_from_weight_decay: "
+        "[@norm, @bias, '*pos_embed', '*cls_token']}"
+    )
+    args = ["--config", "mocov3_lars", "model.backbone=timm/test_vit", optim, "--dry-run"]
+    code, out, _ = run_cli(capsys, *args)
+    assert code == 0
+    rows = {
+        cells[0]: cells
+        for line in out.splitlines()
+        if (cells := [c.strip() for c in line.split("│")[1:-1]]) and "." in cells[0]
+    }
+    for name, rule in [
+        ("backbone.pos_embed", "no decay: *pos_embed"),
+        ("backbone.cls_token", "no decay: *cls_token"),
+        ("backbone.blocks.0.norm1.weight", "no decay: @norm"),
+        ("backbone.blocks.0.attn.qkv.bias", "no decay: @bias"),
+    ]:
+        assert rows[name][2:4] == [rule, "0"], name
+    assert rows["backbone.blocks.0.attn.qkv.weight"][2:4] == ["default", "0.04"]

@@ -203,3 +203,44 @@ def test_bad_bases_are_config_errors(tmp_path: Path, files: dict, message: str) 
     with pytest.raises(ConfigError) as info:
         load_config(str(tmp_path / "a.yaml"))
     assert message in str(info.value) and len(info.value.problems) == 1
+
+
+ADAMW = ["optim={name: adamw, lr: 0.001}"]
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (
+            [*ADAMW, "schedule.momentum.end=0.99"],
+            "schedule.momentum: optimizer 'adamw' has no momentum",
+        ),
+        (
+            ["schedule.momentum.end=1.0"],
+            "schedule.momentum.end: 1.0 is no valid optim.momentum (Input should be less than 1)",
+        ),
+        (
+            [
+                "optim.weight_decay=0",
+                "schedule.weight_decay.end=0.4",
+                "optim.param_groups=[{match: [@1d], weight_decay: 0.1}]",
+            ],
+            "schedule.weight_decay: optim.param_groups[0].weight_decay (0.1) is no multiple",
+        ),
+        (["schedule.weight_decay.ends=0.4"], "schedule.weight_decay.ends: unknown key"),
+        (["optim.clip_grad.max_norm=0"], "optim.clip_grad.max_norm: Input should be greater"),
+        (["optim.freeze={params: [], steps: 2}"], "optim.freeze.params: List should have"),
+    ],
+)
+def test_bad_schedules_clips_and_freezes_name_their_key(
+    overrides: list[str], expected: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config("simclr_lars", overrides)
+    assert any(problem.startswith(expected) for problem in caught.value.problems), caught.value
+
+
+def test_a_schedule_entry_loads_back_from_the_resolved_config() -> None:
+    cfg = load_config("simclr_lars", ["schedule.weight_decay.end=0.4", *ADAMW])
+    assert cfg.schedule.scheduled() == {"weight_decay": cfg.schedule.weight_decay}
+    assert ExperimentConfig.from_dict(cfg.to_dict()) == cfg
