@@ -23,6 +23,7 @@ __all__ = [
     "DistContext",
     "all_gather_rows",
     "all_reduce_mean",
+    "all_reduce_sum_",
     "cleanup_distributed",
     "gather_objects",
     "gather_with_grad",
@@ -164,6 +165,15 @@ def all_reduce_mean(t: Tensor) -> Tensor:
     out = t.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out.div_(dist.get_world_size())
+
+
+def all_reduce_sum_(t: Tensor) -> Tensor:
+    """Sum ``t`` over all ranks in place and return it, outside autograd: for statistics that
+    carry no gradient (Sinkhorn-Knopp's sums, DINO's centre). ``t`` itself when not
+    distributed."""
+    if world_size() > 1:
+        dist.all_reduce(t)
+    return t
 
 
 def all_gather_rows(t: Tensor) -> Tensor:

@@ -5,7 +5,8 @@ and ``get_method(name)`` look them up; other packages add methods through the en
 ``ssl_toolkit.methods``. Built in (registered by importing their modules here): ``simclr``,
 ``byol``, ``barlow_twins``, ``vicreg`` and ``mocov3``; their losses are plain functions of
 tensors (``nt_xent``, ``byol_loss``, ``barlow_twins_loss``, ``vicreg_loss``,
-``moco_v3_loss``) with the papers' coefficients as keyword defaults. A method is two steps,
+``moco_v3_loss``, and SwAV's ``swav_loss`` and ``sinkhorn`` and DINO's ``dino_loss``) with the
+papers' coefficients as keyword defaults. A method is two steps,
 ``embed(views) -> embeddings`` and ``loss(embeddings) -> Tensor``
 (see :mod:`ssl_toolkit.methods.base`).
 """
@@ -21,6 +22,7 @@ from .base import (
     two_views,
 )
 from .byol import BYOL, BYOLConfig, byol_loss, cosine_tau
+from .dino import dino_loss, teacher_temperature, updated_center
 from .mocov3 import MoCoV3, MoCoV3Config, moco_v3_loss
 from .registry import (
     METHODS,
@@ -31,6 +33,7 @@ from .registry import (
     register_method,
 )
 from .simclr import SimCLR, SimCLRConfig, nt_xent
+from .swav import sinkhorn, swav_loss
 from .vicreg import VICReg, VICRegConfig, vicreg_loss
 
 __all__ = [
@@ -54,6 +57,7 @@ __all__ = [
     "build_method",
     "byol_loss",
     "cosine_tau",
+    "dino_loss",
     "get_method",
     "list_methods",
     "moco_v3_loss",
@@ -61,6 +65,10 @@ __all__ = [
     "parse_method_config",
     "register_method",
     "scale_gradient",
+    "sinkhorn",
+    "swav_loss",
+    "teacher_temperature",
     "two_views",
+    "updated_center",
     "vicreg_loss",
 ]

@@ -131,6 +131,22 @@ def solo_learn_step(state: dict, lr: float, info: dict[str, Param], nesterov: bo
         state[name] = (p - lr * d_p, g, buf)
 
 
+def swav_step(state: dict, lr: float, info: dict[str, Param], nesterov: bool) -> None:
+    """facebookresearch/swav ``main_swav.py``: apex's ``LARC(SGD(momentum, weight_decay),
+    trust_coefficient, clip=False)``. Every tensor with ``‖p‖ != 0`` and ``‖g‖ != 0`` gets
+    ``d_p = (g + wd·p)·eta·‖p‖/(‖g‖ + wd·‖p‖ + eps)`` (LARC zeroes SGD's own decay for the
+    step); SGD then takes ``buf = m·buf + d_p`` and ``p -= lr·buf``. Nothing is excluded."""
+    for name, (p, g, buf) in state.items():
+        d_p = g
+        p_norm, g_norm = _norm(p), _norm(g)
+        if p_norm != 0 and g_norm != 0:
+            adaptive_lr = ETA * p_norm / (g_norm + p_norm * WEIGHT_DECAY + 1e-8)
+            d_p = (g + WEIGHT_DECAY * p) * adaptive_lr
+        buf = buf * MOMENTUM + d_p
+        d_p = d_p + MOMENTUM * buf if nesterov else buf
+        state[name] = (p - lr * d_p, g, buf)
+
+
 NORM_AND_BIAS = ["@norm", "@bias"]
 ONE_DIM = ["@1d"]
 BIAS_LR = 0.0048 / 0.2  # Barlow Twins: learning-rate-biases / learning-rate-weights
@@ -181,6 +197,7 @@ VARIANTS: dict[str, tuple[Callable, dict]] = {
             exclude_from_layer_adaptation=ONE_DIM,
         ),
     ),
+    "swav": (swav_step, dict(trust_ratio="original", lr_in_buffer=False)),
     "solo_learn": (
         solo_learn_step,
         dict(
