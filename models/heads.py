@@ -1,4 +1,5 @@
-"""MLP heads placed on top of a backbone: SimCLR / BYOL projectors and the BYOL predictor.
+"""MLP heads placed on top of a backbone: SimCLR / BYOL projectors, the BYOL predictor and
+DINO's head.
 
 The contrastive loss is computed on the projector's output rather than on backbone features,
 which keeps the features general; BYOL additionally needs a predictor on the online branch to
@@ -106,3 +107,57 @@ class PredictionHead(ProjectionHead):
         super().__init__(
             in_dim, hidden_dim, out_dim, num_layers=num_layers, last_batch_norm=last_batch_norm
         )
+
+
+class DINOHead(nn.Module):
+    """DINO's head: an MLP to a ``bottleneck_dim`` bottleneck, L2-normalised, then a
+    weight-normalised linear layer without bias to ``out_dim`` prototypes.
+
+    As ``vision_transformer.py``'s ``DINOHead``: GELU between the ``num_layers`` Linear layers
+    (a BatchNorm after each hidden one with ``use_bn``), weights truncated-normal with std 0.02
+    and biases 0; the last layer's magnitude ``g`` starts at 1 and, with ``norm_last_layer``,
+    stays there (it is not trained), so only the directions of its rows are learnt. The last
+    layer is ``last_layer``, whose weight is parametrised by ``torch``'s ``weight_norm``
+    (``last_layer.parametrizations.weight.original0`` is ``g``, ``original1`` the direction).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 65536,
+        *,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        num_layers: int = 3,
+        use_bn: bool = False,
+        norm_last_layer: bool = True,
+    ) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        layers: list[nn.Module] = []
+        dim = in_dim
+        for _ in range(num_layers - 1):
+            layers.append(nn.Linear(dim, hidden_dim))
+            if use_bn:
+                layers.append(nn.BatchNorm1d(hidden_dim))
+            layers.append(nn.GELU())
+            dim = hidden_dim
+        layers.append(nn.Linear(dim, bottleneck_dim))
+        self.mlp = nn.Sequential(*layers)
+        for module in self.mlp.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+        self.last_layer = nn.utils.parametrizations.weight_norm(
+            nn.Linear(bottleneck_dim, out_dim, bias=False)
+        )
+        magnitude = self.last_layer.parametrizations.weight.original0
+        magnitude.data.fill_(1.0)
+        magnitude.requires_grad_(not norm_last_layer)
+        self.out_dim = out_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Map (B, in_dim) features to (B, out_dim) logits."""
+        x = nn.functional.normalize(self.mlp(x.flatten(1)), dim=-1, p=2)
+        return self.last_layer(x)

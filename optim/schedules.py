@@ -42,11 +42,26 @@ def cosine_ramp(step: int, total_steps: int, start: float, end: float) -> float:
 
 
 def warmup_cosine(
-    step: int, *, total_steps: int, warmup_steps: int, peak_lr: float, final_lr: float = 0.0
+    step: int,
+    *,
+    total_steps: int,
+    warmup_steps: int,
+    peak_lr: float,
+    final_lr: float = 0.0,
+    warmup_from: float | None = None,
 ) -> float:
-    """Linear warmup from 0 to ``peak_lr`` over ``warmup_steps``, then cosine to ``final_lr``."""
+    """Linear warmup from 0 to ``peak_lr`` over ``warmup_steps``, then cosine to ``final_lr``.
+
+    Step ``step`` (0-based) of the warmup is ``peak_lr·(step + 1)/warmup_steps``; with
+    ``warmup_from`` it is ``numpy.linspace(warmup_from, peak_lr, warmup_steps)[step]`` instead,
+    as the SwAV and DINO code schedule it (its first step at ``warmup_from``).
+    """
     if step < warmup_steps:
-        return peak_lr * (step + 1) / warmup_steps
+        if warmup_from is None:
+            return peak_lr * (step + 1) / warmup_steps
+        if warmup_steps == 1:
+            return warmup_from
+        return warmup_from + (peak_lr - warmup_from) * step / (warmup_steps - 1)
     return cosine_ramp(step - warmup_steps, max(1, total_steps - warmup_steps), peak_lr, final_lr)
 
 

@@ -71,15 +71,34 @@ class TwoViewDataset(Dataset):
         return self.transform(image), self.transform(image)
 
 
-def torchvision_pipeline(size: int) -> v2.Compose:
-    """The per-image equivalent of ``SimCLRAugment()`` at ``size`` pixels."""
+class MultiCropDataset(Dataset):
+    """Per-image multi-crop baseline, as SwAV's ``MultiCropDataset``: each item is every crop
+    of one image, each from its own transform."""
+
+    def __init__(self, images: torch.Tensor, transforms: list[Callable]) -> None:
+        self.images = images
+        self.transforms = transforms
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> list[torch.Tensor]:
+        image = self.images[index]
+        return [transform(image) for transform in self.transforms]
+
+
+def torchvision_pipeline(
+    size: int, scale: tuple[float, float] = (0.08, 1.0), blur_min_size: int = 96
+) -> v2.Compose:
+    """The per-image equivalent of ``SimCLRAugment()`` at ``size`` pixels (blur from
+    ``blur_min_size``; SwAV's crops blur at every size)."""
     steps = [
-        v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True),
+        v2.RandomResizedCrop(size, scale=scale, antialias=True),
         v2.RandomHorizontalFlip(),
         v2.RandomApply([v2.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
         v2.RandomGrayscale(p=0.2),
     ]
-    if size >= 96:
+    if size >= blur_min_size:
         kernel = blur_kernel_size((size, size))
         steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]

@@ -10,7 +10,12 @@ the same run:
   RandomApply(ColorJitter, p=0.8), RandomGrayscale, GaussianBlur at >= 96 px, ToDtype,
   Normalize) applied twice per item in a DataLoader with 2 worker processes.
 
-A second table reads a folder of real-size JPEGs (about 500 x 375, written for the run):
+A second table cuts SwAV's multi-crop views (2 global + 6 local crops, at the 224 : 96
+ratio scaled to ``--multicrop-sizes``) from in-memory images: ``MultiCropAugment`` batched
+per crop size against a per-image torchvision pipeline per crop (SwAV's
+``MultiCropDataset``) in ``--workers`` worker processes.
+
+A third table reads a folder of real-size JPEGs (about 500 x 375, written for the run):
 this toolkit's folder loader (workers decode with ``torchvision.io`` and cut both crops from
 the full image; the batched augmentation does the rest in the main process) against
 torchvision's ``ImageFolder`` with the per-image v2 pipeline, both with ``--workers`` workers,
@@ -34,12 +39,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from baselines import TwoViewDataset, torchvision_pipeline, two_view_folder
+from baselines import MultiCropDataset, TwoViewDataset, torchvision_pipeline, two_view_folder
 from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader
 
 from ssl_toolkit.data import (
+    CropGroup,
     CropViews,
     InMemoryImageDataset,
     SimCLRAugment,
@@ -79,6 +85,11 @@ def bench_batched(
 def bench_torchvision(images: torch.Tensor, batch_size: int, windows: int, workers: int) -> float:
     """Median images/s of the per-image pipeline over windows of ``workers`` batches."""
     dataset = TwoViewDataset(images, torchvision_pipeline(images.shape[-1]))
+    return _worker_rate(dataset, batch_size, windows, workers)
+
+
+def _worker_rate(dataset, batch_size: int, windows: int, workers: int) -> float:
+    """Median images/s of a shuffled ``DataLoader`` of ``dataset`` in ``workers`` workers."""
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -89,6 +100,44 @@ def bench_torchvision(images: torch.Tensor, batch_size: int, windows: int, worke
         generator=torch.Generator().manual_seed(0),
     )
     return _rate(_forever(loader), batch_size, workers, windows, warmup=2 * workers + 1)
+
+
+def swav_crops(global_size: int, local_size: int) -> list[CropGroup]:
+    """SwAV's ImageNet crops at other sizes: 2 of 14-100% and 6 of 5-14% of the image."""
+    return [
+        CropGroup(count=2, size=global_size, scale=(0.14, 1.0)),
+        CropGroup(count=6, size=local_size, scale=(0.05, 0.14)),
+    ]
+
+
+def bench_multicrop_torchvision(
+    images: torch.Tensor, crops: list[CropGroup], batch_size: int, windows: int, workers: int
+) -> float:
+    """Source images/s of SwAV's per-image ``MultiCropDataset`` pipeline in workers."""
+    transforms = [
+        torchvision_pipeline(g.size, scale=tuple(g.scale), blur_min_size=0)
+        for g in crops
+        for _ in range(g.count)
+    ]
+    return _worker_rate(MultiCropDataset(images, transforms), batch_size, windows, workers)
+
+
+def bench_multicrop_batched(
+    images: torch.Tensor, crops: list[CropGroup], batch_size: int, repeats: int, device: str
+) -> float:
+    """Source images/s of loader + ``MultiCropAugment`` (SwAV's policies) on ``device``."""
+    dataset = InMemoryImageDataset(images.to(device), torch.zeros(len(images), dtype=torch.long))
+    batches = _forever(TensorBatchLoader(dataset, batch_size, generator=torch.Generator()))
+    augment = SimCLRAugment(blur_min_size=0, generator=torch.Generator().manual_seed(1))
+    augment.with_crops(crops)
+
+    def work(batch):
+        views = augment(batch[0])
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return views
+
+    return _rate(batches, batch_size, 1, repeats, warmup=3, work=work)
 
 
 def _forever(loader):
@@ -171,6 +220,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 96])
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    parser.add_argument(
+        "--multicrop-sizes",
+        type=int,
+        nargs=2,
+        default=[112, 48],
+        help="global and local crop sizes (the source images are the global size)",
+    )
     parser.add_argument("--folder-size", type=int, default=224, help="view size, JPEG folder")
     parser.add_argument("--folder-batch", type=int, default=64, help="batch, JPEG folder")
     parser.add_argument(
@@ -211,6 +267,42 @@ def main() -> None:
     console = Console(width=120)
     console.print(table)
     console.print("speed-up over per-image torchvision: " + ", ".join(speedups), highlight=False)
+
+    global_size, local_size = args.multicrop_sizes
+    crops = swav_crops(global_size, local_size)
+    multicrop = Table(
+        title=f"SwAV multi-crop, 2 x {global_size} + 6 x {local_size} px per image, batch "
+        f"{args.batch_size}, median of {windows}"
+    )
+    for column in ("pipeline", "device", "threads", "images/s", "speed-up"):
+        multicrop.add_column(column, justify="left" if column == "pipeline" else "right")
+    n = args.batch_size * (2 * args.workers + 1 + windows * args.workers)
+    images = torch.randint(
+        0,
+        256,
+        (n, 3, global_size, global_size),
+        generator=torch.Generator().manual_seed(7),
+        dtype=torch.uint8,
+    )
+    baseline = bench_multicrop_torchvision(images, crops, args.batch_size, windows, args.workers)
+    multicrop.add_row(
+        f"torchvision v2 per image and crop, {args.workers} workers",
+        "cpu",
+        "1 each",
+        f"{baseline:,.0f}",
+        "1.0x",
+    )
+    for device, threads in runs:
+        torch.set_num_threads(threads)
+        rate = bench_multicrop_batched(images, crops, args.batch_size, repeats, device)
+        multicrop.add_row(
+            "batched MultiCropAugment",
+            device,
+            str(threads),
+            f"{rate:,.0f}",
+            f"{rate / baseline:.1f}x",
+        )
+    console.print(multicrop)
 
     count, windows = (3, 1) if args.quick else (5, 3)
     threads = max(args.threads)

@@ -29,7 +29,7 @@ from optim.configs import ConfigModel
 from optim.errors import from_validation_error, short_repr
 from optim.schedules import LRScaling
 from ssl_toolkit.accumulation import Accumulation
-from ssl_toolkit.data import DatasetName
+from ssl_toolkit.data import CropGroup, DatasetName
 from ssl_toolkit.distributed import Device
 from ssl_toolkit.methods import MethodConfig, parse_method_config
 from ssl_toolkit.parallel import Strategy
@@ -100,14 +100,37 @@ class ModelConfig(ConfigSection):
         description="batch-norm statistics over all processes' batches (every BatchNorm of "
         "the method); `auto`: when more than one process trains",
     )
+    drop_path_rate: float | None = Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        description="stochastic depth of a timm backbone (DINO's ViTs: 0.1); null: timm's default",
+    )
+    dynamic_img_size: bool = Field(
+        False,
+        description="a timm ViT takes crops of any size, its position embedding interpolated "
+        "(multi-crop's local crops)",
+    )
+
+    @model_validator(mode="after")
+    def _timm_only(self) -> ModelConfig:
+        for key in ("drop_path_rate", "dynamic_img_size"):
+            if getattr(self, key) and not self.backbone.startswith("timm/"):
+                raise ValueError(f"{key} is a timm backbone option; {self.backbone} has none")
+        return self
 
     def backbone_options(self) -> dict[str, Any]:
         """The keyword arguments of ``build_method`` that describe the backbone."""
-        return {
+        options: dict[str, Any] = {
             "backbone": self.backbone,
             "cifar_stem": self.cifar_stem,
             "zero_init_residual": self.zero_init_residual,
         }
+        if self.drop_path_rate is not None:
+            options["drop_path_rate"] = self.drop_path_rate
+        if self.dynamic_img_size:
+            options["dynamic_img_size"] = True
+        return options
 
 
 def _probability(description: str) -> Any:
@@ -145,11 +168,35 @@ class DataConfig(ConfigSection):
         1.0, ge=0.0, description="colour-jitter strength s (SimCLR's augmentation)"
     )
     crop_min_scale: float = Field(
-        0.08, gt=0.0, le=1.0, description="smallest area fraction of the random resized crop"
+        0.08,
+        gt=0.0,
+        le=1.0,
+        description="smallest area fraction of the random resized crop (with `crops`, each "
+        "group's `scale` instead)",
     )
     augment: AugmentOverrides = Field(
         AugmentOverrides(), description="changes to the method's augmentation"
     )
+    crops: list[CropGroup] | None = Field(
+        None,
+        description="multi-crop: groups of `{count, size, scale: [low, high], blur_p, "
+        "solarize_p}`, global crops first; crop v takes the method's view v (its local-crop "
+        "policy beyond) with its group's size, scale and probabilities; null: the method's "
+        "two views of `image_size` and `crop_min_scale`",
+    )
+
+    @model_validator(mode="after")
+    def _some_crops(self) -> DataConfig:
+        if self.crops is not None and not self.crops:
+            raise ValueError("crops: an empty list; null keeps the method's two views")
+        return self
+
+    def views(self) -> list[CropGroup]:
+        """The crops of every image: ``crops``, or two of ``image_size`` and
+        ``crop_min_scale``."""
+        if self.crops is not None:
+            return list(self.crops)
+        return [CropGroup(count=2, size=self.image_size, scale=(self.crop_min_scale, 1.0))]
 
 
 class ValueSchedule(ConfigSection):
@@ -177,6 +224,12 @@ class ScheduleConfig(ConfigSection):
         "batch) (`sqrt`), or as is (`none`)",
     )
     warmup_epochs: float = Field(10.0, ge=0.0, description="linear warmup, per step")
+    warmup_from: float | None = Field(
+        None,
+        ge=0.0,
+        description="the lr of the first step, rising evenly to the peak at the last warmup "
+        "step (SwAV and DINO: `numpy.linspace`); null: peak / warmup steps at the first",
+    )
     final_lr: float = Field(0.0, ge=0.0, description="lr at the end of the cosine decay")
     weight_decay: ValueSchedule | None = Field(
         None,

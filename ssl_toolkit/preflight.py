@@ -3,6 +3,8 @@ key to change, rather than after minutes of set-up or mid-training with a traceb
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -43,35 +45,44 @@ def dry_forward(
     method: nn.Module,
     *,
     backbone: str,
-    image_size: int,
+    view_sizes: Sequence[int],
     device: torch.device,
     memory_format: torch.memory_format = torch.contiguous_format,
+    sizes_from: str = "data.image_size",
 ) -> None:
-    """Embed two blank views of ``image_size`` pixels with ``method`` and take their loss, so
-    that a model that cannot take them (a timm ViT at another size) is a :class:`ConfigError`
-    before training.
+    """Embed blank views of ``view_sizes`` pixels (one per crop) with ``method`` and take their
+    loss, so that a model that cannot take them (a timm ViT at another size) is a
+    :class:`ConfigError` before training, naming ``sizes_from``, the key that set the sizes.
 
     It runs in eval mode, without gradients and with the random generators forked, so nothing
     of the run changes: no batch-norm statistics, no random stream. Every process must call it
     (a method's loss may gather across processes).
     """
-    views = torch.zeros(2, 3, image_size, image_size, device=device)
-    views = views.contiguous(memory_format=memory_format)
+    views = [
+        torch.zeros(2, 3, size, size, device=device).contiguous(memory_format=memory_format)
+        for size in view_sizes
+    ]
     cuda = [device.index or 0] if device.type == "cuda" else []
     was_training = method.training
     method.eval()
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=cuda):
-            method.loss(method([views, views]))
+            method.loss(method(views))
     except torch.OutOfMemoryError:
         raise  # a real limit of the device, not a shape the model cannot take
     except (RuntimeError, AssertionError, ValueError) as error:
         reason = one_line((str(error).strip().splitlines() or [error])[0])
         raise ConfigError(
             [
-                f"model.backbone: {backbone} cannot take data.image_size={image_size} images "
-                f"({reason})"
+                f"model.backbone: {backbone} cannot take {sizes_from}={_sides(view_sizes)} "
+                f"images ({reason})"
             ]
         ) from None
     finally:
         method.train(was_training)
+
+
+def _sides(sizes: Sequence[int]) -> str:
+    """``32`` or ``[224, 96]``: the distinct view sides, in order."""
+    distinct = list(dict.fromkeys(sizes))
+    return str(distinct[0]) if len(distinct) == 1 else str(distinct)

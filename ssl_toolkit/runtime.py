@@ -21,6 +21,7 @@ from ssl_toolkit.distributed import gather_objects
 
 __all__ = [
     "LossScaler",
+    "PerRankMethodState",
     "RandomStreams",
     "augment_seed",
     "autocast",
@@ -102,6 +103,29 @@ class RandomStreams:
     def restored(self) -> bool:
         """True when the last :meth:`load_state_dict` gave this rank its streams back."""
         return self.saved_world_size == self.world_size
+
+
+class PerRankMethodState:
+    """A checkpoint component: the method's :meth:`~ssl_toolkit.methods.Method.rank_state_dict`
+    of every process (SwAV's queue, each rank's own), gathered like :class:`RandomStreams`.
+
+    A checkpoint of another number of processes has none for this one: each process then
+    starts without it (an empty state), as a fresh run would.
+    """
+
+    def __init__(self, method: Any, rank: int, world_size: int) -> None:
+        self.method = method
+        self.rank = rank
+        self.world_size = world_size
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        """Every rank's state, in rank order (every rank must call it)."""
+        return gather_objects(self.method.rank_state_dict())
+
+    def load_state_dict(self, state: list[dict[str, Any]]) -> None:
+        """Give this rank its own state back, or an empty one (another number of processes)."""
+        own = state[self.rank] if len(state) == self.world_size else {}
+        self.method.load_rank_state_dict(own)
 
 
 def autocast(precision: str, device: torch.device) -> torch.autocast:

@@ -27,6 +27,7 @@ from rich.console import Console
 from torch import Tensor, nn
 
 from optim import (
+    ConfigError,
     build_optimizer,
     require_trainable,
     scale_lr,
@@ -45,7 +46,13 @@ from ssl_toolkit.checkpoint import (
     step_checkpoints,
 )
 from ssl_toolkit.config import ExperimentConfig
-from ssl_toolkit.data import CropViews, TensorBatchLoader, build_dataset, build_loader
+from ssl_toolkit.data import (
+    CropViews,
+    TensorBatchLoader,
+    build_dataset,
+    build_loader,
+    crop_sizes,
+)
 from ssl_toolkit.distributed import (
     DistContext,
     all_reduce_mean,
@@ -70,7 +77,13 @@ from ssl_toolkit.report import (
     write_summary,
 )
 from ssl_toolkit.run_lock import RunDirectoryError, RunLock
-from ssl_toolkit.runtime import LossScaler, RandomStreams, autocast, set_deterministic
+from ssl_toolkit.runtime import (
+    LossScaler,
+    PerRankMethodState,
+    RandomStreams,
+    autocast,
+    set_deterministic,
+)
 from ssl_toolkit.skipped_images import SkippedImages
 from ssl_toolkit.sync_batch_norm import convert_sync_batchnorm, wants_sync_bn
 from ssl_toolkit.wandb_logger import WandbLogger
@@ -130,6 +143,7 @@ class Trainer:
                 size=cfg.data.image_size,
                 scale=(cfg.data.crop_min_scale, 1.0),
                 seed=cfg.trainer.seed,
+                crops=tuple(cfg.data.crops) if cfg.data.crops is not None else None,
             ),
         )
         check_batch_fits(len(self.train_set), cfg.data.batch_size, self.ctx.world_size)
@@ -150,16 +164,20 @@ class Trainer:
         if wants_sync_bn(cfg.model.sync_bn, self.ctx.world_size):
             convert_sync_batchnorm(self.method, self.device)
         self.method.to(self.device)
-        self.augment = (
-            self.method.augmentation(
-                cfg.data.image_size,
-                crop_scale=(cfg.data.crop_min_scale, 1.0),
-                color_strength=cfg.data.color_strength,
-                generator=self.streams.augment_generator,
-            )
-            .with_overrides(**cfg.data.augment.model_dump(exclude_none=True))
-            .to(self.device)
-        )
+        view_sizes = crop_sizes(cfg.data.views())
+        try:
+            self.method.check_views(view_sizes)
+        except ValueError as err:
+            raise ConfigError([f"data.crops: {err}"]) from None
+        self.augment = self.method.augmentation(
+            cfg.data.image_size,
+            crop_scale=(cfg.data.crop_min_scale, 1.0),
+            color_strength=cfg.data.color_strength,
+            generator=self.streams.augment_generator,
+        ).with_overrides(**cfg.data.augment.model_dump(exclude_none=True))
+        if cfg.data.crops is not None:
+            self.augment.with_crops(cfg.data.crops)
+        self.augment.to(self.device)
         self.memory_format = (
             torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
         )
@@ -169,7 +187,8 @@ class Trainer:
         dry_forward(
             self.method,
             backbone=cfg.model.backbone,
-            image_size=cfg.data.image_size,
+            view_sizes=view_sizes,
+            sizes_from="data.crops" if cfg.data.crops is not None else "data.image_size",
             device=self.device,
             memory_format=self.memory_format,
         )
@@ -203,16 +222,21 @@ class Trainer:
             rank=self.ctx.rank,
             world_size=self.ctx.world_size,
         )
+        components = {
+            "model": ModelState(self.method),
+            "optimizer": OptimizerState(self.method, self.optimizer),
+            "scaler": self.scaler,
+            "loader": self.loader,
+            "ranks": self.streams,
+            "trainer": self,
+        }
+        if type(self.method).rank_state_dict is not Method.rank_state_dict:
+            components["method_ranks"] = PerRankMethodState(
+                self.method, self.ctx.rank, self.ctx.world_size
+            )
         self.checkpointer = Checkpointer(
             self.run_dir,
-            {
-                "model": ModelState(self.method),
-                "optimizer": OptimizerState(self.method, self.optimizer),
-                "scaler": self.scaler,
-                "loader": self.loader,
-                "ranks": self.streams,
-                "trainer": self,
-            },
+            components,
             every_steps=cfg.trainer.checkpoint_every_steps,
             steps_per_epoch=self.steps_per_epoch,
             keep=cfg.trainer.keep_checkpoints,
@@ -285,6 +309,7 @@ class Trainer:
             warmup_steps=self.warmup_steps,
             peak_lr=self.peak_lr,
             final_lr=self.cfg.schedule.final_lr,
+            warmup_from=self.cfg.schedule.warmup_from,
         )
 
     def scheduled_at(self, step: int) -> dict[str, float]:
@@ -379,6 +404,7 @@ class Trainer:
         set_lr(self.optimizer, self.lr_at(self.step))
         for key, value in self.scheduled_at(self.step).items():
             set_hyperparameter(self.optimizer, key, value)
+        self.method.before_optimizer_step(self.step, self.steps_per_epoch)
         micro_batches = self.micro_batches_of(self.step)
         images = self.images_of(micro_batches)
         window.add(self.train_step(batches, micro_batches), images)
@@ -513,9 +539,9 @@ class Trainer:
         if signum:
             self._stop(signum, self.step)
 
-    def image_batches(self) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
-        """Images of each micro-batch, forever: one batch, or a pair of batches already cropped
-        (one per view, from image folders). The loader moves to the next epoch by itself."""
+    def image_batches(self) -> Iterator[Tensor | tuple[Tensor, ...]]:
+        """Images of each micro-batch, forever: one batch, or a tuple of batches already
+        cropped (one per view, from image folders). The loader moves to the next epoch by itself."""
         while True:
             for images, _ in self.loader:
                 yield tuple(images) if isinstance(images, list | tuple) else images
@@ -533,7 +559,7 @@ class Trainer:
         return micro_batches * self.cfg.data.batch_size * self.ctx.world_size
 
     def train_step(
-        self, batches: Iterator[Tensor | tuple[Tensor, Tensor]], micro_batches: int | None = None
+        self, batches: Iterator[Tensor | tuple[Tensor, ...]], micro_batches: int | None = None
     ) -> Tensor:
         """One optimizer step over ``micro_batches`` micro-batches (default
         ``accumulate_grad_batches``); returns its loss.
@@ -557,7 +583,7 @@ class Trainer:
         self.health.record(self.step, loss, skipped)
         return loss
 
-    def views_of(self, images: Tensor | tuple[Tensor, Tensor]) -> list[Tensor]:
+    def views_of(self, images: Tensor | tuple[Tensor, ...]) -> list[Tensor]:
         """The augmented views of a micro-batch of images, on the device, in the run's memory
         format."""
         if isinstance(images, tuple):
@@ -620,7 +646,7 @@ class Trainer:
     def export_backbone(self) -> Path | None:
         """Write ``backbone.pt`` (the backbone's weights as a plain state dict) in the run
         directory and log it as an artifact; every rank calls it, the main one writes."""
-        state = full_model_state(self.method.backbone)  # gathers the backbone alone
+        state = full_model_state(self.method.evaluated_backbone())  # gathers it alone
         if not self.ctx.is_main:
             return None
         path = self.run_dir / BACKBONE_FILE

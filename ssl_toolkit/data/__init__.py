@@ -1,12 +1,14 @@
-"""Datasets, batch loaders and batched two-view augmentations for self-supervised pretraining."""
+"""Datasets, batch loaders and batched multi-view augmentations for self-supervised pretraining."""
 
 from ssl_toolkit.data.augment import (
     BYOLAugment,
+    MultiCropAugment,
     SimCLRAugment,
     TwoViewAugment,
     ViewParams,
     ViewPolicy,
 )
+from ssl_toolkit.data.crops import CropGroup, crop_sizes
 from ssl_toolkit.data.datasets import (
     DATASET_NAMES,
     DatasetName,
@@ -32,12 +34,14 @@ __all__ = [
     "DATASET_NAMES",
     "BYOLAugment",
     "BadImageError",
+    "CropGroup",
     "CropViews",
     "DatasetName",
     "DatasetNotFoundError",
     "EpochBatchSampler",
     "ImageFiles",
     "InMemoryImageDataset",
+    "MultiCropAugment",
     "SimCLRAugment",
     "TensorBatchLoader",
     "TwoViewAugment",
@@ -46,6 +50,7 @@ __all__ = [
     "WorkerBatchLoader",
     "build_dataset",
     "build_loader",
+    "crop_sizes",
     "find_images",
     "stratified_split",
 ]

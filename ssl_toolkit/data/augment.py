@@ -1,30 +1,36 @@
-"""Two-view augmentations for SimCLR and BYOL that run on whole batches, on any device.
+"""Multi-view augmentations (SimCLR's and BYOL's two views, multi-crop) that run on whole
+batches, on any device.
 
 Per-image augmentation pipelines in DataLoader workers are the bottleneck of contrastive
 pretraining on small images. Here a (B, 3, H, W) batch is augmented with a fixed number of
 tensor ops, each sample with its own random parameters. Parameters are drawn in
-:meth:`TwoViewAugment.sample_params` and applied in :meth:`TwoViewAugment.apply`; ``forward``
-does both. Randomness comes only from an explicit ``torch.Generator``, so the same generator
-state gives the same views and a run resumes exactly once the trainer restores the generator
-(``generator.get_state()`` / ``generator.set_state()``).
+:meth:`MultiCropAugment.sample_params` and applied in :meth:`MultiCropAugment.apply`;
+``forward`` does both. Randomness comes only from an explicit ``torch.Generator``, so the same
+generator state gives the same views and a run resumes exactly once the trainer restores the
+generator (``generator.get_state()`` / ``generator.set_state()``).
 
 Pipeline per view, in this order: random resized crop and horizontal flip (one
 ``grid_sample``), colour jitter applied with probability ``jitter_p`` (brightness, contrast,
 saturation and hue in a random order per image, as torchvision's ``ColorJitter``), grayscale,
-Gaussian blur, solarize, normalisation.
+Gaussian blur, solarize, normalisation. The views of one output size (both views of SimCLR,
+the six local crops of SwAV) go through these steps together, as one batch.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from ssl_toolkit.data import functional as BF
+
+if TYPE_CHECKING:
+    from ssl_toolkit.data.crops import CropGroup
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -113,6 +119,15 @@ class ViewParams:
         """Copy every field to ``device``."""
         return ViewParams(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
+    @staticmethod
+    def cat(params: Sequence[ViewParams]) -> ViewParams:
+        """The parameters of several views, one after the other along the batch."""
+        if len(params) == 1:
+            return params[0]
+        return ViewParams(
+            **{f.name: torch.cat([getattr(p, f.name) for p in params]) for f in fields(ViewParams)}
+        )
+
     def __getitem__(self, index: slice) -> ViewParams:
         """The parameters of a slice of the batch."""
         return ViewParams(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
@@ -125,13 +140,226 @@ class ViewParams:
         return replace(self, boxes=boxes)
 
 
-class TwoViewAugment(nn.Module):
-    """Produce two independently augmented, normalised float views of an image batch.
+class MultiCropAugment(nn.Module):
+    """Produce independently augmented, normalised float views of an image batch, one per
+    policy, each at its own size (multi-crop: two global crops and several local ones).
 
     Accepts uint8 (0..255) or float (0..1) batches of shape (B, 3, H, W) on any device and
-    returns two float32 batches of size ``out_size`` (default: the input size). ``generator``
-    is used when ``forward`` is not given one; one of the two is required.
+    returns one float32 batch per view, of ``out_sizes[v]`` (default: the input size; an int or
+    pair applies to every view). Views of one size are computed together: their crops are one
+    ``grid_sample`` and every later step one pass over all of them. ``generator`` is used when
+    ``forward`` is not given one; one of the two is required. ``local_policy`` is the policy
+    :meth:`with_crops` gives the crops beyond ``policies`` (default: the last policy).
     """
+
+    def __init__(
+        self,
+        policies: Sequence[ViewPolicy],
+        *,
+        out_sizes: Sequence[int | tuple[int, int] | None] | int | tuple[int, int] | None = None,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+        generator: torch.Generator | None = None,
+        local_policy: ViewPolicy | None = None,
+    ) -> None:
+        super().__init__()
+        self.local_policy = local_policy
+        if not policies:
+            raise ValueError("an augmentation needs at least one view policy")
+        self.policies = tuple(policies)
+        if out_sizes is None or isinstance(out_sizes, int) or _is_pair(out_sizes):
+            out_sizes = [out_sizes] * len(self.policies)
+        if len(out_sizes) != len(self.policies):
+            raise ValueError(
+                f"{len(self.policies)} view policies but {len(out_sizes)} output sizes"
+            )
+        self.out_sizes = tuple(_pair(size) for size in out_sizes)
+        self.generator = generator
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32), persistent=False)
+
+    def with_overrides(self, **changes: Any) -> MultiCropAugment:
+        """Replace policy fields (``flip_p=0.0``, ``rotation=15.0``...) in every view, in
+        place; returns ``self``. Unknown or out-of-range values raise
+        ``ValueError``/``TypeError``."""
+        self.policies = tuple(replace(policy, **changes) for policy in self.policies)
+        if self.local_policy is not None:
+            self.local_policy = replace(self.local_policy, **changes)
+        return self
+
+    def with_crops(self, crops: Sequence[CropGroup]) -> MultiCropAugment:
+        """The views of ``crops`` (``data.crops``), in place; returns ``self``.
+
+        Crop ``v`` (counted over the groups) starts from this augmentation's policy ``v``
+        (:attr:`local_policy` for the crops beyond, by default the last policy), takes its
+        group's size and area range, and its
+        group's ``blur_p`` / ``solarize_p`` where given. Two groups of one crop each at this
+        augmentation's size and scale therefore give back the two views it had (BYOL's
+        asymmetric views are the case ``blur_p`` 1.0 / 0.1 and ``solarize_p`` 0 / 0.2).
+        """
+        policies, sizes = [], []
+        for group in crops:
+            probabilities = {
+                key: getattr(group, key)
+                for key in ("blur_p", "solarize_p")
+                if getattr(group, key) is not None
+            }
+            for _ in range(group.count):
+                if len(policies) < len(self.policies):
+                    base = self.policies[len(policies)]
+                else:
+                    base = self.local_policy or self.policies[-1]
+                policies.append(replace(base, scale=tuple(group.scale), **probabilities))
+                sizes.append((group.size, group.size))
+        self.policies, self.out_sizes = tuple(policies), tuple(sizes)
+        self.local_policy = None
+        return self
+
+    def forward(
+        self, x: Tensor | Sequence[Tensor], generator: torch.Generator | None = None
+    ) -> tuple[Tensor, ...]:
+        """Augment a batch ``x`` once per view, or a tuple of batches already cropped (one
+        per view, as image folders' workers cut them), with parameters drawn from
+        ``generator`` (or the module's). Pre-cropped views keep their crops and get
+        everything else."""
+        generator = generator if generator is not None else self.generator
+        if generator is None:
+            raise ValueError("no random generator: pass generator= to the constructor or forward")
+        if isinstance(x, Tensor):
+            params = self.sample_params(x.shape[0], (x.shape[-2], x.shape[-1]), generator)
+            return self.apply(x, params)
+        x = tuple(x)
+        self._check_view_count(len(x))
+        params = []
+        for i, (policy, view) in enumerate(zip(self.policies, x, strict=True)):
+            size = view.shape[-2:]
+            drawn = _sample_view(policy, view.shape[0], size, self._out_size(i, size), generator)
+            params.append(drawn.whole_image(size))
+        return self.apply(x, params)
+
+    def sample_params(
+        self, batch_size: int, image_size: tuple[int, int], generator: torch.Generator
+    ) -> tuple[ViewParams, ...]:
+        """Draw every view's parameters for a batch of ``image_size`` (H, W) images, view
+        after view.
+
+        Random numbers are drawn on the generator's device only, a fixed amount per call, so
+        the generator state alone determines the result.
+        """
+        return tuple(
+            _sample_view(policy, batch_size, image_size, self._out_size(i, image_size), generator)
+            for i, policy in enumerate(self.policies)
+        )
+
+    @torch.no_grad()
+    def apply(
+        self, x: Tensor | Sequence[Tensor], params: Sequence[ViewParams]
+    ) -> tuple[Tensor, ...]:
+        """Apply previously drawn parameters to a batch (or a tuple of batches, one per view);
+        deterministic, never tracks gradients."""
+        inputs = (x,) * len(self.policies) if isinstance(x, Tensor) else tuple(x)
+        self._check_view_count(len(inputs))
+        for images in inputs:
+            _check_images(images)
+        outputs: list[Tensor | None] = [None] * len(inputs)
+        for views in self._same_size_groups(inputs):
+            group = self._apply_group(
+                [inputs[v] for v in views], [params[v].to(inputs[v].device) for v in views], views
+            )
+            for view, output in zip(views, group, strict=True):
+                outputs[view] = output
+        return tuple(outputs)
+
+    def _check_view_count(self, count: int) -> None:
+        if count != len(self.policies):
+            raise ValueError(f"{len(self.policies)} views, got {count} batches of crops")
+
+    def _same_size_groups(self, inputs: Sequence[Tensor]) -> list[list[int]]:
+        """The views computed together: those of one output size whose policies differ only
+        in what was drawn already (probabilities, crop ranges), in order of first view."""
+        groups: dict[Any, list[int]] = {}
+        for view, policy in enumerate(self.policies):
+            key = (
+                self._out_size(view, inputs[view].shape[-2:]),
+                policy.jitter,
+                policy.blur_min_size,
+                policy.solarize_threshold,
+                policy.rotation > 0,
+            )
+            groups.setdefault(key, []).append(view)
+        return list(groups.values())
+
+    def _apply_group(
+        self, inputs: list[Tensor], params: list[ViewParams], views: list[int]
+    ) -> list[Tensor]:
+        """The views ``views`` of one size, chunked over the batch on CPU (see
+        ``_CPU_CHUNK_VALUES``)."""
+        out_size = self._out_size(views[0], inputs[0].shape[-2:])
+        policies = [self.policies[v] for v in views]
+        policy = replace(
+            policies[0],
+            **{
+                key: max(getattr(p, key) for p in policies)
+                for key in ("jitter_p", "gray_p", "blur_p", "solarize_p", "rotation")
+            },
+        )
+        batch = inputs[0].shape[0]
+        chunk = max(_MIN_CHUNK, _CPU_CHUNK_VALUES // (3 * out_size[0] * out_size[1] * len(views)))
+        if inputs[0].device.type != "cpu" or chunk >= batch:
+            return self._apply_views(inputs, params, policy, out_size)
+        parts = [
+            self._apply_views(
+                _rows(inputs, i, chunk), [p[i : i + chunk] for p in params], policy, out_size
+            )
+            for i in range(0, batch, chunk)
+        ]
+        return [torch.cat(part) for part in zip(*parts, strict=True)]
+
+    def _apply_views(
+        self,
+        inputs: list[Tensor],
+        params: list[ViewParams],
+        policy: ViewPolicy,
+        out_size: tuple[int, int],
+    ) -> list[Tensor]:
+        """Crop every view (one ``grid_sample`` per distinct input), then run the remaining
+        steps once over all of them."""
+        p = ViewParams.cat(params)
+        angles = [q.angle for q in params] if policy.rotation > 0 else None
+        crops: list[Tensor] = []
+        start = 0
+        while start < len(inputs):  # runs of views cut from one input batch
+            stop = start + 1
+            while stop < len(inputs) and inputs[stop] is inputs[start]:
+                stop += 1
+            crops.append(
+                BF.resized_crops(
+                    _to_float(inputs[start]),
+                    [q.boxes for q in params[start:stop]],
+                    [q.flip for q in params[start:stop]],
+                    out_size,
+                    angles[start:stop] if angles is not None else None,
+                )
+            )
+            start = stop
+        x = crops[0] if len(crops) == 1 else torch.cat(crops)  # new; modified in place below
+        if policy.jitter_p > 0:
+            _color_jitter_(x, p, policy)
+        if policy.gray_p > 0:
+            BF.to_grayscale_(x, p.gray)
+        if policy.blur_p > 0 and min(out_size) >= policy.blur_min_size:
+            x = _blur_selected(x, p, BF.blur_kernel_size(out_size))
+        if policy.solarize_p > 0:
+            BF.solarize_(x, p.solarize, policy.solarize_threshold)
+        return list(BF.normalize_(x, self.mean, self.std).chunk(len(params)))
+
+    def _out_size(self, view: int, image_size: tuple[int, int]) -> tuple[int, int]:
+        size = self.out_sizes[view]
+        return size if size is not None else (int(image_size[0]), int(image_size[1]))
+
+
+class TwoViewAugment(MultiCropAugment):
+    """Two views of one size, with a policy each (SimCLR, BYOL and the methods after them)."""
 
     def __init__(
         self,
@@ -143,106 +371,9 @@ class TwoViewAugment(nn.Module):
         std: tuple[float, float, float] = IMAGENET_STD,
         generator: torch.Generator | None = None,
     ) -> None:
-        super().__init__()
-        self.policies = (view1, view2)
-        self.out_size = (out_size, out_size) if isinstance(out_size, int) else out_size
-        self.generator = generator
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32), persistent=False)
-
-    def with_overrides(self, **changes: Any) -> TwoViewAugment:
-        """Replace policy fields (``flip_p=0.0``, ``rotation=15.0``...) in both views, in place;
-        returns ``self``. Unknown or out-of-range values raise ``ValueError``/``TypeError``."""
-        self.policies = tuple(replace(policy, **changes) for policy in self.policies)
-        return self
-
-    def forward(
-        self, x: Tensor | tuple[Tensor, Tensor], generator: torch.Generator | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """Augment a batch ``x`` twice, or a pair of batches already cropped (one per view,
-        as image folders' workers cut them), with parameters drawn from ``generator`` (or the
-        module's). A pre-cropped pair keeps its crops and gets everything else."""
-        generator = generator if generator is not None else self.generator
-        if generator is None:
-            raise ValueError("no random generator: pass generator= to the constructor or forward")
-        first = x[0] if isinstance(x, tuple) else x
-        params = self.sample_params(first.shape[0], (first.shape[-2], first.shape[-1]), generator)
-        if isinstance(x, tuple):
-            params = tuple(p.whole_image(first.shape[-2:]) for p in params)
-        return self.apply(x, params)
-
-    def sample_params(
-        self, batch_size: int, image_size: tuple[int, int], generator: torch.Generator
-    ) -> tuple[ViewParams, ViewParams]:
-        """Draw both views' parameters for a batch of ``image_size`` (H, W) images.
-
-        Random numbers are drawn on the generator's device only, a fixed amount per call, so
-        the generator state alone determines the result.
-        """
-        out_size = self._out_size(image_size)
-        view1, view2 = (
-            _sample_view(policy, batch_size, image_size, out_size, generator)
-            for policy in self.policies
+        super().__init__(
+            (view1, view2), out_sizes=out_size, mean=mean, std=std, generator=generator
         )
-        return view1, view2
-
-    @torch.no_grad()
-    def apply(
-        self, x: Tensor | tuple[Tensor, Tensor], params: tuple[ViewParams, ViewParams]
-    ) -> tuple[Tensor, Tensor]:
-        """Apply previously drawn parameters to a batch (or a pair of batches, one per view);
-        deterministic, never tracks gradients."""
-        inputs = x if isinstance(x, tuple) else (x, x)
-        for images in inputs:
-            _check_images(images)
-        first = inputs[0]
-        out_size = self._out_size((first.shape[-2], first.shape[-1]))
-        params = (params[0].to(first.device), params[1].to(first.device))
-        chunk = max(_MIN_CHUNK, _CPU_CHUNK_VALUES // (3 * out_size[0] * out_size[1]))
-        if first.device.type != "cpu" or chunk >= first.shape[0]:
-            return self._apply_views(inputs, params, out_size)
-        parts = [
-            self._apply_views(
-                _chunk_views(inputs, i, chunk),
-                (params[0][i : i + chunk], params[1][i : i + chunk]),
-                out_size,
-            )
-            for i in range(0, first.shape[0], chunk)
-        ]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-
-    def _apply_views(
-        self,
-        inputs: tuple[Tensor, Tensor],
-        params: tuple[ViewParams, ViewParams],
-        out_size: tuple[int, int],
-    ) -> tuple[Tensor, Tensor]:
-        images = [_to_float(inputs[0])]
-        # One conversion for both views of one batch.
-        images.append(images[0] if inputs[1] is inputs[0] else _to_float(inputs[1]))
-        view1, view2 = (
-            self._apply_view(x, p, policy, out_size)
-            for x, p, policy in zip(images, params, self.policies, strict=True)
-        )
-        return view1, view2
-
-    def _out_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
-        return self.out_size if self.out_size is not None else image_size
-
-    def _apply_view(
-        self, x: Tensor, p: ViewParams, policy: ViewPolicy, out_size: tuple[int, int]
-    ) -> Tensor:
-        angle = p.angle if policy.rotation > 0 else None
-        x = BF.resized_crop(x, p.boxes, p.flip, out_size, angle)  # new; modified in place below
-        if policy.jitter_p > 0:
-            _color_jitter_(x, p, policy)
-        if policy.gray_p > 0:
-            BF.to_grayscale_(x, p.gray)
-        if policy.blur_p > 0 and min(out_size) >= policy.blur_min_size:
-            x = _blur_selected(x, p, BF.blur_kernel_size(out_size))
-        if policy.solarize_p > 0:
-            BF.solarize_(x, p.solarize, policy.solarize_threshold)
-        return BF.normalize_(x, self.mean, self.std)
 
 
 class SimCLRAugment(TwoViewAugment):
@@ -458,10 +589,19 @@ def _color_jitter_(x: Tensor, p: ViewParams, policy: ViewPolicy) -> None:
         blend_positions(range(1, 4), before_hue=False)
 
 
-def _chunk_views(inputs: tuple[Tensor, Tensor], start: int, size: int) -> tuple[Tensor, Tensor]:
-    """Rows ``start:start + size`` of both views' inputs; one slice when both are one batch."""
-    first = inputs[0][start : start + size]
-    return (first, first) if inputs[1] is inputs[0] else (first, inputs[1][start : start + size])
+def _rows(inputs: list[Tensor], start: int, size: int) -> list[Tensor]:
+    """Rows ``start:start + size`` of every view's input; views of one input batch keep
+    sharing one slice."""
+    slices: dict[int, Tensor] = {}
+    return [slices.setdefault(id(x), x[start : start + size]) for x in inputs]
+
+
+def _is_pair(size: Any) -> bool:
+    return isinstance(size, tuple) and len(size) == 2 and all(isinstance(v, int) for v in size)
+
+
+def _pair(size: int | tuple[int, int] | None) -> tuple[int, int] | None:
+    return (size, size) if isinstance(size, int) else (tuple(size) if size is not None else None)
 
 
 def _to_float(images: Tensor) -> Tensor:

@@ -2,8 +2,9 @@
 
 A folder holds one sub-folder of images per class (labelled), or images directly (unlabelled;
 every label is -1). For pretraining, :class:`ImageFolderViews` decodes each image at its native
-resolution (``torchvision.io``, no PIL round trip, for JPEG, PNG, WebP and GIF) and cuts the two
-RandomResizedCrop views from the whole image, resized to the view size; the batched
+resolution (``torchvision.io``, no PIL round trip, for JPEG, PNG, WebP and GIF) and cuts the
+RandomResizedCrop views (two, or every crop of a multi-crop list) from the whole image, each
+resized to its size; the batched
 augmentation does the rest on the device. The crop parameters come from a generator seeded by
 (seed, epoch, index), so they do not depend on which worker decodes the image, and a resume
 reproduces them. For evaluation, :class:`ImageFolderCenter` resizes the shorter side to
@@ -31,6 +32,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
 from ssl_toolkit.data.augment import CROP_UNIFORMS, sample_crop_boxes
+from ssl_toolkit.data.crops import CropGroup
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -89,13 +91,21 @@ class BadImageError(DatasetNotFoundError):
 
 @dataclass(frozen=True)
 class CropViews:
-    """How pretraining views are cut in the workers: RandomResizedCrop to ``size`` pixels,
-    area fraction in ``scale``, log-uniform aspect ratio in ``ratio``, seeded by ``seed``."""
+    """How pretraining views are cut in the workers: two RandomResizedCrops to ``size`` pixels,
+    area fraction in ``scale``, log-uniform aspect ratio in ``ratio``, seeded by ``seed``; or
+    the crops of ``crops`` (multi-crop), each group at its own size and scale."""
 
     size: int
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     seed: int = 0
+    crops: tuple[CropGroup, ...] | None = None
+
+    def groups(self) -> list[tuple[int, int, tuple[float, float]]]:
+        """``(count, size, scale)`` of each group of crops, in order."""
+        if self.crops is None:
+            return [(2, self.size, self.scale)]
+        return [(g.count, g.size, tuple(g.scale)) for g in self.crops]
 
 
 @dataclass(frozen=True)
@@ -238,7 +248,8 @@ def _decode(path: Path) -> Tensor:
 
 
 class ImageFolderViews(Dataset):
-    """Pretraining items: ``((view_a, view_b), label)``, two uint8 (3, S, S) crops of one image.
+    """Pretraining items: ``((view_a, view_b, ...), label)``, the uint8 (3, S, S) crops of one
+    image that ``views`` describes (two, or every crop of a multi-crop list).
 
     Indices are ``(index, epoch)`` pairs (see :class:`~ssl_toolkit.data.loader.WorkerBatchLoader`),
     so that the crops of an image differ from epoch to epoch and never depend on the worker.
@@ -255,7 +266,7 @@ class ImageFolderViews(Dataset):
     def __len__(self) -> int:
         return len(self.files.paths)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[tuple[Tensor, Tensor], int]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[tuple[Tensor, ...], int]:
         index, epoch = item
         image = _decode(self.files.paths[index])
         # One seed per (seed, epoch, index): index < len(self), so no two of them share one.
@@ -263,10 +274,14 @@ class ImageFolderViews(Dataset):
             (self.views.seed * 1_000_003 + epoch) * len(self) + index
         )
         height, width = image.shape[-2:]
-        uniforms = torch.rand(2, CROP_UNIFORMS, generator=generator)
-        boxes = sample_crop_boxes(uniforms, (height, width), self.views.scale, self.views.ratio)
-        crops = tuple(_crop(image, box, self.views.size) for box in boxes)
-        return crops, self.files.labels[index]
+        groups = self.views.groups()
+        uniforms = torch.rand(sum(g[0] for g in groups), CROP_UNIFORMS, generator=generator)
+        crops: list[Tensor] = []
+        for count, size, scale in groups:
+            rows = uniforms[len(crops) : len(crops) + count]
+            boxes = sample_crop_boxes(rows, (height, width), scale, self.views.ratio)
+            crops += [_crop(image, box, size) for box in boxes]
+        return tuple(crops), self.files.labels[index]
 
 
 def _crop(image: Tensor, box: Tensor, size: int) -> Tensor:

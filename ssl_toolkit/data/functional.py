@@ -57,6 +57,46 @@ def resized_crop(
     rotation the sampling grid is an outer sum of a per-sample column ramp and row ramp (no
     ``affine_grid`` matrix product). Points outside the image take the nearest border pixel.
     """
+    grid = _crop_grid(x, boxes, flip, out_size, angle)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def resized_crops(
+    x: Tensor,
+    boxes: list[Tensor],
+    flips: list[Tensor],
+    out_size: tuple[int, int],
+    angles: list[Tensor] | None = None,
+) -> Tensor:
+    """Several crops of every sample, as :func:`resized_crop` cuts each, in one
+    ``grid_sample``: ``(V·B, 3, out_h, out_w)``, crop ``v`` of every sample before crop
+    ``v + 1``.
+
+    The V sampling grids of a sample are laid side by side, so the input batch is read once
+    and never repeated; every output pixel is the one :func:`resized_crop` computes.
+    """
+    if len(boxes) == 1:
+        return resized_crop(x, boxes[0], flips[0], out_size, angles[0] if angles else None)
+    grids = [
+        _crop_grid(x, b, f, out_size, angles[v] if angles is not None else None)
+        for v, (b, f) in enumerate(zip(boxes, flips, strict=True))
+    ]
+    out = F.grid_sample(
+        x, torch.cat(grids, dim=2), mode="bilinear", padding_mode="border", align_corners=False
+    )
+    batch, channels, out_h, _ = out.shape
+    out = out.view(batch, channels, out_h, len(grids), out_size[1]).permute(3, 0, 1, 2, 4)
+    return out.reshape(len(grids) * batch, channels, out_h, out_size[1])
+
+
+def _crop_grid(
+    x: Tensor,
+    boxes: Tensor,
+    flip: Tensor,
+    out_size: tuple[int, int],
+    angle: Tensor | None,
+) -> Tensor:
+    """The (B, out_h, out_w, 2) ``grid_sample`` grid of :func:`resized_crop`."""
     height, width = x.shape[-2:]
     out_h, out_w = out_size
     x0, y0, w, h = boxes.to(device=x.device, dtype=x.dtype).unbind(1)
@@ -76,8 +116,7 @@ def resized_crop(
         sin = angle.to(device=x.device, dtype=x.dtype).sin().view(-1, 1, 1)
         grid_x = (2 * (x0 + w / 2).view(-1, 1, 1) + 2 * (cos * du + sin * dv)) / width - 1
         grid_y = (2 * (y0 + h / 2).view(-1, 1, 1) + 2 * (cos * dv - sin * du)) / height - 1
-    grid = torch.stack(torch.broadcast_tensors(grid_x, grid_y), dim=-1)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return torch.stack(torch.broadcast_tensors(grid_x, grid_y), dim=-1)
 
 
 def blend_(x: Tensor, scale: Tensor, toward_mean: Tensor, toward_gray: Tensor) -> Tensor:

@@ -3,10 +3,10 @@
 ``register_method(name, config_cls)`` decorates a :class:`Method` subclass; ``list_methods()``
 and ``get_method(name)`` look them up; other packages add methods through the entry-point group
 ``ssl_toolkit.methods``. Built in (registered by importing their modules here): ``simclr``,
-``byol``, ``barlow_twins``, ``vicreg`` and ``mocov3``; their losses are plain functions of
-tensors (``nt_xent``, ``byol_loss``, ``barlow_twins_loss``, ``vicreg_loss``,
-``moco_v3_loss``, and SwAV's ``swav_loss`` and ``sinkhorn`` and DINO's ``dino_loss``) with the
-papers' coefficients as keyword defaults. A method is two steps,
+``byol``, ``barlow_twins``, ``vicreg``, ``mocov3``, ``swav`` and ``dino``; their losses are
+plain functions of tensors (``nt_xent``, ``byol_loss``, ``barlow_twins_loss``,
+``vicreg_loss``, ``moco_v3_loss``, ``swav_loss`` with ``sinkhorn``, and ``dino_loss``) with
+the papers' coefficients as keyword defaults. A method is two steps,
 ``embed(views) -> embeddings`` and ``loss(embeddings) -> Tensor``
 (see :mod:`ssl_toolkit.methods.base`).
 """
@@ -22,7 +22,7 @@ from .base import (
     two_views,
 )
 from .byol import BYOL, BYOLConfig, byol_loss, cosine_tau
-from .dino import dino_loss, teacher_temperature, updated_center
+from .dino import DINO, DINOConfig, dino_loss, teacher_temperature, updated_center
 from .mocov3 import MoCoV3, MoCoV3Config, moco_v3_loss
 from .registry import (
     METHODS,
@@ -33,15 +33,17 @@ from .registry import (
     register_method,
 )
 from .simclr import SimCLR, SimCLRConfig, nt_xent
-from .swav import sinkhorn, swav_loss
+from .swav import SwAV, SwAVConfig, sinkhorn, swav_loss
 from .vicreg import VICReg, VICRegConfig, vicreg_loss
 
 __all__ = [
     "BYOL",
+    "DINO",
     "METHODS",
     "BYOLConfig",
     "BarlowTwins",
     "BarlowTwinsConfig",
+    "DINOConfig",
     "Embeddings",
     "HeadConfig",
     "Method",
@@ -50,6 +52,8 @@ __all__ = [
     "MoCoV3Config",
     "SimCLR",
     "SimCLRConfig",
+    "SwAV",
+    "SwAVConfig",
     "VICReg",
     "VICRegConfig",
     "at_least_fp32",

@@ -14,7 +14,8 @@ its augmentation, and for each optimizer step hands its views to
 This split is what makes gradient accumulation exact: the loss can be taken once over the
 embeddings of every micro-batch of a step. ``forward`` is :meth:`Method.embed`, so DDP and
 FSDP2, which hook ``forward``, see every embedding pass. After the optimizer step the trainer
-calls :meth:`Method.after_optimizer_step` (e.g. BYOL's target EMA) and, on logging steps,
+calls :meth:`Method.after_optimizer_step` (e.g. BYOL's target EMA; before the step's forward
+passes, :meth:`Method.before_optimizer_step`) and, on logging steps,
 :meth:`Method.log_metrics`. Evaluation encodes images with :meth:`Method.features`.
 """
 
@@ -41,6 +42,8 @@ __all__ = [
     "at_least_fp32",
     "check_pair",
     "check_temperature",
+    "features_by_size",
+    "full_tensor",
     "off_diagonal",
     "scale_gradient",
     "two_views",
@@ -149,13 +152,38 @@ class Method(nn.Module):
         ``crop_scale`` of the image area, colour jitter of ``color_strength``."""
         raise NotImplementedError(f"{type(self).__name__} must implement augmentation()")
 
+    def evaluated_backbone(self) -> nn.Module:
+        """The backbone that is evaluated and exported (``backbone.pt``): ``self.backbone``
+        (DINO's: the teacher's, as its authors evaluate)."""
+        return self.backbone
+
     def features(self, images: Tensor) -> Tensor:
-        """Backbone features, the representation that is evaluated."""
-        return self.backbone(images)
+        """Features of :meth:`evaluated_backbone`, the representation that is evaluated."""
+        return self.evaluated_backbone()(images)
+
+    def rank_state_dict(self) -> dict[str, Any]:
+        """State that differs between processes and is no module buffer (SwAV's queue); the
+        checkpoint keeps every process's. Empty here."""
+        return {}
+
+    def load_rank_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore this process's :meth:`rank_state_dict`; a no-op here."""
 
     def trainable_module(self) -> nn.Module:
         """The module whose ``named_parameters()`` the optimizer gets (default: all of it)."""
         return self
+
+    def check_views(self, sizes: Sequence[int]) -> None:
+        """A ``ValueError`` unless the method trains on views of these sides, in this order
+        (``data.crops``); by default exactly two views (of any sizes)."""
+        if len(sizes) != 2:
+            raise ValueError(f"{type(self).__name__} takes 2 views, got {len(sizes)} crops")
+
+    def before_optimizer_step(self, step: int, steps_per_epoch: int) -> None:
+        """Called before the forward passes of optimizer step ``step`` (1-based), epochs of
+        ``steps_per_epoch`` steps (SwAV normalises its prototypes here, DINO sets the
+        epoch's teacher temperature); a no-op here. A resumed run calls it too, so what it
+        sets follows from the step alone."""
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         """Called after optimizer step ``step`` (1-based) of ``total_steps``; a no-op here."""
@@ -180,6 +208,26 @@ class BYOLAugmentation:
     ) -> BYOLAugment:
         """BYOL's augmentation at ``image_size`` with crops of ``crop_scale`` of the area."""
         return BYOLAugment(image_size, scale=crop_scale, generator=generator)
+
+
+def features_by_size(backbone: nn.Module, views: Sequence[Tensor]) -> Tensor:
+    """The backbone's features of every view, concatenated in order: one forward per run of
+    consecutive views of one size, as the authors' multi-crop code batches them (SwAV's
+    ``forward``, DINO's ``MultiCropWrapper``), so batch norm sees each run together."""
+    features, start = [], 0
+    while start < len(views):
+        stop = start + 1
+        while stop < len(views) and views[stop].shape[-2:] == views[start].shape[-2:]:
+            stop += 1
+        batch = views[start] if stop == start + 1 else torch.cat(list(views[start:stop]))
+        features.append(backbone(batch))
+        start = stop
+    return features[0] if len(features) == 1 else torch.cat(features)
+
+
+def full_tensor(t: Tensor) -> Tensor:
+    """``t`` whole: a DTensor (a parameter sharded by FSDP2) gathered, a tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def check_pair(a: Tensor, b: Tensor, loss: str) -> None:

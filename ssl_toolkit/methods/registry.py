@@ -74,15 +74,19 @@ def build_method(
     *,
     cifar_stem: bool = False,
     zero_init_residual: bool = False,
+    **backbone_kwargs: Any,
 ) -> Method:
     """The method of ``config`` on a fresh ``backbone`` (a name ``models.build_backbone``
-    takes, with its ``cifar_stem`` and ``zero_init_residual``), its loss and gradient scaled
-    as ``config`` says."""
+    takes, with its ``cifar_stem``, ``zero_init_residual`` and constructor keywords such as a
+    timm model's ``drop_path_rate``), its loss and gradient scaled as ``config`` says."""
     try:
         network = build_backbone(
-            backbone, cifar_stem=cifar_stem, zero_init_residual=zero_init_residual
+            backbone,
+            cifar_stem=cifar_stem,
+            zero_init_residual=zero_init_residual,
+            **backbone_kwargs,
         )
-    except ValueError as err:  # e.g. cifar_stem on a backbone without a ResNet stem
+    except (ValueError, TypeError) as err:  # cifar_stem without a ResNet stem, a bad keyword
         raise ConfigError([f"model: {err}"]) from None
     method = get_method(config.name).build(config, network)
     method.loss_scale, method.gradient_scale = config.loss_scale, config.gradient_scale

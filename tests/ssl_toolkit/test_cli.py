@@ -159,7 +159,7 @@ def test_unknown_method_is_one_unbroken_line_listing_the_registered_ones(capsys)
     assert code == 2
     assert err == (
         "error: method.name: unknown method 'simclrv9'; did you mean 'simclr'? "
-        "registered: barlow_twins, byol, mocov3, simclr, vicreg\n"
+        "registered: barlow_twins, byol, dino, mocov3, simclr, swav, vicreg\n"
     )
 
 
@@ -178,6 +178,17 @@ def test_linear_eval_script_runs_both_protocols(capsys, tmp_path: Path) -> None:
     assert script.main([str(tmp_path / "missing")]) == 2
 
 
+def _dry_run_rows(capsys, *args: str) -> dict[str, list[str]]:
+    """The cells of each parameter's row of a successful ``--dry-run`` table, by name."""
+    code, out, _ = run_cli(capsys, *args)
+    assert code == 0
+    return {
+        cells[0]: cells
+        for line in out.splitlines()
+        if (cells := [c.strip() for c in line.split("│")[1:-1]]) and "." in cells[0]
+    }
+
+
 def test_dry_run_shows_a_vits_adamw_exclusions(capsys) -> None:
     """AdamW's decay exclusions of the ViT recipes (DINO's, timm's) through the rules: norms,
     biases, the position embedding and the class token get none; every other weight keeps it."""
@@ -186,13 +197,7 @@ def test_dry_run_shows_a_vits_adamw_exclusions(capsys) -> None:
         "[@norm, @bias, '*pos_embed', '*cls_token']}"
     )
     args = ["--config", "mocov3_lars", "model.backbone=timm/test_vit", optim, "--dry-run"]
-    code, out, _ = run_cli(capsys, *args)
-    assert code == 0
-    rows = {
-        cells[0]: cells
-        for line in out.splitlines()
-        if (cells := [c.strip() for c in line.split("│")[1:-1]]) and "." in cells[0]
-    }
+    rows = _dry_run_rows(capsys, *args)
     for name, rule in [
         ("backbone.pos_embed", "no decay: *pos_embed"),
         ("backbone.cls_token", "no decay: *cls_token"),
@@ -201,3 +206,20 @@ def test_dry_run_shows_a_vits_adamw_exclusions(capsys) -> None:
     ]:
         assert rows[name][2:4] == [rule, "0"], name
     assert rows["backbone.blocks.0.attn.qkv.weight"][2:4] == ["default", "0.04"]
+
+
+def test_the_dino_vit_recipes_dry_run_shows_its_exclusions_and_frozen_last_layer(capsys) -> None:
+    """imagenet/dino_vits16 (on timm's test ViT): pos_embed, cls_token, norms and biases
+    without weight decay, the last layer frozen for the first epoch, the rest decayed."""
+    args = ["--config", "imagenet/dino_vits16", "model.backbone=timm/test_vit", "--dry-run"]
+    rows = _dry_run_rows(capsys, *args)
+    for name, rule in [
+        ("backbone.pos_embed", "no decay: *pos_embed"),
+        ("backbone.cls_token", "no decay: *cls_token"),
+        ("backbone.norm.weight", "no decay: @norm"),
+        ("head.mlp.0.bias", "no decay: @bias"),
+    ]:
+        assert rows[name][2:4] == [rule, "0"], name
+    assert rows["head.mlp.0.weight"][2:4] == ["default", "0.04"]
+    frozen = "frozen 1251 steps: head.last_layer.*"
+    assert rows["head.last_layer.parametrizations.weight.original1"][2] == frozen

@@ -15,12 +15,16 @@ SHIPPED = sorted(CONFIG_DIR.rglob("*.yaml"))
 @pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(CONFIG_DIR)) for p in SHIPPED])
 def test_every_shipped_config_validates(path: Path) -> None:
     """Every shipped config loads; a LARS one keeps norms and biases out of adaptation (by
-    module type and name, or as the authors' 1-d filter), and only ViTs take AdamW."""
+    module type and name, or as the authors' 1-d filter), except SwAV's, whose LARC adapts
+    every parameter; only ViTs take AdamW, and only DINO's ResNet recipes plain SGD."""
     cfg = load_config(str(path))
     # A run directory's config.yaml is the resolved config: it must load back as it was.
     assert ExperimentConfig.from_dict(cfg.to_dict()) == cfg
     if isinstance(cfg.optim, LARSConfig):
-        assert cfg.optim.exclude_from_layer_adaptation in (["@norm", "@bias"], ["@1d"])
+        expected = ([],) if cfg.method.name == "swav" else (["@norm", "@bias"], ["@1d"])
+        assert cfg.optim.exclude_from_layer_adaptation in expected
+    elif cfg.optim.name == "sgd":
+        assert cfg.method.name == "dino" and cfg.optim.clip_grad is not None
     else:
         assert cfg.optim.name == "adamw" and cfg.model.backbone.startswith("timm/vit")
 
@@ -78,7 +82,7 @@ def test_bad_overrides_name_their_key(override: str, expected: str) -> None:
 
 def test_unknown_method_lists_the_registered_ones() -> None:
     with pytest.raises(
-        ConfigError, match=r"registered: barlow_twins, byol, mocov3, simclr, vicreg$"
+        ConfigError, match=r"registered: barlow_twins, byol, dino, mocov3, simclr, swav, vicreg$"
     ):
         load_config("simclr_lars", ["method.name=simclrv9"])
 

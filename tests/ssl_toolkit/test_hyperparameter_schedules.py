@@ -3,6 +3,7 @@ and a run with them, clipping and a frozen head resumes bit for bit."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -82,3 +83,57 @@ def test_a_scheduled_clipped_run_with_a_frozen_head_resumes_bit_identically(
     _assert_same_state(straight, resumed)
     moved = straight.method.projector.state_dict()["layers.0.weight"]
     assert not moved.equal(head["layers.0.weight"])  # unfrozen at step 7
+
+
+def test_a_dino_vit_runs_wandb_logs_its_weight_decay_rising_from_004_toward_04(
+    tmp_path: Path,
+) -> None:
+    """imagenet/dino_vits16 scaled down (timm's test ViT, multi-crop 2 x 32 + 2 x 16 px, 8
+    steps): the offline W&B run holds ``train/weight_decay`` of every step, DINO's cosine."""
+    from ssl_toolkit.config import load_config
+    from ssl_toolkit.wandb_offline import read_offline_history
+
+    cfg = load_config(
+        "imagenet/dino_vits16",
+        [
+            "model.backbone=timm/test_vit",
+            "method.head={out_dim: 64, hidden_dim: 32, bottleneck_dim: 16}",
+            "data.name=synthetic",  # 256 images: 8 steps of 32
+            "data.image_size=32",
+            "data.batch_size=32",
+            "data.num_workers=0",
+            "data.crops=[{count: 2, size: 32, scale: [0.4, 1.0]}, "
+            "{count: 2, size: 16, scale: [0.05, 0.4]}]",
+            "optim.freeze.steps=2",
+            "trainer.epochs=1",
+            "trainer.device=cpu",
+            "trainer.precision=fp32",
+            "trainer.log_every_steps=1",
+            f"trainer.output_dir={tmp_path}",
+            "eval.every_epochs=100",
+            "eval.baseline=false",
+        ],
+    )
+    Trainer(cfg).fit()
+    rows = [row for row in read_offline_history(tmp_path) if "train/weight_decay" in row]
+    logged = [row["train/weight_decay"] for row in rows]
+    assert [row["global_step"] for row in rows] == list(range(1, 9))
+    assert logged == pytest.approx(dino_cosine_scheduler(0.04, 0.4, 1, 8), rel=1e-12)
+    assert logged[0] == pytest.approx(0.04) and 0.35 < logged[-1] < 0.4
+    assert all(a < b for a, b in itertools.pairwise(logged))
+
+
+def test_a_warmup_from_a_start_lr_is_the_swav_and_dino_schedule(tmp_path: Path) -> None:
+    """``schedule.warmup_from``: numpy.linspace from it to the peak over the warmup, then the
+    cosine, as SwAV's ``lr_schedule`` and DINO's ``cosine_scheduler(..., warmup_epochs,
+    start_warmup_value)`` give the lr of every iteration."""
+    cfg = tiny_config(tmp_path).to_dict()
+    cfg["schedule"] |= {"warmup_epochs": 1, "warmup_from": 0.3, "final_lr": 0.0048}
+    trainer = Trainer(ExperimentConfig.from_dict(cfg), logger=RecordingLogger())
+    steps, per_epoch = trainer.total_steps, trainer.steps_per_epoch
+    expected = dino_cosine_scheduler(
+        trainer.peak_lr, 0.0048, steps // per_epoch, per_epoch, warmup_epochs=1, start=0.3
+    )
+    got = [trainer.lr_at(step) for step in range(1, steps + 1)]
+    assert got == pytest.approx(expected, rel=1e-13)
+    assert got[0] == pytest.approx(0.3) and got[per_epoch - 1] == pytest.approx(trainer.peak_lr)

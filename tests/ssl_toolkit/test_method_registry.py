@@ -29,7 +29,15 @@ from ssl_toolkit.methods import (
 
 
 def test_builtins_are_listed_and_found() -> None:
-    assert list_methods() == ["barlow_twins", "byol", "mocov3", "simclr", "vicreg"]
+    assert list_methods() == [
+        "barlow_twins",
+        "byol",
+        "dino",
+        "mocov3",
+        "simclr",
+        "swav",
+        "vicreg",
+    ]
     assert get_method("simclr") is SimCLR
     assert get_method("vicreg") is VICReg
     assert get_method("mocov3") is MoCoV3

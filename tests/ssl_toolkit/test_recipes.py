@@ -177,6 +177,87 @@ RECIPES: dict[str, dict[str, Any]] = {
         "data.crop_min_scale": 0.08,
         "exclude": [],
     },
+    # facebookresearch/swav scripts/swav_800ep_pretrain.sh (64 GPUs x 64); main_swav.py's
+    # LARC(SGD, trust_coefficient=0.001, clip=False) on every parameter.
+    "imagenet/swav": {
+        "processes": 64,
+        "global_batch": 4096,
+        "method.prototypes": 3000,
+        "method.projector.hidden_dim": 2048,
+        "method.projector.out_dim": 128,
+        "method.temperature": 0.1,
+        "method.epsilon": 0.05,
+        "method.sinkhorn_iterations": 3,
+        "method.crops_for_assign": [0, 1],
+        "method.queue_length": 0,
+        "crops": [(2, 224, (0.14, 1.0)), (6, 96, (0.05, 0.14))],
+        "model.backbone": "resnet50",
+        "optim.lr": 4.8,
+        "optim.weight_decay": 1e-6,
+        "optim.eta": 0.001,
+        "optim.trust_ratio": "original",
+        "optim.lr_in_buffer": False,
+        "optim.freeze.steps": 313,
+        "schedule.lr_scaling": "none",
+        "schedule.warmup_epochs": 10,
+        "schedule.warmup_from": 0.3,
+        "schedule.final_lr": 0.0048,
+        "trainer.epochs": 800,
+        "exclude": [],
+    },
+    # facebookresearch/dino README (vit_small, 300 epochs, 16 GPUs x 64) and main_dino.py's
+    # defaults; the exclusions of pos_embed and cls_token.
+    "imagenet/dino_vits16": {
+        "processes": 16,
+        "global_batch": 1024,
+        "method.head.out_dim": 65536,
+        "method.head.norm_last_layer": False,
+        "method.teacher_temperature": 0.07,
+        "method.teacher_temperature_start": 0.04,
+        "method.teacher_temperature_warmup_epochs": 30,
+        "method.student_temperature": 0.1,
+        "method.center_momentum": 0.9,
+        "method.tau_base": 0.996,
+        "crops": [(2, 224, (0.4, 1.0)), (8, 96, (0.05, 0.4))],
+        "model.backbone": "timm/vit_small_patch16_224",
+        "model.drop_path_rate": 0.1,
+        "optim.name": "adamw",
+        "optim.lr": 0.0005,
+        "optim.weight_decay": 0.04,
+        "schedule.weight_decay.end": 0.4,
+        "optim.clip_grad.max_norm": 3.0,
+        "optim.clip_grad.per_parameter": True,
+        "optim.freeze.steps": 1281167 // 1024,
+        "schedule.lr_scaling": "linear",
+        "schedule.warmup_epochs": 10,
+        "schedule.warmup_from": 0.0,
+        "schedule.final_lr": 1e-6,
+        "trainer.epochs": 300,
+        "exclude": ["@norm", "@bias", "*pos_embed", "*cls_token"],
+    },
+    # facebookresearch/dino README's ResNet-50 command (8 GPUs x 64) and main_dino.py's
+    # defaults; get_params_groups: no decay on biases and 1-d tensors.
+    "imagenet/dino_resnet50": {
+        "processes": 8,
+        "global_batch": 512,
+        "method.head.out_dim": 65536,
+        "method.teacher_temperature": 0.04,
+        "method.teacher_temperature_warmup_epochs": 0,
+        "crops": [(2, 224, (0.14, 1.0)), (8, 96, (0.05, 0.14))],
+        "model.backbone": "resnet50",
+        "optim.name": "sgd",
+        "optim.lr": 0.03,
+        "optim.momentum": 0.9,
+        "optim.weight_decay": 1e-4,
+        "schedule.weight_decay": None,
+        "optim.clip_grad.max_norm": 3.0,
+        "optim.freeze.steps": 1281167 // 512,
+        "schedule.warmup_epochs": 10,
+        "schedule.warmup_from": 0.0,
+        "schedule.final_lr": 1e-6,
+        "trainer.epochs": 100,
+        "exclude": ONE_DIM,
+    },
     # google-research/simclr README (v1) CIFAR-10 command; appendix B.9 of Chen et al. 2020.
     "cifar10/simclr": {
         "processes": 1,
@@ -268,12 +349,19 @@ def test_recipe_matches_its_source(name: str) -> None:
     assert global_batch == expected.pop("global_batch")
     excluded = expected.pop("exclude", EXCLUDED)
     assert cfg.optim.exclude_from_weight_decay == excluded
-    if excluded:
+    if hasattr(cfg.optim, "exclude_from_layer_adaptation"):
         assert cfg.optim.exclude_from_layer_adaptation == excluded
     views = expected.pop("views", {})
+    crops = expected.pop("crops", None)
+    if crops is not None:
+        got = [(g.count, g.size, tuple(g.scale)) for g in cfg.data.crops]
+        assert got == crops  # the YAML holds these decimals exactly as written
     ratio = expected.pop("bias_lr_ratio", None)
     for key, value in expected.items():
-        assert _value(cfg, key) == pytest.approx(value), key
+        if value is None or isinstance(value, str | bool):
+            assert _value(cfg, key) == value, key
+        else:
+            assert _value(cfg, key) == pytest.approx(value), key
     if ratio is not None:
         [rule] = cfg.optim.param_groups
         assert rule.match == excluded and rule.lr_scale == pytest.approx(ratio)
