@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ssl_toolkit.config import ExperimentConfig
 from ssl_toolkit.trainer import Trainer
@@ -90,6 +91,7 @@ def test_a_dino_vit_runs_wandb_logs_its_weight_decay_rising_from_004_toward_04(
 ) -> None:
     """imagenet/dino_vits16 scaled down (timm's test ViT, multi-crop 2 x 32 + 2 x 16 px, 8
     steps): the offline W&B run holds ``train/weight_decay`` of every step, DINO's cosine."""
+    from ssl_toolkit.checkpoint import load_checkpoint
     from ssl_toolkit.config import load_config
     from ssl_toolkit.wandb_offline import read_offline_history
 
@@ -114,13 +116,18 @@ def test_a_dino_vit_runs_wandb_logs_its_weight_decay_rising_from_004_toward_04(
             "eval.baseline=false",
         ],
     )
-    Trainer(cfg).fit()
+    trainer = Trainer(cfg)
+    trainer.fit()
     rows = [row for row in read_offline_history(tmp_path) if "train/weight_decay" in row]
     logged = [row["train/weight_decay"] for row in rows]
     assert [row["global_step"] for row in rows] == list(range(1, 9))
     assert logged == pytest.approx(dino_cosine_scheduler(0.04, 0.4, 1, 8), rel=1e-12)
     assert logged[0] == pytest.approx(0.04) and 0.35 < logged[-1] < 0.4
     assert all(a < b for a, b in itertools.pairwise(logged))
+    # The centre is in the checkpoint, as the run left it.
+    saved = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["model"]
+    assert torch.equal(saved["center"], trainer.method.center.cpu())
+    assert saved["center"].abs().sum() > 0
 
 
 def test_a_warmup_from_a_start_lr_is_the_swav_and_dino_schedule(tmp_path: Path) -> None:
