@@ -1,6 +1,7 @@
 """A run killed with SIGKILL mid-epoch and resumed with ``--resume auto`` ends bitwise equal
-to one never stopped, with exact gradient accumulation, in one process and under torchrun;
-also a multi-crop SwAV run whose queue (each process's own) is in use.
+to one never stopped, with exact gradient accumulation, in one process and under torchrun:
+a multi-crop SwAV run whose queue (each process's own) is in use. Two-view methods resume
+bitwise on 2 processes in ``test_multiprocess.py``.
 
 SIGKILL gives the trainer no chance to save: the resume comes from the last checkpoint the
 run wrote on its own (possibly while a write was cut short), which is what a lost machine or
@@ -42,7 +43,6 @@ SMALL = [
     "eval.baseline=false",
     "logging.wandb.mode=disabled",
 ]
-SIMCLR = ["--config", "simclr_lars"]
 # Multi-crop (2 x 32 + 4 x 16 px), the queue full after the first step and used from then on.
 SWAV = [
     "--config",
@@ -185,19 +185,18 @@ def _kill_resume_is_bitwise(
     world_size: int,
     batch_size: int,
     steps_per_epoch: int,
-    recipe: list[str] = SIMCLR,
 ) -> None:
     """Run A straight through and run B killed mid-epoch then resumed; the same weights."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    first = _start(straight, world_size, batch_size, recipe)  # alongside B: 2 cores here
+    first = _start(straight, world_size, batch_size, SWAV)  # alongside B: 2 cores here
     try:
-        victim = _start(killed, world_size, batch_size, recipe)
+        victim = _start(killed, world_size, batch_size, SWAV)
         try:
             _kill_mid_epoch(victim, killed, steps_per_epoch)
         finally:
             if victim.poll() is None:
                 _kill_all(victim)
-        resumed = _start(killed, world_size, batch_size, recipe, "--resume", "auto")
+        resumed = _start(killed, world_size, batch_size, SWAV, "--resume", "auto")
         err = _finish(resumed, killed)
         _finish(first, straight)
     finally:
@@ -213,11 +212,10 @@ def _kill_resume_is_bitwise(
     assert [state["trainer"]["step"] for state in last] == [2 * steps_per_epoch] * 2
     _assert_bitwise_equal(last[0]["model"], last[1]["model"], "last.pt model")
     _assert_bitwise_equal(last[0]["optimizer"], last[1]["optimizer"], "last.pt optimizer")
-    if recipe is SWAV:
-        queues = [state["method_ranks"] for state in last]
-        assert len(queues[0]) == world_size
-        assert all(rank["queued_rows"] > rank["queue"].shape[1] for rank in queues[0])
-        _assert_bitwise_equal(queues[0], queues[1], "last.pt SwAV queues")
+    queues = [state["method_ranks"] for state in last]
+    assert len(queues[0]) == world_size
+    assert all(rank["queued_rows"] > rank["queue"].shape[1] for rank in queues[0])
+    _assert_bitwise_equal(queues[0], queues[1], "last.pt SwAV queues")
     backbones = [
         torch.load(run / "backbone.pt", map_location="cpu", weights_only=True)
         for run in (straight, killed)
@@ -226,23 +224,15 @@ def _kill_resume_is_bitwise(
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_auto_is_bitwise_under_torchrun(tmp_path: Path) -> None:
-    """2 ranks (gloo): 128 images each in micro-batches of 16, 2 a step: 4 steps an epoch."""
-    _kill_resume_is_bitwise(tmp_path, world_size=2, batch_size=16, steps_per_epoch=4)
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_a_killed_multi_crop_swav_run_resumes_bitwise_with_its_queues(
     tmp_path: Path, world_size: int
 ) -> None:
     """SwAV's 6 crops of 2 sizes and its queue: 256 images in micro-batches of 32 (or 16 on
-    each of 2 processes), 2 a step: 4 steps an epoch. In one process this is the suite's
-    SIGKILL test (the two-view one runs under torchrun above)."""
+    each of 2 processes, under torchrun with gloo), 2 a step: 4 steps an epoch."""
     _kill_resume_is_bitwise(
         tmp_path,
         world_size=world_size,
         batch_size=32 // world_size,
         steps_per_epoch=4,
-        recipe=SWAV,
     )
