@@ -145,8 +145,21 @@ class OptimizerState:
         return get_optimizer_state_dict(self.method, self.optimizer, options=_SAVE)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Load a full optimizer state on every rank (each keeps its shard). With frozen
-        param groups, parameters without state are expected: they have not stepped yet."""
+        """Load a full optimizer state on every rank (each keeps its shard).
+
+        With frozen param groups, parameters without state are expected: they had not
+        stepped when it was saved. torch's loader first steps the fresh optimizer (lr 0, zero
+        gradients) to create its state, and a still-frozen group would skip that step: the
+        loader then loses the paths of those parameters' saved scalar entries (AdamW's
+        ``step``). So the groups are unfrozen for it (the saved groups bring their counts
+        back), and the parameters the checkpoint has no state for lose the placeholder."""
         frozen = any("frozen_steps" in group for group in self.optimizer.param_groups)
-        options = _LOAD_WITH_FROZEN if frozen else _LOAD
-        set_optimizer_state_dict(self.method, self.optimizer, state, options=options)
+        if not frozen:
+            set_optimizer_state_dict(self.method, self.optimizer, state, options=_LOAD)
+            return
+        for group in self.optimizer.param_groups:
+            group["frozen_steps"] = 0
+        set_optimizer_state_dict(self.method, self.optimizer, state, options=_LOAD_WITH_FROZEN)
+        for name, param in self.method.named_parameters():
+            if name not in state["state"]:
+                self.optimizer.state.pop(param, None)

@@ -60,26 +60,45 @@ def test_a_warmup_rises_linearly_from_zero(tmp_path: Path) -> None:
     assert values == pytest.approx([0.01, 0.02, 0.03, 0.04, 0.04])
 
 
-def test_a_scheduled_clipped_run_with_a_frozen_head_resumes_bit_identically(
-    tmp_path: Path,
-) -> None:
-    """The frozen steps left travel in the optimizer's state; the schedules are functions of
-    the step. Frozen for 6 steps, stopped at 3."""
+def frozen_head_config(run_dir: Path, optimizer: str) -> ExperimentConfig:
+    """:func:`scheduled_config` clipped, with its projector frozen for 6 steps; ``adamw`` in
+    place of LARS (with DINO's decay schedule, and a scalar ``step`` in its state)."""
     optim = {
         "clip_grad": {"max_norm": 0.5, "per_parameter": True},
         "freeze": {"params": ["projector.*"], "steps": 6},
     }
-    straight = Trainer(scheduled_config(tmp_path / "a", **optim), logger=RecordingLogger())
+    if optimizer == "lars":
+        return scheduled_config(run_dir, **optim)
+    cfg = tiny_config(run_dir).to_dict()
+    cfg["optim"] = {"name": "adamw", "lr": 1e-3, "weight_decay": 0.04, **optim}
+    cfg["schedule"] |= {"weight_decay": {"end": 0.4}}
+    return ExperimentConfig.from_dict(cfg)
+
+
+@pytest.mark.parametrize(("optimizer", "stop"), [("lars", 3), ("adamw", 3), ("adamw", 7)])
+def test_a_scheduled_clipped_run_with_a_frozen_head_resumes_bit_identically(
+    tmp_path: Path, optimizer: str, stop: int
+) -> None:
+    """The frozen steps left travel in the optimizer's state; the schedules are functions of
+    the step. Frozen for 6 steps, stopped while frozen (3) or after (7: the head then has
+    optimizer state, which torch's loader must place although the fresh optimizer's frozen
+    groups have none)."""
+    straight = Trainer(frozen_head_config(tmp_path / "a", optimizer), logger=RecordingLogger())
     head = {k: v.clone() for k, v in straight.method.projector.state_dict().items()}
     straight.fit(stop_at_step=8)
-    cfg = scheduled_config(tmp_path / "b", **optim)
+    cfg = frozen_head_config(tmp_path / "b", optimizer)
     first = Trainer(cfg, logger=RecordingLogger())
-    first.fit(stop_at_step=3)
+    first.fit(stop_at_step=stop)
     for key, value in first.method.projector.state_dict().items():
         if key.endswith(("weight", "bias")):
-            assert value.equal(head[key]), key  # frozen so far
+            assert value.equal(head[key]) == (stop <= 6), key  # frozen for 6 steps
+    projector = set(first.method.projector.parameters())
+    assert any(p in first.optimizer.state for p in projector) == (stop > 6)
     resumed = Trainer(cfg, resume="auto", logger=RecordingLogger())
-    assert resumed.step == 3
+    assert resumed.step == stop
+    assert {p in resumed.optimizer.state for p in resumed.method.projector.parameters()} == {
+        stop > 6
+    }
     resumed.fit(stop_at_step=8)
     _assert_same_state(straight, resumed)
     moved = straight.method.projector.state_dict()["layers.0.weight"]
