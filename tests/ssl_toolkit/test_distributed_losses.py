@@ -1,12 +1,10 @@
 """Two gloo ranks, each with half the batch, must reproduce one process on the joined batch."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import ssl_toolkit.methods.barlow_twins as barlow_module
@@ -19,8 +17,8 @@ from ssl_toolkit.distributed import (
     setup_distributed,
 )
 from ssl_toolkit.methods import BarlowTwins, MoCoV3, SimCLR, VICReg
+from tests.ssl_toolkit.test_multiprocess import WORLD, _free_port, start_ranks
 
-WORLD = 2
 PER_RANK = 3
 TEMPERATURE = 0.2
 
@@ -144,17 +142,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     cleanup_distributed(sync=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("ddp")
-    # spawn, not fork: other tests may have left threads (e.g. W&B's) running in this process.
-    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    start_ranks(_worker, (_free_port(), str(out_dir)))
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 

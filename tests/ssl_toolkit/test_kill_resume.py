@@ -67,7 +67,8 @@ def _start(
     run: Path, world_size: int, batch_size: int, recipe: list[str], *args: str
 ) -> subprocess.Popen:
     """A pretraining run into ``run`` in a session of its own, its output in files there (a
-    full pipe would stall a run the test is polling)."""
+    full pipe would stall a run the test is polling), one thread per process (torchrun's
+    default for its ranks)."""
     run.mkdir(parents=True, exist_ok=True)
     name = "resumed" if "--resume" in args else "first"
     with open(run / f"{name}.out", "w") as out, open(run / f"{name}.err", "w") as err:
@@ -83,6 +84,7 @@ def _start(
             stdout=out,
             stderr=err,
             cwd=run,
+            env=os.environ | {"OMP_NUM_THREADS": "1"},  # two runs alongside on 2 cores
             start_new_session=True,
         )
 

@@ -64,9 +64,22 @@ def _worker(rank: int, port: int, out_dir: str, job: Callable[[int, Path], Any])
     cleanup_distributed(sync=True)
 
 
+def _on_one_core(rank: int, worker: Callable[..., None], *args: Any) -> None:
+    torch.set_num_threads(1)  # as torchrun gives each rank: 2 ranks of 2 threads thrash 2 cores
+    worker(rank, *args)
+
+
+def start_ranks(worker: Callable[..., None], args: tuple[Any, ...]) -> None:
+    """Run ``worker(rank, *args)`` in ``WORLD`` new processes of one thread each, and wait
+    for them all.
+
+    Spawned, not forked: other tests may have left threads (e.g. W&B's) running in this
+    process."""
+    mp.spawn(_on_one_core, args=(worker, *args), nprocs=WORLD, join=True)
+
+
 def _spawn(job: Callable[[int, Path], Any], out_dir: Path) -> list[Any]:
-    # spawn, not fork: other tests may have left threads (e.g. W&B's) running in this process.
-    mp.spawn(_worker, args=(_free_port(), str(out_dir), job), nprocs=WORLD, join=True)
+    start_ranks(_worker, (_free_port(), str(out_dir), job))
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
@@ -261,7 +274,7 @@ def _trainer_config(out: Path, strategy: str = "ddp") -> ExperimentConfig:
                 "log_every_steps": 1,
             },
             "logging": {"wandb": {"mode": "disabled"}},
-            "eval": {"every_epochs": 1, "knn_k": 5, "batch_size": 128},
+            "eval": {"every_epochs": 1, "knn_k": 5, "batch_size": 128, "baseline": False},
         }
     )
 
