@@ -15,13 +15,15 @@ SHIPPED = sorted(CONFIG_DIR.rglob("*.yaml"))
 @pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(CONFIG_DIR)) for p in SHIPPED])
 def test_every_shipped_config_validates(path: Path) -> None:
     """Every shipped config loads; a LARS one keeps norms and biases out of adaptation (by
-    module type and name, or as the authors' 1-d filter), except SwAV's, whose LARC adapts
-    every parameter; only ViTs take AdamW, and only DINO's ResNet recipes plain SGD."""
+    module type and name, or as the authors' 1-d filter), except SwAV's LARC, which adapts
+    every parameter (SwAV's recipes, and the digits DINO that borrows it); only ViTs take
+    AdamW, and only DINO's ResNet recipes plain SGD."""
     cfg = load_config(str(path))
     # A run directory's config.yaml is the resolved config: it must load back as it was.
     assert ExperimentConfig.from_dict(cfg.to_dict()) == cfg
     if isinstance(cfg.optim, LARSConfig):
-        expected = ([],) if cfg.method.name == "swav" else (["@norm", "@bias"], ["@1d"])
+        larc = cfg.method.name in ("swav", "dino")
+        expected = ([],) if larc else (["@norm", "@bias"], ["@1d"])
         assert cfg.optim.exclude_from_layer_adaptation in expected
     elif cfg.optim.name == "sgd":
         assert cfg.method.name == "dino" and cfg.optim.clip_grad is not None
