@@ -31,6 +31,7 @@ from optim.schedules import LRScaling
 from ssl_toolkit.accumulation import Accumulation
 from ssl_toolkit.data import CropGroup, DatasetName
 from ssl_toolkit.distributed import Device
+from ssl_toolkit.knn import BankDtype
 from ssl_toolkit.methods import MethodConfig, parse_method_config
 from ssl_toolkit.parallel import Strategy
 from ssl_toolkit.sync_batch_norm import SyncBNSetting
@@ -341,6 +342,16 @@ class EvalConfig(ConfigSection):
     knn_k: int = Field(20, ge=1, description="neighbours that vote")
     knn_temperature: float = Field(0.1, gt=0.0, description="temperature of the vote weights")
     batch_size: int = Field(512, ge=1, description="images per batch when encoding")
+    bank_dtype: BankDtype = Field(
+        "fp32",
+        description="precision of the kNN bank's features; fp16 halves the bank's memory",
+    )
+    knn_bank_size: int | None = Field(
+        None,
+        ge=1,
+        description="cap the evaluation bank at this many images, a fixed random subset "
+        "(as DINO's and solo-learn's monitors do, for speed); null keeps every image",
+    )
     labels_per_class: int = Field(
         10, ge=1, description="labels per class of the few-label linear probe at the end"
     )

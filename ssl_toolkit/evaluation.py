@@ -34,12 +34,14 @@ from ssl_toolkit.data import (
 from ssl_toolkit.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from ssl_toolkit.data.folders import ImageFolderCenter, ImageFolderViews
 from ssl_toolkit.data.functional import normalize
-from ssl_toolkit.distributed import all_gather_rows, gather_objects, sum_over_ranks
+from ssl_toolkit.distributed import all_gather_rows, gather_objects
+from ssl_toolkit.knn import BANK_DTYPES, knn_correct, knn_top1
 
 __all__ = [
     "Evaluator",
     "Probes",
     "SingleClassError",
+    "bank_subset",
     "encode",
     "eval_datasets",
     "extract_features",
@@ -100,75 +102,6 @@ def extract_features(
     if not features:
         raise ValueError("extract_features got no batches")
     return torch.cat(features), torch.cat(labels)
-
-
-def knn_correct(
-    train_feats: Tensor,
-    train_labels: Tensor,
-    test_feats: Tensor,
-    test_labels: Tensor,
-    *,
-    k: int = 20,
-    temperature: float = 0.1,
-    num_classes: int,
-    chunk_size: int = 1024,
-) -> Tensor:
-    """How many test features the weighted kNN classifier of InstDisc / DINO gets right.
-
-    For each test feature, the ``k`` training features with the highest cosine similarity
-    ``s`` vote for their labels with weight ``exp(s / temperature)``; the class with the largest
-    total wins (ties go to the lowest class index). Features are L2-normalised here, so raw
-    features work too. Test features are processed ``chunk_size`` at a time to bound memory.
-    Returns a 0-d int64 tensor on the training features' device (no host sync).
-    """
-    if k < 1 or temperature <= 0 or chunk_size < 1:
-        raise ValueError(
-            f"need k >= 1, temperature > 0, chunk_size >= 1; got {k}, {temperature}, {chunk_size}"
-        )
-    if len(train_feats) != len(train_labels) or len(test_feats) != len(test_labels):
-        raise ValueError("features and labels must have the same length")
-    if len(train_feats) == 0:
-        raise ValueError("knn needs at least one training sample")
-    train = F.normalize(train_feats.float(), dim=1)
-    test = F.normalize(test_feats.float(), dim=1).to(train.device)
-    train_labels = train_labels.to(train.device, torch.long)
-    test_labels = test_labels.to(train.device, torch.long)
-    k = min(k, len(train))
-    correct = torch.zeros((), dtype=torch.long, device=train.device)
-    for start in range(0, len(test), chunk_size):
-        sims, idx = (test[start : start + chunk_size] @ train.T).topk(k, dim=1)
-        votes = torch.zeros(len(sims), num_classes, device=train.device)
-        votes.scatter_add_(1, train_labels[idx], (sims / temperature).exp())
-        pred = votes.argmax(dim=1)
-        correct += (pred == test_labels[start : start + chunk_size]).sum()
-    return correct
-
-
-def knn_top1(
-    train_feats: Tensor,
-    train_labels: Tensor,
-    test_feats: Tensor,
-    test_labels: Tensor,
-    *,
-    k: int = 20,
-    temperature: float = 0.1,
-    num_classes: int,
-    chunk_size: int = 1024,
-) -> float:
-    """Top-1 accuracy (fraction in [0, 1]) of the weighted kNN classifier (:func:`knn_correct`)."""
-    if len(test_feats) == 0:
-        raise ValueError("knn_top1 needs at least one training and one test sample")
-    correct = knn_correct(
-        train_feats,
-        train_labels,
-        test_feats,
-        test_labels,
-        k=k,
-        temperature=temperature,
-        num_classes=num_classes,
-        chunk_size=chunk_size,
-    )
-    return correct.item() / len(test_feats)
 
 
 def _smallest_class(labels: Tensor) -> tuple[int, int]:
@@ -335,10 +268,13 @@ def eval_datasets(cfg: ExperimentConfig) -> tuple[Dataset, Dataset] | None:
     :class:`SingleClassError`.
     """
     size = cfg.data.image_size
+    index_dir = cfg.trainer.output_dir
     if cfg.eval.root is not None:
         key, root = "eval.root", cfg.eval.root
         bank, test = (
-            build_dataset("imagefolder", root=root, train=train, image_size=size)
+            build_dataset(
+                "imagefolder", root=root, train=train, image_size=size, index_dir=index_dir
+            )
             for train in (True, False)
         )
         if (bank.targets < 0).all():
@@ -349,10 +285,14 @@ def eval_datasets(cfg: ExperimentConfig) -> tuple[Dataset, Dataset] | None:
     else:
         key, root = "data.root", cfg.data.root
         bank_split = {"split": "train"} if cfg.data.name == "stl10" else {}
-        bank = build_dataset(cfg.data.name, root=root, image_size=size, **bank_split)
+        bank = build_dataset(
+            cfg.data.name, root=root, image_size=size, index_dir=index_dir, **bank_split
+        )
         if (bank.targets < 0).all():
             return None
-        test = build_dataset(cfg.data.name, root=root, train=False, image_size=size)
+        test = build_dataset(
+            cfg.data.name, root=root, train=False, image_size=size, index_dir=index_dir
+        )
     if len(bank.classes) < 2:
         raise SingleClassError(
             f"{key}={root!r} has one class ({', '.join(bank.classes)}): the kNN monitor and "
@@ -465,11 +405,13 @@ class Evaluator:
 
     The kNN monitor is due at the end of every ``eval.every_epochs``-th epoch and at the last
     step of the run (once, even when both hold). Every rank takes part: each encodes its shard
-    of the bank and of the test set, the bank features are gathered on every rank, each rank
-    classifies its test shard, and the correct counts are summed. No rank waits in a collective
-    while another works alone. Without labelled data (:func:`eval_datasets` gives ``None``),
-    or with one class only (:class:`SingleClassError`), it is not :attr:`enabled`, nothing is
-    due, and :attr:`disabled_reason` says why.
+    of the bank and of the test set and keeps its bank shard (in ``eval.bank_dtype``); the
+    sharded kNN (:func:`~ssl_toolkit.knn.knn_correct`) shares the test features a chunk at a
+    time and merges each rank's candidates, so the bank is never gathered. ``eval.knn_bank_size``
+    caps the bank with a fixed random subset. No rank waits in a collective while another works
+    alone. Without labelled data (:func:`eval_datasets` gives ``None``), or with one class only
+    (:class:`SingleClassError`), it is not :attr:`enabled`, nothing is due, and
+    :attr:`disabled_reason` says why.
     """
 
     def __init__(
@@ -502,13 +444,17 @@ class Evaluator:
                 self.disabled_reason = (
                     "the data has no labels (set eval.root to a labelled image folder)"
                 )
+        self._shards = None
         if datasets is not None:
-            _check_labels_per_class(datasets[0], cfg.eval.labels_per_class)
-        self._shards = (
-            None
-            if datasets is None
-            else [(*shard_dataset(dataset, rank, world_size), len(dataset)) for dataset in datasets]
-        )
+            bank, test = datasets
+            self.num_classes = len(bank.classes)
+            if cfg.eval.knn_bank_size is not None:
+                bank = bank_subset(bank, cfg.eval.knn_bank_size)
+            _check_labels_per_class(bank, cfg.eval.labels_per_class)
+            self._shards = [
+                (*shard_dataset(dataset, rank, world_size), len(dataset))
+                for dataset in (bank, test)
+            ]
 
     @property
     def enabled(self) -> bool:
@@ -520,30 +466,29 @@ class Evaluator:
         return self.enabled and (step % self.every_steps == 0 or step == self.total_steps)
 
     def _features(self, encoder: Callable[[Tensor], Tensor]) -> tuple[Tensor, ...]:
-        """Bank features and labels (gathered, on every rank), then this rank's padded shard
-        of test features and labels."""
+        """This rank's real rows of bank features (in ``eval.bank_dtype``) and labels, then of
+        test features and labels."""
         if self._shards is None:
             raise RuntimeError("no labelled data to evaluate on (see Evaluator.enabled)")
-        (bank, bank_labels), (test, test_labels) = (
-            self._encode_shard(encoder, shard) for shard, _, _ in self._shards
-        )
-        # Padding sits after the last real row of the concatenated shards.
-        bank_size = self._shards[0][2]
-        return (
-            all_gather_rows(bank)[:bank_size],
-            all_gather_rows(bank_labels)[:bank_size],
-            test,
-            test_labels,
-        )
+        (bank_shard, bank_real, _), (test_shard, test_real, _) = self._shards
+        dtype = BANK_DTYPES[self.cfg.eval.bank_dtype]
+        bank, bank_labels = self._encode_shard(encoder, bank_shard, dtype)
+        test, test_labels = self._encode_shard(encoder, test_shard)
+        return bank[:bank_real], bank_labels[:bank_real], test[:test_real], test_labels[:test_real]
 
     def _encode_shard(
-        self, encoder: Callable[[Tensor], Tensor], shard: Dataset
+        self,
+        encoder: Callable[[Tensor], Tensor],
+        shard: Dataset,
+        dtype: torch.dtype | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """This rank's shard encoded; an error on any rank (an image that does not decode)
-        is raised on every rank, so that none goes on to a collective the others never reach."""
+        """This rank's shard encoded (cast to ``dtype`` when given); an error on any rank (an
+        image that does not decode) is raised on every rank, so that none goes on to a
+        collective the others never reach."""
         features, error = None, None
         try:
-            features = encode(encoder, shard, self.cfg, self.device, self.memory_format)
+            features, labels = encode(encoder, shard, self.cfg, self.device, self.memory_format)
+            features = (features.to(dtype) if dtype is not None else features), labels
         except Exception as caught:
             error = caught
         errors = [e for e in gather_objects(_sendable(error)) if e is not None]
@@ -554,18 +499,19 @@ class Evaluator:
         return features
 
     def _knn_top1(self, bank: Tensor, bank_labels: Tensor, test: Tensor, labels: Tensor) -> float:
-        """kNN top-1 with this rank's real test rows; the correct counts are summed."""
-        _, real, test_size = self._shards[1]
+        """kNN top-1 of every rank's test rows against the sharded bank."""
         correct = knn_correct(
             bank,
             bank_labels,
-            test[:real],
-            labels[:real],
+            test,
+            labels,
             k=self.cfg.eval.knn_k,
             temperature=self.cfg.eval.knn_temperature,
-            num_classes=int(bank_labels.max()) + 1,
+            num_classes=self.num_classes,
+            normalised=True,
+            sharded=True,
         )
-        return sum_over_ranks(correct).item() / test_size
+        return correct.item() / self._shards[1][2]
 
     def knn_top1(self, encoder: Callable[[Tensor], Tensor]) -> float:
         """kNN top-1 (a fraction) of ``encoder``'s features of the test split; every rank
@@ -575,27 +521,51 @@ class Evaluator:
     def probes(self, encoder: Callable[[Tensor], Tensor]) -> Probes:
         """kNN and linear probes of ``encoder``'s features; every rank must call it.
 
-        The test features are gathered too, so every rank trains the same deterministic
-        L-BFGS probes (:func:`linear_probe`) and gets the same result.
+        The linear probes train on every feature, so for them (only) the bank and test
+        features are gathered, and every rank trains the same deterministic L-BFGS probes
+        (:func:`linear_probe`) and gets the same result.
         """
-        bank, bank_labels, test, test_labels = self._features(encoder)
-        knn = self._knn_top1(bank, bank_labels, test, test_labels)
-        test_size = self._shards[1][2]
-        test = all_gather_rows(test)[:test_size]
-        test_labels = all_gather_rows(test_labels)[:test_size]
-        num_classes = int(max(bank_labels.max(), test_labels.max())) + 1
+        features = self._features(encoder)
+        knn = self._knn_top1(*features)
+        bank, bank_labels, test, test_labels = (_gather_ragged(x) for x in features)
+        bank = bank.float()
         few = self.cfg.eval.labels_per_class
+        common = {"num_classes": self.num_classes}
         return Probes(
             knn_top1=knn,
-            linear_top1=linear_probe(bank, bank_labels, test, test_labels, num_classes=num_classes),
+            linear_top1=linear_probe(bank, bank_labels, test, test_labels, **common),
             linear_top1_few_labels=linear_probe(
                 bank,
                 bank_labels,
                 test,
                 test_labels,
-                num_classes=num_classes,
                 labels_per_class=few,
                 seed=self.cfg.trainer.seed,
+                **common,
             ),
             labels_per_class=few,
         )
+
+
+def _gather_ragged(rows: Tensor) -> Tensor:
+    """Every rank's ``rows`` concatenated in rank order, when ranks hold different counts."""
+    counts = gather_objects(len(rows))
+    padded = rows.new_zeros(max(counts), *rows.shape[1:])
+    padded[: len(rows)] = rows
+    parts = all_gather_rows(padded).split(max(counts))
+    return torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)])
+
+
+def bank_subset(bank: Dataset, size: int) -> Dataset:
+    """``size`` images of ``bank`` drawn at random with a fixed seed (the same subset in every
+    run and on every rank), in index order; the whole bank when it has no more."""
+    if size >= len(bank):
+        return bank
+    chosen = torch.randperm(len(bank), generator=torch.Generator().manual_seed(0))[:size]
+    index = chosen.sort().values
+    if isinstance(bank, InMemoryImageDataset):
+        return InMemoryImageDataset(bank.images[index], bank.targets[index], bank.classes)
+    subset = Subset(bank, index.tolist())
+    subset.targets = torch.as_tensor(bank.targets)[index]
+    subset.classes = bank.classes
+    return subset

@@ -12,7 +12,7 @@ import torchvision
 from torch import nn
 
 from optim import LARS, build_optimizer
-from optim.op_count import count_ops
+from optim.op_count import count_ops, peak_bytes
 
 OP_BOUND = 20
 
@@ -105,3 +105,20 @@ def test_original_style_step_syncs_per_parameter() -> None:
                 p.mul_(0.5)
 
     assert count_ops(seed_like).syncs == 4
+
+
+def test_peak_bytes_counts_tensors_alive_together() -> None:
+    outside = torch.zeros(100)
+
+    def work() -> torch.Tensor:
+        first = torch.ones(1000)  # 4000 bytes
+        view = first[:10]  # the same storage: nothing more
+        del first
+        second = torch.ones(500, dtype=torch.float64)  # 4000 more while view keeps the first
+        del view, second
+        outside.add_(1.0)  # in place into a tensor from outside: not allocated here
+        return torch.ones(250)  # 1000 bytes, after the others are gone
+
+    result, peak = peak_bytes(work)
+    assert peak == 8000
+    assert result.shape == (250,) and outside[0].item() == 1.0

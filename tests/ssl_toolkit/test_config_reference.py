@@ -13,10 +13,17 @@ from optim import ParamGroupRule
 from optim.registry import OPTIMIZERS
 from optim.schedules import LRScaling
 from ssl_toolkit import config as config_module
-from ssl_toolkit.config import DataConfig, ExperimentConfig, TrainerConfig, WandbConfig
+from ssl_toolkit.config import (
+    DataConfig,
+    EvalConfig,
+    ExperimentConfig,
+    TrainerConfig,
+    WandbConfig,
+)
 from ssl_toolkit.config_reference import TABLES, update_readme
 from ssl_toolkit.data import DATASET_NAMES
 from ssl_toolkit.distributed import DEVICES
+from ssl_toolkit.knn import BANK_DTYPES
 from ssl_toolkit.methods import METHODS, HeadConfig
 from ssl_toolkit.wandb_logger import WANDB_MODES
 
@@ -63,6 +70,7 @@ def test_allowed_values_come_from_the_module_that_owns_them() -> None:
     assert get_args(DataConfig.model_fields["name"].annotation) == DATASET_NAMES
     assert get_args(TrainerConfig.model_fields["device"].annotation) == DEVICES
     assert get_args(WandbConfig.model_fields["mode"].annotation) == WANDB_MODES
+    assert set(get_args(EvalConfig.model_fields["bank_dtype"].annotation)) == set(BANK_DTYPES)
     assert get_args(
         ExperimentConfig.model_fields["schedule"].annotation.model_fields["lr_scaling"].annotation
     ) == get_args(LRScaling)

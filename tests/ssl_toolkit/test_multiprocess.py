@@ -26,10 +26,12 @@ from ssl_toolkit.accumulation import accumulate
 from ssl_toolkit.config import ExperimentConfig
 from ssl_toolkit.distributed import cleanup_distributed, setup_distributed
 from ssl_toolkit.evaluation import Evaluator, shard_dataset
+from ssl_toolkit.knn import knn_correct
 from ssl_toolkit.parallel import parallelize
 from ssl_toolkit.sync_batch_norm import CPUSyncBatchNorm, convert_sync_batchnorm
 from ssl_toolkit.trainer import Trainer, _LogWindow
 from tests.ssl_toolkit.test_accumulation import _assert_same_grads, _method, _micro_batches
+from tests.ssl_toolkit.test_knn import knn_reference, tied_bank
 
 WORLD = 2
 ROOT = Path(__file__).resolve().parents[2]
@@ -149,12 +151,19 @@ def test_sync_bn_two_processes_equal_one_on_the_joined_batch(tmp_path: Path) -> 
 # --- sharded kNN ------------------------------------------------------------------------
 
 
-def _knn_config() -> ExperimentConfig:
+_KNN_VARIANTS = {
+    "fp32": {},
+    "fp16": {"bank_dtype": "fp16"},
+    "capped": {"knn_bank_size": 200},
+}
+
+
+def _knn_config(**eval_keys: Any) -> ExperimentConfig:
     return ExperimentConfig.from_dict(
         {
             "optim": {"name": "lars", "lr": 1.0},
             "data": {"name": "digits", "num_workers": 0},
-            "eval": {"knn_k": 7, "batch_size": 100},
+            "eval": {"knn_k": 7, "batch_size": 100, **eval_keys},
         }
     )
 
@@ -164,9 +173,9 @@ def _encoder() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 8, 5, stride=2), nn.ReLU(), nn.Flatten()).eval()
 
 
-def _monitor(rank: int) -> Evaluator:
+def _monitor(rank: int, **eval_keys: Any) -> Evaluator:
     return Evaluator(
-        _knn_config(),
+        _knn_config(**eval_keys),
         steps_per_epoch=1,
         total_steps=1,
         device=torch.device("cpu"),
@@ -175,17 +184,47 @@ def _monitor(rank: int) -> Evaluator:
     )
 
 
-def _knn_job(rank: int, out_dir: Path) -> float:
-    return _monitor(rank).knn_top1(_encoder())
+def _tied_split(rank: int) -> tuple[torch.Tensor, ...]:
+    """Rank 0 holds 3 bank rows (fewer than k) and no query; rank 1 the rest."""
+    bank, bank_labels = tied_bank(50, seed=7)
+    queries, query_labels = tied_bank(30, seed=8)
+    cut, share = (slice(0, 3), slice(0, 0)) if rank == 0 else (slice(3, 50), slice(0, 30))
+    return bank[cut], bank_labels[cut], queries[share], query_labels[share]
+
+
+def _knn_job(rank: int, out_dir: Path) -> dict[str, Any]:
+    monitors = {name: _monitor(rank, **keys) for name, keys in _KNN_VARIANTS.items()}
+    tied = {
+        dtype: knn_correct(
+            *(x.to(dtype) if x.is_floating_point() else x for x in _tied_split(rank)),
+            k=5,
+            num_classes=4,
+            sharded=True,
+        ).item()
+        for dtype in (torch.float32, torch.float16)
+    }
+    return {"monitor": {n: m.knn_top1(_encoder()) for n, m in monitors.items()}, "tied": tied}
 
 
 def test_sharded_knn_equals_one_process(tmp_path: Path) -> None:
-    """Digits: 1437 bank and 360 test images, so the bank shards need padding."""
+    """Digits: 1437 bank and 360 test images, so the bank shards need padding; fp16 and a
+    capped bank too. A bank of three directions, where similarities tie in large groups, split
+    so that one rank has fewer bank rows than k and no query."""
     ranks = _spawn(_knn_job, tmp_path)
-    single = Evaluator(_knn_config(), steps_per_epoch=1, total_steps=1, device="cpu")
-    expected = single.knn_top1(_encoder())
-    assert ranks == [expected, expected]
-    assert 0.3 < expected < 1.0
+    expected = {
+        name: Evaluator(
+            _knn_config(**keys), steps_per_epoch=1, total_steps=1, device="cpu"
+        ).knn_top1(_encoder())
+        for name, keys in _KNN_VARIANTS.items()
+    }
+    assert [r["monitor"] for r in ranks] == [expected, expected]
+    assert 0.3 < expected["fp32"] < 1.0 and expected["capped"] != expected["fp32"]
+    bank, bank_labels = tied_bank(50, seed=7)
+    queries, query_labels = tied_bank(30, seed=8)
+    common = {"k": 5, "temperature": 0.1, "num_classes": 4}
+    single = knn_correct(bank, bank_labels, queries, query_labels, **common).item()
+    assert single == knn_reference(bank, bank_labels, queries, query_labels, **common)
+    assert [r["tied"] for r in ranks] == [{torch.float32: single, torch.float16: single}] * 2
 
 
 class _FailsOnRank1(nn.Module):
