@@ -7,12 +7,16 @@
   :func:`two_view_folder` does the same on an image folder read by torchvision's
   ``ImageFolder`` (PIL decoding);
 - :func:`lightly_two_view`: lightly's own ``SimCLRTransform`` on PIL images, when lightly is
-  installed (``pip install .[bench]``).
+  installed (``pip install .[bench]``);
+- :func:`path_listing`: a class-folder tree listed with a ``Path`` per file and ``Path``
+  sorting, as this toolkit listed folders before it kept strings and an index.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch.optim.optimizer import ParamsT
@@ -125,3 +129,26 @@ def lightly_two_view(images: torch.Tensor, size: int) -> Dataset | None:
     simclr = SimCLRTransform(input_size=size, gaussian_blur=0.5 if size >= 96 else 0.0)
     view = simclr.transforms[0]  # both views run the same transform
     return TwoViewDataset(images, lambda image: view(to_pil_image(image)))
+
+
+def path_listing(folder: Path, suffixes: frozenset[str]) -> list[tuple[Path, int]]:
+    """``(path, label)`` of the images under each class folder of ``folder``: ``os.scandir``
+    per folder, but a ``Path`` object per file and ``Path`` comparisons to sort them."""
+
+    def files_under(directory: Path) -> list[Path]:
+        found = []
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.is_dir():
+                    found += files_under(Path(entry.path))
+                elif entry.is_file():
+                    found.append(Path(entry.path))
+        return found
+
+    with os.scandir(folder) as entries:
+        classes = sorted(entry.name for entry in entries if entry.is_dir())
+    return [
+        (path, label)
+        for label, name in enumerate(classes)
+        for path in sorted(p for p in files_under(folder / name) if p.suffix.lower() in suffixes)
+    ]

@@ -21,11 +21,17 @@ the full image; the batched augmentation does the rest in the main process) agai
 torchvision's ``ImageFolder`` with the per-image v2 pipeline, both with ``--workers`` workers,
 both producing two normalised ``--folder-size`` views per image.
 
+A fourth table lists a generated tree of ``--listing-files`` empty ``.jpg`` files in 1,000
+class folders (aged a day, as a dataset at rest): a ``Path`` object per file (the toolkit's
+listing before), torchvision's ``make_dataset`` (``ImageFolder``'s), this toolkit's first
+listing (which writes the index) and its start from the index (``find_images`` and the whole
+``build_dataset``), each checked to list the same images.
+
 Throughput is source images per second (each yielding two views), the median over timed
 windows after warm-up. When other processes compete for the cores, torch's OpenMP threads
 spin-wait and every parallel op can stall for a scheduler time slice; hence the single-thread
 row, and ``OMP_WAIT_POLICY=PASSIVE`` avoids the stall. Usage:
-``python scripts/bench_data.py [--quick]``.
+``python scripts/bench_data.py [--quick] [--tables augment multicrop folder listing]``.
 """
 
 from __future__ import annotations
@@ -39,7 +45,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from baselines import MultiCropDataset, TwoViewDataset, torchvision_pipeline, two_view_folder
+from baselines import (
+    MultiCropDataset,
+    TwoViewDataset,
+    path_listing,
+    torchvision_pipeline,
+    two_view_folder,
+)
 from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader
@@ -52,7 +64,9 @@ from ssl_toolkit.data import (
     TensorBatchLoader,
     WorkerBatchLoader,
     build_dataset,
+    find_images,
 )
+from ssl_toolkit.data.listing import IMAGE_SUFFIXES
 
 
 def bench_batched(
@@ -214,6 +228,60 @@ def bench_folder(
     return baseline, ours
 
 
+def write_empty_tree(root: Path, count: int, classes: int = 1000) -> None:
+    """``count`` empty ``.jpg`` files in ``classes`` class folders, all folders aged a day."""
+    day = 86_400 * 10**9
+    for c in range(classes):
+        folder = root / f"n{c:08d}"
+        folder.mkdir(parents=True)
+        for i in range(c * count // classes, (c + 1) * count // classes):
+            (folder / f"{i:08d}.jpg").touch()
+        mtime = os.stat(folder).st_mtime_ns - day
+        os.utime(folder, ns=(mtime, mtime))
+    mtime = os.stat(root).st_mtime_ns - day
+    os.utime(root, ns=(mtime, mtime))
+
+
+def _seconds(fn, repeats: int = 1) -> tuple[float, object]:
+    """Median wall time of ``fn()`` over ``repeats`` calls, and its last result."""
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def bench_listing(count: int, repeats: int) -> list[tuple[str, float]]:
+    """Seconds to list (or start from the index of) a tree of ``count`` empty images."""
+    from torchvision.datasets.folder import make_dataset
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "data"
+        write_empty_tree(root, count)
+        classes = sorted(entry.name for entry in os.scandir(root))
+        index = {name: label for label, name in enumerate(classes)}
+        extensions = tuple(IMAGE_SUFFIXES)
+        path_time, baseline = _seconds(lambda: path_listing(root, IMAGE_SUFFIXES))
+        tv_time, tv = _seconds(lambda: make_dataset(str(root), index, extensions=extensions))
+        first_time, first = _seconds(lambda: find_images(root))
+        cached_time, cached = _seconds(lambda: find_images(root), repeats)
+        start_time, dataset = _seconds(lambda: build_dataset("imagefolder", root=root), repeats)
+        expected = [(str(path), label) for path, label in baseline]
+        for name, listed in (("ours", first), ("index", cached)):
+            if list(zip(listed.paths, listed.labels, strict=True)) != expected:
+                raise SystemExit(f"the {name} listing differs from the Path listing")
+        if sorted(tv) != sorted(expected) or len(dataset) != round(0.8 * count):
+            raise SystemExit("torchvision's listing or the dataset's split differs")
+    return [
+        ("a Path per file, Path sorting (the toolkit's listing before)", path_time),
+        ("torchvision make_dataset (ImageFolder's listing)", tv_time),
+        ("find_images, first listing (writes the index)", first_time),
+        (f"find_images from the index (median of {repeats})", cached_time),
+        (f"build_dataset('imagefolder') from the index (median of {repeats})", start_time),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (< 1 minute)")
@@ -236,12 +304,42 @@ def main() -> None:
         default=sorted({1, torch.get_num_threads()}),
         help="torch intra-op thread counts to run the batched CPU pipeline with",
     )
+    parser.add_argument(
+        "--listing-files", type=int, default=200_000, help="empty images in the listing tree"
+    )
+    parser.add_argument(
+        "--tables",
+        nargs="+",
+        choices=TABLES,
+        default=list(TABLES),
+        help="the tables to measure (default: all)",
+    )
     args = parser.parse_args()
-    repeats, windows = (5, 3) if args.quick else (20, 8)
+    console = Console(width=120)
+    if "augment" in args.tables:
+        bench_augment(args, console)
+    if "multicrop" in args.tables:
+        bench_multicrop(args, console)
+    if "folder" in args.tables:
+        bench_folder_table(args, console)
+    if "listing" in args.tables:
+        bench_listing_table(args, console)
+
+
+TABLES = ("augment", "multicrop", "folder", "listing")
+
+
+def _runs(args: argparse.Namespace) -> list[tuple[str, int]]:
     runs = [("cpu", threads) for threads in args.threads]
     if torch.cuda.is_available():
         runs.append(("cuda", max(args.threads)))
+    return runs
 
+
+def bench_augment(args: argparse.Namespace, console: Console) -> None:
+    """The two-view augmentation table."""
+    repeats, windows = (5, 3) if args.quick else (20, 8)
+    runs = _runs(args)
     policy = os.environ.get("OMP_WAIT_POLICY", "unset")
     table = Table(
         title=f"Two-view SimCLR augmentation, batch {args.batch_size}, OMP_WAIT_POLICY={policy}"
@@ -264,10 +362,14 @@ def main() -> None:
             table.add_row(
                 str(size), "batched SimCLRAugment", device, str(threads), f"{rate:,.0f}", speedup
             )
-    console = Console(width=120)
     console.print(table)
     console.print("speed-up over per-image torchvision: " + ", ".join(speedups), highlight=False)
 
+
+def bench_multicrop(args: argparse.Namespace, console: Console) -> None:
+    """The multi-crop table."""
+    repeats, windows = (5, 3) if args.quick else (20, 8)
+    runs = _runs(args)
     global_size, local_size = args.multicrop_sizes
     crops = swav_crops(global_size, local_size)
     multicrop = Table(
@@ -304,6 +406,9 @@ def main() -> None:
         )
     console.print(multicrop)
 
+
+def bench_folder_table(args: argparse.Namespace, console: Console) -> None:
+    """The JPEG folder table."""
     count, windows = (3, 1) if args.quick else (5, 3)
     threads = max(args.threads)
     torch.set_num_threads(threads)  # the batched augmentation's, in the main process
@@ -327,6 +432,21 @@ def main() -> None:
         f"{ours / baseline:.2f}x",
     )
     console.print(folders)
+
+
+def bench_listing_table(args: argparse.Namespace, console: Console) -> None:
+    """The listing table."""
+    rows = bench_listing(args.listing_files, repeats=3 if args.quick else 5)
+    listing = Table(
+        title=f"Listing {args.listing_files:,} empty .jpg files in 1,000 class folders "
+        "(warm page cache)"
+    )
+    for column in ("listing", "seconds", "speed-up"):
+        listing.add_column(column, justify="left" if column == "listing" else "right")
+    baseline = rows[0][1]
+    for name, seconds in rows:
+        listing.add_row(name, f"{seconds:.3f}", f"{baseline / seconds:.1f}x")
+    console.print(listing)
 
 
 if __name__ == "__main__":

@@ -145,6 +145,7 @@ class Trainer:
                 seed=cfg.trainer.seed,
                 crops=tuple(cfg.data.crops) if cfg.data.crops is not None else None,
             ),
+            index_dir=self.run_dir,
         )
         check_batch_fits(len(self.train_set), cfg.data.batch_size, self.ctx.world_size)
         self.loader = build_loader(

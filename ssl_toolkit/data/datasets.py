@@ -71,6 +71,7 @@ def build_dataset(
     download: bool = False,
     image_size: int | None = None,
     views: CropViews | None = None,
+    index_dir: str | Path | None = None,
     **kwargs: Any,
 ) -> Dataset:
     """Build the dataset ``name``, returning ``(image, label)`` items.
@@ -79,7 +80,9 @@ def build_dataset(
     synthetic; image folders' evaluation crops). ``views`` asks datasets decoded in workers
     (image folders) for pretraining items: two random resized crops of each image, cut from
     the full image at native resolution (:class:`~ssl_toolkit.data.folders.CropViews`);
-    in-memory datasets ignore it, since their views are cut on the device.
+    in-memory datasets ignore it, since their views are cut on the device. ``index_dir`` is
+    where an image folder's listing is kept when the folder's parent is not writable
+    (:func:`~ssl_toolkit.data.listing.find_images`); others ignore it.
 
     - ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 images, offline),
       upscaled bilinearly to ``image_size`` (default 32) RGB; a fixed stratified split
@@ -110,6 +113,8 @@ def build_dataset(
         common["image_size"] = image_size
     if views is not None:
         common["views"] = views
+    if index_dir is not None:
+        common["index_dir"] = index_dir
     options = sorted(set(accepted) - set(common))
     unknown = sorted(set(kwargs) - set(options))
     if unknown:
@@ -149,8 +154,10 @@ def stratified_split(
     class by class, in permuted order.
     """
     chosen, rest = [], []
-    for label in labels.unique(sorted=True).tolist():
-        members = (labels == label).nonzero().squeeze(1)
+    # One stable sort groups the members of every class, each in index order.
+    grouped = labels.argsort(stable=True)
+    counts = labels.unique(sorted=True, return_counts=True)[1].tolist()
+    for members in grouped.split(counts):
         members = members[torch.randperm(members.numel(), generator=generator).to(members.device)]
         take = count(members.numel())
         chosen.append(members[:take])
@@ -228,7 +235,12 @@ def _not_found_message(name: str, root: str | Path | None) -> str:
 
 
 def _imagefolder(
-    *, root: str | Path | None, train: bool, image_size: int = 224, views: CropViews | None = None
+    *,
+    root: str | Path | None,
+    train: bool,
+    image_size: int = 224,
+    views: CropViews | None = None,
+    index_dir: str | Path | None = None,
 ) -> Dataset:
     if root is None or not Path(root).is_dir():
         raise DatasetNotFoundError(
@@ -236,13 +248,13 @@ def _imagefolder(
             "to a folder of images, with one sub-folder per class when it is labelled "
             "(optionally split into train/ and val/)."
         )
-    files = _folder_split(Path(root), train)
+    files = _folder_split(Path(root), train, index_dir)
     if views is not None:
         return ImageFolderViews(files, views)
     return ImageFolderCenter(files, image_size)
 
 
-def _folder_split(root: Path, train: bool) -> ImageFiles:
+def _folder_split(root: Path, train: bool, index_dir: str | Path | None) -> ImageFiles:
     """The images of one split of the folder ``root``: ``train/``, or ``val/`` numbered by
     ``train/``'s class names so that a label means the same class in both; with ``train/``
     alone, or neither, the fixed 80/20 split of ``train/`` (or of ``root``)."""
@@ -253,7 +265,7 @@ def _folder_split(root: Path, train: bool) -> ImageFiles:
             f"in {train_dir}, or val/'s class folders directly in {root} to split them 80/20"
         )
     folder = train_dir if train_dir.is_dir() else root
-    files = _find_images(folder, root)
+    files = _find_images(folder, root, index_dir)
     if not val_dir.is_dir():
         if not files.labelled:
             return files
@@ -264,7 +276,7 @@ def _folder_split(root: Path, train: bool) -> ImageFiles:
         )
     if train:
         return files
-    val = _find_images(val_dir, root)
+    val = _find_images(val_dir, root, index_dir)
     index = {name: label for label, name in enumerate(files.classes)}
     unknown = [name for name in val.classes if name not in index]
     if unknown:
@@ -281,10 +293,10 @@ def _folder_split(root: Path, train: bool) -> ImageFiles:
     return ImageFiles(val.paths, labels, files.classes)
 
 
-def _find_images(folder: Path, root: Path) -> ImageFiles:
+def _find_images(folder: Path, root: Path, index_dir: str | Path | None) -> ImageFiles:
     """:func:`find_images`, with missing or unreadable files as :class:`DatasetNotFoundError`."""
     try:
-        return find_images(folder)
+        return find_images(folder, index_dir=index_dir)
     except OSError as err:
         raise DatasetNotFoundError(
             f"Dataset 'imagefolder': {err} (data.root={str(root)!r})"

@@ -33,6 +33,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ssl_toolkit.data.augment import CROP_UNIFORMS, sample_crop_boxes
 from ssl_toolkit.data.crops import CropGroup
+from ssl_toolkit.data.listing import IMAGE_SUFFIXES, PIL_SUFFIXES, ImageFiles, find_images
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -44,18 +45,6 @@ __all__ = [
     "ImageFolderViews",
     "find_images",
 ]
-
-_TORCHVISION_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif"})
-# torchvision.io cannot decode these; PIL can, and is installed with torchvision (a dependency).
-_PIL_SUFFIXES = frozenset({".bmp", ".tif", ".tiff", ".ppm", ".pgm"})
-IMAGE_SUFFIXES = _TORCHVISION_SUFFIXES | _PIL_SUFFIXES
-"""File endings read as images: JPEG, PNG, WebP and GIF (``torchvision.io``), BMP, TIFF and
-PPM/PGM (PIL)."""
-
-# Image formats neither decoder reads here: such files are ignored with a warning, not silently.
-_UNSUPPORTED_IMAGE_SUFFIXES = frozenset(
-    {".avif", ".heic", ".heif", ".jxl", ".jp2", ".j2k", ".ico", ".svg", ".psd", ".exr", ".dng"}
-)
 
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec, which needs FFmpeg on the
 # system; until that is a fair requirement, torchvision's still work and say so once per image.
@@ -108,97 +97,6 @@ class CropViews:
         return [(g.count, g.size, tuple(g.scale)) for g in self.crops]
 
 
-@dataclass(frozen=True)
-class ImageFiles:
-    """The images of a folder: paths, labels (-1 when unlabelled) and class names."""
-
-    paths: list[Path]
-    labels: list[int]
-    classes: list[str]
-
-    @property
-    def labelled(self) -> bool:
-        """True when the folder has class sub-folders."""
-        return bool(self.classes)
-
-
-def _entries(folder: Path) -> list[os.DirEntry[str]]:
-    """The entries of ``folder``. A folder that cannot be listed, or a symbolic link to nothing
-    in it, raises ``OSError`` naming it: nothing unreadable is left out without a word."""
-    try:
-        with os.scandir(folder) as listing:
-            entries = list(listing)
-    except OSError as error:
-        raise OSError(f"cannot list the folder {folder}: {error.strerror or error}") from error
-    for entry in entries:
-        if entry.is_symlink() and not os.path.exists(entry.path):
-            raise FileNotFoundError(
-                f"cannot read {entry.path}: a symbolic link to {os.readlink(entry.path)}, "
-                "which does not exist"
-            )
-    return entries
-
-
-def _files_under(folder: Path, outer: frozenset[str] = frozenset()) -> list[Path]:
-    """Every file under ``folder`` at any depth, following symbolic links to folders (``outer``:
-    the real paths of the folders around it, so that a link back into them is an error)."""
-    real = os.path.realpath(folder)
-    if real in outer:
-        raise OSError(f"cannot read {folder}: a symbolic link back into a folder around it")
-    files = []
-    for entry in _entries(folder):
-        if entry.is_dir():
-            files += _files_under(Path(entry.path), outer | {real})
-        elif entry.is_file():
-            files.append(Path(entry.path))
-    return files
-
-
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES
-
-
-def find_images(folder: Path) -> ImageFiles:
-    """The images under ``folder``: one sub-folder per class, or the images directly in it.
-
-    Class sub-folders that hold images (at any depth, following symbolic links) make the folder
-    labelled (images directly in it are then ignored, as torchvision's ``ImageFolder`` does);
-    otherwise its own images are unlabelled. Files with other suffixes are ignored, with one
-    warning counting those in image formats that are not read (HEIC, AVIF, ...). A folder that
-    cannot be listed, or a symbolic link to nothing, raises ``OSError`` naming it; no image at
-    all raises ``FileNotFoundError``.
-    """
-    entries = _entries(folder)
-    own = [Path(e.path) for e in entries if e.is_file()]
-    under = {e.name: _files_under(Path(e.path)) for e in entries if e.is_dir()}
-    classes = sorted(name for name, files in under.items() if any(map(_is_image, files)))
-    if classes:
-        pairs = [
-            (path, label)
-            for label, name in enumerate(classes)
-            for path in sorted(filter(_is_image, under[name]))
-        ]
-    else:
-        pairs = [(path, -1) for path in sorted(filter(_is_image, own))]
-    unsupported = [
-        path.suffix.lower()
-        for path in own + [path for files in under.values() for path in files]
-        if path.suffix.lower() in _UNSUPPORTED_IMAGE_SUFFIXES
-    ]
-    if unsupported:
-        warnings.warn(
-            f"{len(unsupported)} files with unsupported suffixes "
-            f"({', '.join(sorted(set(unsupported)))}) ignored in {folder}; the suffixes read "
-            f"are {', '.join(sorted(IMAGE_SUFFIXES))}",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    if not pairs:
-        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
-    paths, labels = zip(*pairs, strict=True)
-    return ImageFiles(list(paths), list(labels), classes)
-
-
 # torchvision's errors start with where in its C++ sources they were raised.
 _SOURCE_LOCATION = re.compile(r"^\S+, \S+:\d+, ")
 
@@ -226,16 +124,17 @@ def _decode_with_pil(data: bytes) -> Tensor:
 _FILE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError)
 
 
-def _decode(path: Path) -> Tensor:
+def _decode(path: str) -> Tensor:
     """``path`` as uint8 (3, H, W) RGB: upright (its EXIF orientation applied), the first frame
     of an animation, 16-bit channels cut to their high byte. :class:`BadImageError` for a file
     that does not decode or cannot be read."""
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as file:
+            data = file.read()
     except _FILE_ERRORS as error:
         raise BadImageError(path, f"it cannot be read ({error.strerror})") from error
     try:
-        if path.suffix.lower() in _PIL_SUFFIXES:
+        if os.path.splitext(path)[1].lower() in PIL_SUFFIXES:
             image = _decode_with_pil(data)
         else:
             encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)

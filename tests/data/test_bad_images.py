@@ -17,6 +17,7 @@ from ssl_toolkit.data import (
     DatasetNotFoundError,
     build_dataset,
     build_loader,
+    folders,
 )
 from tests.data.test_folders import _jpeg, _pixels
 
@@ -46,7 +47,7 @@ def test_an_image_that_does_not_decode_is_one_line_naming_it(tmp_path: Path, nam
     path.write_bytes(BROKEN[name]())
     _jpeg(tmp_path / "fine.jpg", 20, 20, seed=0)
     dataset = build_dataset("imagefolder", root=tmp_path, image_size=8)
-    index = dataset.files.paths.index(path)
+    index = dataset.files.paths.index(str(path))
     with pytest.raises(BadImageError) as info:
         dataset[index]
     message = str(info.value)
@@ -162,22 +163,21 @@ def test_a_file_that_cannot_be_read_is_named_but_a_failing_disk_is_not_blamed_on
     locked, flaky = tmp_path / "locked.jpg", tmp_path / "flaky.jpg"
     for seed, path in enumerate((locked, flaky)):
         _jpeg(path, 20, 20, seed=seed)
-    read_bytes = Path.read_bytes
 
-    def read(path: Path) -> bytes:
-        if path == locked:  # as chmod 000 would, were the tests not run as root
+    def read(path, *args, **kwargs):
+        if Path(path) == locked:  # as chmod 000 would, were the tests not run as root
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
-        if path == flaky:  # an I/O error of the file system: retrying may succeed
+        if Path(path) == flaky:  # an I/O error of the file system: retrying may succeed
             raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
-        return read_bytes(path)
+        return open(path, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_bytes", read)
+    monkeypatch.setattr(folders, "open", read, raising=False)
     dataset = build_dataset("imagefolder", root=tmp_path, image_size=8)
     with pytest.raises(BadImageError) as info:
-        dataset[dataset.files.paths.index(locked)]
+        dataset[dataset.files.paths.index(str(locked))]
     assert str(info.value).startswith(
         f"cannot decode the image {locked}: it cannot be read (Permission denied)"
     )
     with pytest.raises(OSError) as info:
-        dataset[dataset.files.paths.index(flaky)]
+        dataset[dataset.files.paths.index(str(flaky))]
     assert not isinstance(info.value, BadImageError) and info.value.errno == errno.EIO

@@ -138,7 +138,7 @@ def test_val_is_numbered_by_the_class_names_of_train(tmp_path: Path) -> None:
     assert train.classes == val.classes == ["cat", "dog", "emu"]
     assert val.targets.tolist() == [1, 2, 2]  # dog is 1 and emu 2, as in train
     for path, label in zip(val.files.paths, val.targets.tolist(), strict=True):
-        assert train.classes[label] == path.parent.name
+        assert train.classes[label] == Path(path).parent.name
 
 
 @pytest.mark.parametrize(
@@ -171,7 +171,7 @@ def test_train_without_val_is_split_80_20_inside_train(tmp_path: Path) -> None:
     assert sorted(train.files.paths + val.files.paths) == find_images(tmp_path / "train").paths
     for dataset in (train, val):
         for path, label in zip(dataset.files.paths, dataset.targets.tolist(), strict=True):
-            assert dataset.classes[label] == path.parent.name
+            assert dataset.classes[label] == Path(path).parent.name
 
 
 def test_val_without_train_is_an_error_naming_what_is_missing(tmp_path: Path) -> None:
@@ -226,7 +226,11 @@ def test_a_symbolic_link_to_a_folder_is_followed(tmp_path: Path) -> None:
     (dog / "more").symlink_to(tmp_path / "elsewhere" / "more")
     files = find_images(tmp_path / "root")
     assert files.labels == [0, 1, 1, 1]
-    assert files.paths[1:] == [dog / "0.jpg", dog / "more" / "0.jpg", dog / "more" / "1.jpg"]
+    assert files.paths[1:] == [
+        str(dog / "0.jpg"),
+        str(dog / "more" / "0.jpg"),
+        str(dog / "more" / "1.jpg"),
+    ]
 
 
 # --- formats -----------------------------------------------------------------------------------
@@ -248,8 +252,8 @@ def test_every_supported_suffix_is_listed_and_decodes(tmp_path: Path) -> None:
         image = Image.fromarray(_pixels(32, 40, seed=i))
         (image.convert("L") if suffix == ".pgm" else image).save(tmp_path / f"{i}{suffix}")
     files = find_images(tmp_path)
-    assert sorted(path.suffix for path in files.paths) == sorted(IMAGE_SUFFIXES)
-    for path in files.paths:
+    assert sorted(Path(path).suffix for path in files.paths) == sorted(IMAGE_SUFFIXES)
+    for path in map(Path, files.paths):
         with Image.open(path) as image:  # PIL's reading of the file it wrote
             expected = _expected_center(np.array(image.convert("RGB")))
         assert torch.equal(_center(path), expected), path.suffix

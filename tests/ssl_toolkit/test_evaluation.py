@@ -249,7 +249,7 @@ def test_eval_root_splits_share_the_class_index_of_train(tmp_path: Path) -> None
     assert bank.classes == ["cat", "dog", "emu"]
     assert test.targets.tolist() == [1, 1, 2]
     names = [bank.classes[label] for label in test.targets.tolist()]
-    assert names == [path.parent.name for path in test.files.paths]
+    assert names == [Path(path).parent.name for path in test.files.paths]
 
 
 def test_one_class_is_an_error_for_evaluation_and_turns_the_evaluator_off(
@@ -286,3 +286,25 @@ def test_encode_with_skip_bad_puts_the_next_image_in_place_and_warns(tmp_path: P
     assert torch.equal(features[1], features[2]), "cat/2.jpg in the place of cat/1.jpg"
     with pytest.raises(BadImageError, match=re.escape(str(bad))):
         encode(nn.Flatten(), test, _folder_config(tmp_path), torch.device("cpu"))
+
+
+def test_knn_bank_size_caps_the_bank_with_one_fixed_subset() -> None:
+    def evaluator(**eval_keys):
+        cfg = ExperimentConfig.from_dict(
+            {"optim": {"name": "lars", "lr": 1.0}, "data": {"name": "digits"}, "eval": eval_keys}
+        )
+        return Evaluator(cfg, steps_per_epoch=1, total_steps=1, device="cpu")
+
+    whole = evaluator()._shards[0][0]
+    capped = [evaluator(knn_bank_size=300)._shards[0][0] for _ in range(2)]
+    assert len(whole) > 1400 and [len(c) for c in capped] == [300, 300]
+    assert torch.equal(capped[0].images, capped[1].images)  # the same subset every time
+    # Its rows are rows of the whole bank, with their labels, each taken once.
+    rows = {(tuple(x.flatten().tolist()), int(y)) for x, y in zip(whole.images, whole.targets)}
+    chosen = [
+        (tuple(x.flatten().tolist()), int(y)) for x, y in zip(capped[0].images, capped[0].targets)
+    ]
+    assert set(chosen) <= rows and len(set(chosen)) > 290
+    assert len(evaluator(knn_bank_size=5000)._shards[0][0]) == len(whole)
+    # Every class still has a few labels for the few-label probe.
+    assert capped[0].targets.bincount().min() >= 10
