@@ -129,7 +129,7 @@ def main() -> None:
             f"{seconds:.2f}",
             f"{correct:,} of {args.queries:,}",
         )
-    Console().print(table)
+    Console(width=120).print(table)
     counts = {r[name]["correct"] for r in ranks for name in ("gather (fp32)", "sharded (fp32)")}
     if len(counts) != 1:
         raise SystemExit(f"the gather and the sharded kNN disagree: {sorted(counts)}")

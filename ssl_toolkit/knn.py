@@ -39,19 +39,23 @@ chunk to a bank slice are the largest temporary. The same number on one process 
 keeps the matrix products the same shape, and so their rounding."""
 
 
-def _top_k(values: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def _top_k(values: Tensor, k: int, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The ``k`` largest of each row, largest first, equal values in column order (lowest
     column first, also where a tie straddles the k-th place): ``(values, columns)``.
 
     ``topk`` alone leaves open which of several values equal to the k-th it keeps; only the
-    rows where that happens (rare with real features) are chosen again, by column.
+    rows where that happens (rare with real features) are chosen again, by column, and of
+    those only the ``rows`` that matter (a boolean mask; all by default).
     """
     k = min(k, values.shape[1])
     if k == 0:
         return values[:, :0], torch.zeros_like(values[:, :0], dtype=torch.long)
     top, columns = values.topk(k, dim=1)
     kth = top[:, -1:]
-    straddling = ((values == kth).sum(dim=1) > (top == kth).sum(dim=1)).nonzero().squeeze(1)
+    straddling = (values == kth).sum(dim=1) > (top == kth).sum(dim=1)
+    if rows is not None:
+        straddling &= rows
+    straddling = straddling.nonzero().squeeze(1)
     if len(straddling):
         rows, kth = values[straddling], kth[straddling]
         above, tied = rows > kth, rows == kth
@@ -65,13 +69,16 @@ def _top_k(values: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return values.gather(1, columns), columns
 
 
-def _candidates(queries: Tensor, bank: Tensor, labels: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def _candidates(
+    queries: Tensor, bank: Tensor, labels: Tensor, k: int, real: Tensor
+) -> tuple[Tensor, Tensor]:
     """The top ``k`` of ``bank`` for each query, in :func:`_top_k`'s order: similarities and
     labels, ``k`` columns each; a bank of fewer than ``k`` rows fills the rest with similarity
-    -inf, which no real neighbour loses to."""
+    -inf, which no real neighbour loses to. Rows not ``real`` (padding) get some ``k``."""
     similarity = (queries.to(bank.dtype) @ bank.T).float()
-    similarity.masked_fill_(similarity.isnan(), float("-inf"))  # collapsed features vote last
-    values, columns = _top_k(similarity, k)
+    inf = float("inf")
+    similarity.nan_to_num_(nan=-inf, posinf=inf, neginf=-inf)  # collapsed features vote last
+    values, columns = _top_k(similarity, k, real)
     missing = k - values.shape[1]
     votes = labels[columns]
     if missing:
@@ -138,9 +145,12 @@ def knn_correct(
         mine = queries[start : start + share].to(device)
         chunk = mine.new_zeros(share, queries.shape[1])
         chunk[: len(mine)] = mine
+        real = torch.cat(
+            [torch.arange(share) < min(max(n - start, 0), share) for _, n in sizes]
+        ).to(device)
         if ranks > 1:
             chunk = all_gather_rows(chunk)
-        values, labels = _candidates(chunk, bank, bank_labels, k)
+        values, labels = _candidates(chunk, bank, bank_labels, k, real)
         if ranks > 1:
             # Every rank's candidates for this rank's queries, rank by rank: as the slices
             # are in rank order, equal values then stand in bank-index order, as on one process.

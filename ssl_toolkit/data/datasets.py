@@ -27,8 +27,11 @@ from ssl_toolkit.data.folders import (
     ImageFolderViews,
     find_images,
 )
+from ssl_toolkit.data.shards import shard_split
 
-DatasetName = Literal["digits", "synthetic", "cifar10", "cifar100", "stl10", "imagefolder"]
+DatasetName = Literal[
+    "digits", "synthetic", "cifar10", "cifar100", "stl10", "imagefolder", "shards"
+]
 """The datasets :func:`build_dataset` knows; ``data.name`` is validated against it."""
 DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)
 """The values of :data:`DatasetName`."""
@@ -99,6 +102,11 @@ def build_dataset(
       split 80/20 per class with a fixed seed (:func:`stratified_split`). Decoded in DataLoader
       workers (:data:`~ssl_toolkit.data.folders.IMAGE_SUFFIXES`); without ``views``, the
       shorter side is resized to ``image_size / 0.875`` (default 224) and the centre crop kept.
+    - ``shards``: WebDataset tar shards (``key.jpg`` and an optional ``key.cls``): ``root`` is a
+      folder of ``.tar`` files, or a brace pattern of them; with ``train/`` and ``val/`` folders
+      of shards inside, those are the splits, else labelled shards are split 80/20 per class as
+      an image folder is (:func:`~ssl_toolkit.data.shards.shard_split`). Read by sample index
+      and decoded in workers, like an image folder.
 
     Missing or unreadable files raise :class:`DatasetNotFoundError` (unless ``download=True``,
     for the torchvision datasets), and so does an image folder laid out wrongly; an unknown
@@ -309,6 +317,25 @@ def _class_names(targets: Tensor) -> list[str]:
     return [str(c) for c in range(count)]
 
 
+def _shards(
+    *,
+    root: str | Path | None,
+    train: bool,
+    image_size: int = 224,
+    views: CropViews | None = None,
+    index_dir: str | Path | None = None,
+) -> Dataset:
+    if root is None:
+        raise DatasetNotFoundError(
+            "Dataset 'shards' needs data.root: a folder of .tar shards or a brace pattern "
+            "of them (scripts/make_shards.py writes them from an image folder)"
+        )
+    files = shard_split(str(root), train, index_dir)
+    if views is not None:
+        return ImageFolderViews(files, views)
+    return ImageFolderCenter(files, image_size)
+
+
 _BUILDERS: dict[str, Callable[..., Dataset]] = {
     "digits": _digits,
     "synthetic": _synthetic,
@@ -316,4 +343,5 @@ _BUILDERS: dict[str, Callable[..., Dataset]] = {
     "cifar100": _cifar,
     "stl10": _stl10,
     "imagefolder": _imagefolder,
+    "shards": _shards,
 }

@@ -19,7 +19,9 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -124,26 +126,44 @@ def _decode_with_pil(data: bytes) -> Tensor:
 _FILE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError)
 
 
-def _decode(path: str) -> Tensor:
-    """``path`` as uint8 (3, H, W) RGB: upright (its EXIF orientation applied), the first frame
-    of an animation, 16-bit channels cut to their high byte. :class:`BadImageError` for a file
-    that does not decode or cannot be read."""
+def decode_bytes(data: bytes, where: str, suffix: str) -> Tensor:
+    """The encoded image ``data`` (a file of that ``suffix``, found at ``where``) as uint8
+    (3, H, W) RGB: upright (its EXIF orientation applied), the first frame of an animation,
+    16-bit channels cut to their high byte. :class:`BadImageError` naming ``where`` for data
+    that does not decode."""
     try:
-        with open(path, "rb") as file:
-            data = file.read()
-    except _FILE_ERRORS as error:
-        raise BadImageError(path, f"it cannot be read ({error.strerror})") from error
-    try:
-        if os.path.splitext(path)[1].lower() in PIL_SUFFIXES:
+        if suffix.lower() in PIL_SUFFIXES:
             image = _decode_with_pil(data)
         else:
             encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
             image = decode_image(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
     except Exception as error:  # whatever the decoder makes of a broken file: it names the file
-        raise BadImageError(path, _reason(error)) from error
+        raise BadImageError(where, _reason(error)) from error
     if image.ndim == 4:  # an animated GIF: its first frame
         image = image[0]
     return TF.to_dtype(image, torch.uint8, scale=True)
+
+
+def _decode(path: str) -> Tensor:
+    """The image file ``path`` decoded (:func:`decode_bytes`); :class:`BadImageError` for a
+    file that does not decode or cannot be read."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except _FILE_ERRORS as error:
+        raise BadImageError(path, f"it cannot be read ({error.strerror})") from error
+    return decode_bytes(data, path, os.path.splitext(path)[1])
+
+
+def _load_file(paths: list[str], index: int) -> Tensor:
+    return _decode(paths[index])
+
+
+def image_loader(files: Any) -> Callable[[int], Tensor]:
+    """How the datasets below load image ``index`` of ``files``: its own ``load`` (tar shards)
+    or the decoding of ``files.paths[index]`` (an image folder); picklable, for workers."""
+    load = getattr(files, "load", None)
+    return load if load is not None else partial(_load_file, files.paths)
 
 
 class ImageFolderViews(Dataset):
@@ -161,13 +181,14 @@ class ImageFolderViews(Dataset):
         self.files = files
         self.views = views
         self.targets = torch.tensor(files.labels)
+        self.load = image_loader(files)
 
     def __len__(self) -> int:
-        return len(self.files.paths)
+        return len(self.files.labels)
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[tuple[Tensor, ...], int]:
         index, epoch = item
-        image = _decode(self.files.paths[index])
+        image = self.load(index)
         # One seed per (seed, epoch, index): index < len(self), so no two of them share one.
         generator = torch.Generator().manual_seed(
             (self.views.seed * 1_000_003 + epoch) * len(self) + index
@@ -201,11 +222,12 @@ class ImageFolderCenter(Dataset):
         self.size = size
         self.targets = torch.tensor(files.labels)
         self.classes = files.classes
+        self.load = image_loader(files)
 
     def __len__(self) -> int:
-        return len(self.files.paths)
+        return len(self.files.labels)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        image = _decode(self.files.paths[index])
+        image = self.load(index)
         image = TF.resize(image, [round(self.size / _CENTER_CROP_FRACTION)], antialias=True)
         return TF.center_crop(image, [self.size, self.size]), self.files.labels[index]

@@ -18,13 +18,14 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ssl_toolkit.checkpoint import atomic_write
 
 __all__ = ["IMAGE_SUFFIXES", "INDEX_SUFFIX", "ImageFiles", "find_images"]
 
@@ -206,16 +207,7 @@ def _write_index(
     text = json.dumps(index, separators=(",", ":"))
     for place in places:
         with contextlib.suppress(OSError):
-            place.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(
-                "w", dir=place.parent, prefix=place.name, suffix=".tmp", delete=False
-            ) as out:
-                out.write(text)
-            try:
-                os.replace(out.name, place)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(out.name)
+            atomic_write(place, lambda file: file.write(text.encode()))
             return
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
@@ -142,6 +143,103 @@ class EpochBatchSampler:
         self.epoch += 1
         self.position = 0
         self._indices = None
+
+
+class ShardBatchSampler(EpochBatchSampler):
+    """:class:`EpochBatchSampler` for samples stored in shards, read front to back by one reader
+    each: ``groups`` holds the dataset indices of each shard.
+
+    Every epoch draws an order of the shards from the seed and the epoch; rank r takes shards
+    r, r + world_size, ... of it, and hands them to its ``readers`` (DataLoader workers) in
+    turn, each reader's shards one after the other, every shard's samples in an order drawn
+    from the seed, the epoch and the shard. Whole batches come from the readers in turn, so
+    that while every reader has shards left, batch b of an epoch is read by worker
+    b mod ``readers`` from its own shards; the samples left over at the end of each reader's
+    shards (less than a batch each) come last. Every rank takes the
+    same number of samples each epoch: as many as its fewest shards could hold (its share of
+    the smallest ones), so that a few samples of the largest shards wait for another epoch.
+    The order depends on nothing but (seed, epoch, rank, world size, readers, batch size),
+    so the state of :class:`EpochBatchSampler` resumes it exactly.
+    """
+
+    def __init__(
+        self,
+        groups: list[np.ndarray],
+        batch_size: int,
+        *,
+        drop_last: bool = True,
+        generator: torch.Generator | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        readers: int = 1,
+    ) -> None:
+        share = len(groups) // world_size
+        if share == 0:
+            raise ValueError(
+                f"{len(groups)} shards for {world_size} processes: every process needs shards "
+                "of its own; write smaller shards (scripts/make_shards.py --shard-size)"
+            )
+        self.groups = groups
+        self.readers = max(1, readers)
+        self._per_rank = sum(sorted(len(group) for group in groups)[:share])
+        generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.seed = generator.initial_seed()
+        super().__init__(
+            sum(len(group) for group in groups),
+            batch_size,
+            shuffle=True,
+            drop_last=drop_last,
+            generator=generator,
+            rank=rank,
+            world_size=world_size,
+        )
+
+    @property
+    def shard_size(self) -> int:
+        """Number of samples this rank sees per epoch."""
+        return self._per_rank
+
+    def _draw(self, *keys: int) -> torch.Generator:
+        seed = self.seed
+        for key in keys:
+            seed = (seed * 1_000_003 + key) % 2**63
+        return torch.Generator().manual_seed(seed)
+
+    def _epoch_indices(self) -> Tensor:
+        if self._indices is None:
+            self._epoch_start_state = self.generator.get_state()
+            epoch = self.epoch
+            order = torch.randperm(len(self.groups), generator=self._draw(epoch)).tolist()
+            mine = order[self.rank :: self.world_size]
+            streams = []
+            for reader in range(self.readers):
+                shards = mine[reader :: self.readers]
+                streams.append(
+                    [
+                        int(i)
+                        for shard in shards
+                        for i in self.groups[shard][
+                            torch.randperm(
+                                len(self.groups[shard]), generator=self._draw(epoch, shard)
+                            ).numpy()
+                        ]
+                    ]
+                )
+            # Whole batches of each reader's stream in turn, then the streams' remainders.
+            size = self.batch_size
+            batches = [
+                [stream[i : i + size] for i in range(0, len(stream) - size + 1, size)]
+                for stream in streams
+            ]
+            taken = []
+            for turn in range(max(map(len, batches))):
+                for reader_batches in batches:
+                    if turn < len(reader_batches):
+                        taken += reader_batches[turn]
+            for stream in streams:
+                taken += stream[len(stream) - len(stream) % size :]
+            self._indices = torch.tensor(taken[: self._per_rank], dtype=torch.long)
+        return self._indices
 
 
 class TensorBatchLoader:
@@ -325,15 +423,17 @@ class WorkerBatchLoader:
         skip_bad: bool = False,
     ) -> None:
         self.dataset = dataset
-        self.batch_sampler = EpochBatchSampler(
-            len(dataset),
-            batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            generator=generator,
-            rank=rank,
-            world_size=world_size,
-        )
+        groups = getattr(getattr(dataset, "files", None), "groups", None)
+        common = {"drop_last": drop_last, "generator": generator}
+        common |= {"rank": rank, "world_size": world_size}
+        if shuffle and groups is not None:  # shards: each read by one reader
+            self.batch_sampler: EpochBatchSampler = ShardBatchSampler(
+                groups(), batch_size, readers=num_workers, **common
+            )
+        else:
+            self.batch_sampler = EpochBatchSampler(
+                len(dataset), batch_size, shuffle=shuffle, **common
+            )
         self._batches = _EpochTagged(self.batch_sampler, getattr(dataset, "takes_epoch", False))
         self._loader = DataLoader(
             _Decoding(dataset, skip_bad),

@@ -109,14 +109,14 @@ def test_the_index_goes_to_index_dir_when_beside_is_not_writable(
     root = _tree(tmp_path / "data", {"cat": ["0.jpg"], "dog": ["1.jpg"]})
     _age(root)
     run_dir = tmp_path / "run"
-    original = tempfile.NamedTemporaryFile
+    original = tempfile.mkstemp
 
     def read_only_parent(*args, dir=None, **kwargs):
         if Path(dir) == tmp_path:  # as a read-only file system would
             raise PermissionError(13, "Read-only file system", str(dir))
         return original(*args, dir=dir, **kwargs)
 
-    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only_parent)
+    monkeypatch.setattr(tempfile, "mkstemp", read_only_parent)
     first = find_images(root, index_dir=run_dir)
     kept = list(run_dir.glob(f"listing-*{INDEX_SUFFIX}"))
     assert not _beside(root).exists() and len(kept) == 1

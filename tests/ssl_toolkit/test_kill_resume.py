@@ -1,7 +1,8 @@
 """A run killed with SIGKILL mid-epoch and resumed with ``--resume auto`` ends bitwise equal
 to one never stopped, with exact gradient accumulation, in one process and under torchrun:
-a multi-crop SwAV run whose queue (each process's own) is in use. Two-view methods resume
-bitwise on 2 processes in ``test_multiprocess.py``.
+a multi-crop SwAV run whose queue (each process's own) is in use, and a SimCLR run on tar
+shards read by two workers per process. Two-view methods resume bitwise on 2 processes in
+``test_multiprocess.py``.
 
 SIGKILL gives the trainer no chance to save: the resume comes from the last checkpoint the
 run wrote on its own (possibly while a write was cut short), which is what a lost machine or
@@ -23,7 +24,9 @@ from typing import Any
 import pytest
 import torch
 
+from scripts.make_shards import main as make_shards
 from ssl_toolkit.checkpoint import load_checkpoint, step_checkpoints
+from tests.data.test_folders import _class_folders
 from tests.ssl_toolkit.test_multiprocess import _free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -187,18 +190,21 @@ def _kill_resume_is_bitwise(
     world_size: int,
     batch_size: int,
     steps_per_epoch: int,
+    recipe: list[str] = SWAV,
+    data: tuple[str, ...] = (),
 ) -> None:
-    """Run A straight through and run B killed mid-epoch then resumed; the same weights."""
+    """Run A straight through and run B killed mid-epoch then resumed; the same weights.
+    ``data`` overrides the synthetic data of both."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    first = _start(straight, world_size, batch_size, SWAV)  # alongside B: 2 cores here
+    first = _start(straight, world_size, batch_size, recipe, *data)  # alongside B: 2 cores
     try:
-        victim = _start(killed, world_size, batch_size, SWAV)
+        victim = _start(killed, world_size, batch_size, recipe, *data)
         try:
             _kill_mid_epoch(victim, killed, steps_per_epoch)
         finally:
             if victim.poll() is None:
                 _kill_all(victim)
-        resumed = _start(killed, world_size, batch_size, SWAV, "--resume", "auto")
+        resumed = _start(killed, world_size, batch_size, recipe, *data, "--resume", "auto")
         err = _finish(resumed, killed)
         _finish(first, straight)
     finally:
@@ -214,10 +220,11 @@ def _kill_resume_is_bitwise(
     assert [state["trainer"]["step"] for state in last] == [2 * steps_per_epoch] * 2
     _assert_bitwise_equal(last[0]["model"], last[1]["model"], "last.pt model")
     _assert_bitwise_equal(last[0]["optimizer"], last[1]["optimizer"], "last.pt optimizer")
-    queues = [state["method_ranks"] for state in last]
-    assert len(queues[0]) == world_size
-    assert all(rank["queued_rows"] > rank["queue"].shape[1] for rank in queues[0])
-    _assert_bitwise_equal(queues[0], queues[1], "last.pt SwAV queues")
+    if recipe is SWAV:
+        queues = [state["method_ranks"] for state in last]
+        assert len(queues[0]) == world_size
+        assert all(rank["queued_rows"] > rank["queue"].shape[1] for rank in queues[0])
+        _assert_bitwise_equal(queues[0], queues[1], "last.pt SwAV queues")
     backbones = [
         torch.load(run / "backbone.pt", map_location="cpu", weights_only=True)
         for run in (straight, killed)
@@ -237,4 +244,30 @@ def test_a_killed_multi_crop_swav_run_resumes_bitwise_with_its_queues(
         world_size=world_size,
         batch_size=32 // world_size,
         steps_per_epoch=4,
+    )
+
+
+@pytest.fixture(scope="module")
+def digit_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 classes of 50 small JPEGs as shards of 16: 160 training images in 10 whole shards."""
+    root = tmp_path_factory.mktemp("shards")
+    _class_folders(root / "folder", {name: 50 for name in "abcd"})
+    assert make_shards([str(root / "folder"), str(root / "shards"), "--shard-size", "16"]) == 0
+    return root / "shards"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_killed_sharded_run_resumes_bitwise(
+    tmp_path: Path, world_size: int, digit_shards: Path
+) -> None:
+    """SimCLR on tar shards read by 2 workers per process: 160 images in 10 shards, micro-
+    batches of 16 (or 8 on each of 2 processes, 5 shards each), 2 a step: 5 steps an epoch."""
+    _kill_resume_is_bitwise(
+        tmp_path,
+        world_size=world_size,
+        batch_size=16 // world_size,
+        steps_per_epoch=5,
+        recipe=["--config", "simclr_lars"],
+        data=("data.name=shards", f"data.root={digit_shards}", "data.num_workers=2"),
     )

@@ -1,0 +1,310 @@
+"""WebDataset tar shards, read by sample index so that the exact-resume loader works on them.
+
+A shard is a ``.tar`` of samples in the WebDataset layout: the members of a sample share a
+key, ``key.jpg`` (or another image suffix) and, when labelled, ``key.cls`` (the class index as
+text). ``wids`` (webdataset's indexed reader) opens a shard by memory-mapping it and indexing
+its members, then hands out a sample's members by position, so that a sample is read by its
+index like a file of a folder, and the batch order, sharding and exact resume of
+:class:`~ssl_toolkit.data.loader.WorkerBatchLoader` hold unchanged. The order keeps each shard
+to one process and worker (:class:`~ssl_toolkit.data.loader.ShardBatchSampler`), so every
+shard is read front to back by one reader.
+
+The samples and labels of every shard are kept in an index (``.ssl-toolkit-shards.json``
+beside the shards when writable, else in ``index_dir``), checked against each shard's size and
+modification time; ``scripts/make_shards.py`` writes it with the shards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from braceexpand import braceexpand
+from torch import Tensor
+from wids.wids import IndexedTarSamples
+
+from ssl_toolkit.checkpoint import atomic_write
+from ssl_toolkit.data.folders import BadImageError, DatasetNotFoundError, decode_bytes
+from ssl_toolkit.data.listing import IMAGE_SUFFIXES
+
+__all__ = [
+    "SHARD_INDEX",
+    "ShardFiles",
+    "find_shards",
+    "index_shards",
+    "keep_shard_index",
+    "read_shard_index",
+    "shard_split",
+]
+
+SHARD_INDEX = ".ssl-toolkit-shards.json"
+"""The name of the shard index in a folder of shards."""
+_INDEX_VERSION = 1
+_OPEN_SHARDS = 4  # per process: a reader's current shard and the few before it
+
+
+def find_shards(root: str) -> list[str]:
+    """The shards ``root`` names: every ``.tar`` in a folder (sorted), or the expansion of a
+    brace pattern such as ``data/train-{000000..000146}.tar``. A missing folder, shard or an
+    empty folder raises :class:`DatasetNotFoundError` naming it."""
+    if os.path.isdir(root):
+        shards = sorted(os.path.join(root, n) for n in os.listdir(root) if n.endswith(".tar"))
+        if not shards:
+            raise DatasetNotFoundError(f"data.root={root!r} holds no .tar shards")
+        return shards
+    shards = list(braceexpand(root))
+    missing = [shard for shard in shards if not os.path.isfile(shard)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DatasetNotFoundError(
+            f"data.root={root!r}: the shard {missing[0]} does not exist{more}; data.root is a "
+            "folder of .tar shards or a brace pattern of them"
+        )
+    return shards
+
+
+def _open(path: str) -> IndexedTarSamples:
+    """The shard at ``path``, indexed; wids's own prints about odd members are kept quiet."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return IndexedTarSamples(path=path)
+
+
+def _member_suffix(name: str) -> str:
+    return name[name.rfind(".") :].lower()
+
+
+def _shard_entry(path: str) -> dict[str, Any]:
+    """What the index keeps of one shard: its size and time (to know it unchanged), its
+    samples, and their labels (-1 without a ``.cls`` member)."""
+    stat = os.stat(path)
+    shard = _open(path)
+    try:
+        labels = []
+        for members in shard.samples:
+            label = -1
+            for member in members:
+                name, _, _ = shard.reader.by_index[member]
+                if name.endswith(".cls"):
+                    label = int(shard.reader.get_at_index(member)[1].decode().strip())
+            labels.append(label)
+    finally:
+        shard.close()
+    return {"size": stat.st_size, "mtime": stat.st_mtime_ns, "labels": labels}
+
+
+def _index_places(shards: Sequence[str], index_dir: str | Path | None) -> list[Path]:
+    """Where the index of ``shards`` may be kept, in order: beside them (named
+    :data:`SHARD_INDEX` when they are all the shards of their folder), then in ``index_dir``."""
+    folder = os.path.dirname(os.path.realpath(shards[0]))
+    digest = hashlib.sha256("\n".join(map(os.path.realpath, shards)).encode()).hexdigest()[:16]
+    hashed = f".shards-{digest}.ssl-toolkit-index.json"
+    whole = sorted(map(os.path.realpath, shards)) == sorted(
+        os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".tar")
+    )
+    places = [Path(folder) / (SHARD_INDEX if whole else hashed)]
+    if index_dir is not None:
+        places.append(Path(index_dir) / hashed.lstrip("."))
+    return places
+
+
+def _names(shards: Sequence[str]) -> list[str]:
+    """The shards' file names, which key the index (so that the folder may move)."""
+    names = [os.path.basename(shard) for shard in shards]
+    if len(set(names)) != len(names):
+        raise DatasetNotFoundError(
+            f"shards of the same name in different folders ({shards[0]}, ...): give each "
+            "shard its own name"
+        )
+    return names
+
+
+def read_shard_index(places: Sequence[Path], shards: Sequence[str]) -> dict[str, Any] | None:
+    """The first index at ``places`` that describes exactly ``shards``, each of the size and
+    modification time it had when indexed; ``None`` if there is none."""
+    names = _names(shards)
+    for place in places:
+        try:
+            index = json.loads(place.read_text())
+            entries = index["shards"]
+            if index["version"] != _INDEX_VERSION or sorted(entries) != sorted(names):
+                continue
+            if all(
+                (stat := os.stat(shard)).st_size == entries[name]["size"]
+                and stat.st_mtime_ns == entries[name]["mtime"]
+                for shard, name in zip(shards, names, strict=True)
+            ):
+                return index
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def index_shards(
+    shards: Sequence[str], classes: list[str] | None = None, progress: Any = None
+) -> dict[str, Any]:
+    """The index of ``shards``: each one's samples and labels; ``classes`` names the labels.
+    ``progress()`` is called after each shard. A shard that cannot be indexed raises
+    :class:`DatasetNotFoundError` naming it."""
+    entries = {}
+    for shard, name in zip(shards, _names(shards), strict=True):
+        try:
+            entries[name] = _shard_entry(shard)
+        except Exception as error:  # headers that do not parse, a .cls that is not a number
+            raise DatasetNotFoundError(
+                f"cannot index the shard {shard}: it is not a readable WebDataset tar "
+                f"({type(error).__name__}: {error})"
+            ) from error
+        if progress is not None:
+            progress()
+    return {"version": _INDEX_VERSION, "classes": classes, "shards": entries}
+
+
+def keep_shard_index(places: Sequence[Path], index: dict[str, Any]) -> Path | None:
+    """Write ``index`` atomically at the first of ``places`` that can be written; where."""
+    text = json.dumps(index, separators=(",", ":"))
+    for place in places:
+        with contextlib.suppress(OSError):
+            atomic_write(place, lambda file: file.write(text.encode()))
+            return place
+    return None
+
+
+def _index(shards: list[str], index_dir: str | Path | None) -> dict[str, Any]:
+    """The index of ``shards``: the one kept, or one made now (with a progress bar) and kept."""
+    from rich.progress import Progress
+
+    places = _index_places(shards, index_dir)
+    index = read_shard_index(places, shards)
+    if index is None:
+        with Progress(transient=True) as bar:
+            task = bar.add_task(f"indexing {len(shards)} shards", total=len(shards))
+            index = index_shards(shards, progress=lambda: bar.advance(task))
+        keep_shard_index(places, index)
+    return index
+
+
+class ShardFiles:
+    """The samples of some tar shards, by index: labels (-1 when unlabelled), class names, and
+    :meth:`load` to decode one; ``index`` is their :func:`index_shards`."""
+
+    def __init__(self, shards: list[str], index: dict[str, Any]) -> None:
+        self.shards = shards
+        labels = [index["shards"][name]["labels"] for name in _names(shards)]
+        sizes = np.array([len(shard_labels) for shard_labels in labels], dtype=np.int64)
+        shard_of = np.repeat(np.arange(len(shards), dtype=np.int32), sizes)
+        inner = np.arange(int(sizes.sum()), dtype=np.int64) - np.repeat(
+            np.cumsum(sizes) - sizes, sizes
+        )
+        flat = [label for shard_labels in labels for label in shard_labels]
+        self.shard_of, self.inner = shard_of, inner.astype(np.int32)
+        self.labels: list[int] = flat
+        known = [label for label in flat if label >= 0]
+        self.classes: list[str] = index.get("classes") or (
+            [str(c) for c in range(max(known) + 1)] if known else []
+        )
+        self._open: OrderedDict[int, IndexedTarSamples | BadImageError] = OrderedDict()
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def labelled(self) -> bool:
+        """True when the samples have labels."""
+        return bool(self.classes)
+
+    def subset(self, keep: Sequence[int]) -> ShardFiles:
+        """The samples at the sorted positions ``keep`` of these."""
+        other = object.__new__(ShardFiles)
+        other.shards, other.classes = self.shards, self.classes
+        keep = np.asarray(keep, dtype=np.int64)
+        other.shard_of, other.inner = self.shard_of[keep], self.inner[keep]
+        other.labels = [self.labels[i] for i in keep.tolist()]
+        other._open, other._pid = OrderedDict(), os.getpid()
+        return other
+
+    def groups(self) -> list[np.ndarray]:
+        """The positions of the samples of each shard (that has any), shard by shard: the
+        units that :class:`~ssl_toolkit.data.loader.ShardBatchSampler` hands to one reader."""
+        order = np.argsort(self.shard_of, kind="stable")
+        bounds = np.cumsum(np.bincount(self.shard_of, minlength=len(self.shards)))
+        return [g for g in np.split(order, bounds[:-1]) if len(g)]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Open shards (memory maps) stay in the process that opened them.
+        return {**self.__dict__, "_open": OrderedDict()}
+
+    def _shard(self, number: int) -> IndexedTarSamples:
+        if self._pid != os.getpid():  # a worker forked with the parent's open shards
+            self._open, self._pid = OrderedDict(), os.getpid()
+        shard = self._open.get(number)
+        if shard is None:
+            path = self.shards[number]
+            try:
+                shard = _open(path)
+            except Exception as error:  # a shard whose headers do not parse
+                reason = f"it is not a readable tar file ({type(error).__name__}: {error})"
+                shard = BadImageError(path, reason)
+            self._open[number] = shard
+            if len(self._open) > _OPEN_SHARDS:
+                _, closed = self._open.popitem(last=False)
+                if not isinstance(closed, BadImageError):
+                    closed.close()
+        self._open.move_to_end(number)
+        if isinstance(shard, BadImageError):
+            raise shard
+        return shard
+
+    def load(self, index: int) -> Tensor:
+        """Sample ``index``'s image decoded as uint8 (3, H, W) RGB. :class:`BadImageError`
+        naming the shard and member for a sample that is missing, cut short, has no image
+        member or does not decode."""
+        path, inner = self.shards[int(self.shard_of[index])], int(self.inner[index])
+        shard = self._shard(int(self.shard_of[index]))
+        if inner >= len(shard.samples):
+            raise BadImageError(
+                f"{path}:#{inner}", f"the shard has {len(shard.samples)} samples, not {inner + 1}"
+            )
+        size = len(shard.reader.mmapped_file)
+        members = [shard.reader.by_index[m] for m in shard.samples[inner]]
+        images = [m for m in members if _member_suffix(m[0]) in IMAGE_SUFFIXES]
+        if not images:
+            names = ", ".join(name for name, _, _ in members)
+            raise BadImageError(f"{path}:{names}", "the sample has no image member")
+        name, offset, length = images[0]
+        where = f"{path}:{name}"
+        if offset + 512 + length > size:
+            raise BadImageError(where, "the shard ends inside it (a truncated shard)")
+        data = shard.reader.mmapped_file[offset + 512 : offset + 512 + length]
+        return decode_bytes(data, where, _member_suffix(name))
+
+
+def shard_split(root: str, train: bool, index_dir: str | Path | None) -> ShardFiles:
+    """The samples of one split of the shards at ``root``: its ``train/`` and ``val/`` folders
+    of shards when it has both (``val/`` with ``train/``'s class names), else all its shards,
+    labelled ones split 80/20 per class with the fixed seed that image folders use."""
+    from ssl_toolkit.data.datasets import _fixed_split
+
+    def files(where: str) -> ShardFiles:
+        shards = find_shards(where)
+        return ShardFiles(shards, _index(shards, index_dir))
+
+    train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
+    if os.path.isdir(train_dir) and os.path.isdir(val_dir):
+        chosen = files(train_dir if train else val_dir)
+        if not train:
+            chosen.classes = files(train_dir).classes
+        return chosen
+    chosen = files(train_dir if os.path.isdir(train_dir) else root)
+    if not chosen.labelled:
+        return chosen
+    return chosen.subset(_fixed_split(torch.tensor(chosen.labels), train).tolist())
