@@ -15,11 +15,13 @@ ratio scaled to ``--multicrop-sizes``) from in-memory images: ``MultiCropAugment
 per crop size against a per-image torchvision pipeline per crop (SwAV's
 ``MultiCropDataset``) in ``--workers`` worker processes.
 
-A third table reads a folder of real-size JPEGs (about 500 x 375, written for the run):
-this toolkit's folder loader (workers decode with ``torchvision.io`` and cut both crops from
-the full image; the batched augmentation does the rest in the main process) against
-torchvision's ``ImageFolder`` with the per-image v2 pipeline, both with ``--workers`` workers,
-both producing two normalised ``--folder-size`` views per image.
+A third table reads JPEGs of ``--folder-size`` pixels written for the run, as a folder and as
+tar shards (``scripts/make_shards.py``): this toolkit's folder reader and its shard reader
+(workers decode with ``torchvision.io`` and cut both crops from the full image; the batched
+augmentation does the rest in the main process, on the GPU when there is one, where
+``data.decode=cuda`` rows decode there too) against torchvision's ``ImageFolder`` with the
+per-image v2 pipeline, all with ``--workers`` workers, all producing two normalised
+``--folder-size`` views per image.
 
 A fourth table lists a generated tree of ``--listing-files`` empty ``.jpg`` files in 1,000
 class folders (aged a day, as a dataset at rest): a ``Path`` object per file (the toolkit's
@@ -37,6 +39,8 @@ row, and ``OMP_WAIT_POLICY=PASSIVE`` avoids the stall. Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import statistics
 import tempfile
@@ -52,6 +56,7 @@ from baselines import (
     torchvision_pipeline,
     two_view_folder,
 )
+from make_shards import main as make_shards
 from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader
@@ -66,6 +71,7 @@ from ssl_toolkit.data import (
     build_dataset,
     find_images,
 )
+from ssl_toolkit.data.device_decode import DeviceViews
 from ssl_toolkit.data.listing import IMAGE_SUFFIXES
 
 
@@ -159,17 +165,16 @@ def _forever(loader):
         yield from loader
 
 
-def write_jpegs(folder: Path, count: int) -> None:
-    """``count`` smooth random 500 x 375 (or 375 x 500) JPEGs, in one class folder."""
+def write_jpegs(folder: Path, count: int, size: int = 224) -> None:
+    """``count`` smooth random ``size`` x ``size`` JPEGs, in one class folder."""
     from PIL import Image
     from torchvision.transforms.v2 import functional as TF
 
     (folder / "images").mkdir(parents=True)
     generator = torch.Generator().manual_seed(0)
     for i in range(count):
-        size = [375, 500] if i % 3 else [500, 375]
         low = torch.rand(3, 6, 8, generator=generator)
-        pixels = TF.resize(low, size, antialias=True).mul(255).round().clamp(0, 255)
+        pixels = TF.resize(low, [size, size], antialias=True).mul(255).round().clamp(0, 255)
         Image.fromarray(pixels.to(torch.uint8).permute(1, 2, 0).numpy()).save(
             folder / "images" / f"{i:04d}.jpg", quality=90
         )
@@ -198,9 +203,10 @@ def _rate(
 
 
 def bench_folder(
-    folder: Path, size: int, batch_size: int, workers: int, count: int, windows: int
-) -> tuple[float, float]:
-    """(baseline, ours) images/s of two augmented views per image of a JPEG folder."""
+    folder: Path, shards: Path, size: int, batch_size: int, workers: int, count: int, windows: int
+) -> list[tuple[str, float]]:
+    """Images/s of two augmented views per image: torchvision's ``ImageFolder``, this
+    toolkit's folder reader and its shard reader (and decoding on the GPU, with one)."""
     baseline_loader = DataLoader(
         two_view_folder(str(folder), size),
         batch_size=batch_size,
@@ -211,21 +217,37 @@ def bench_folder(
         generator=torch.Generator().manual_seed(0),
     )
     warmup = 2 * workers + 1
-    baseline = _rate(_forever(baseline_loader), batch_size, count, windows, warmup=warmup)
-    dataset = build_dataset("imagefolder", root=folder, views=CropViews(size=size))
-    loader = WorkerBatchLoader(
-        dataset, batch_size, generator=torch.Generator().manual_seed(0), num_workers=workers
-    )
-    augment = SimCLRAugment(size, generator=torch.Generator().manual_seed(1))
-    ours = _rate(
-        _forever(loader),
-        batch_size,
-        count,
-        windows,
-        warmup=warmup,
-        work=lambda batch: augment(tuple(batch[0])),
-    )
-    return baseline, ours
+    rows = [
+        (
+            "torchvision ImageFolder (PIL) + v2 per image",
+            _rate(_forever(baseline_loader), batch_size, count, windows, warmup=warmup),
+        )
+    ]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    augment = SimCLRAugment(size, generator=torch.Generator(device).manual_seed(1)).to(device)
+    readers = [("imagefolder", folder, "cpu"), ("shards", shards, "cpu")]
+    if device == "cuda":
+        readers += [("imagefolder", folder, "cuda"), ("shards", shards, "cuda")]
+    for name, root, decode in readers:
+        views = CropViews(size=size, decode=decode)
+        dataset = build_dataset(name, root=root, views=views)
+        loader = WorkerBatchLoader(
+            dataset, batch_size, generator=torch.Generator().manual_seed(0), num_workers=workers
+        )
+        on_device = DeviceViews(views, decode) if decode != "cpu" else None
+
+        def work(batch, on_device=on_device):
+            images = on_device(batch[0]) if on_device else tuple(x.to(device) for x in batch[0])
+            views = augment(images)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return views
+
+        where = "decoded on the GPU" if decode == "cuda" else "torchvision.io decode in workers"
+        reader = "folder reader" if name == "imagefolder" else "shard reader"
+        rate = _rate(_forever(loader), batch_size, count, windows, warmup=warmup, work=work)
+        rows.append((f"{reader}: {where}, crops, batched augmentation ({device})", rate))
+    return rows
 
 
 def write_empty_tree(root: Path, count: int, classes: int = 1000) -> None:
@@ -413,24 +435,30 @@ def bench_folder_table(args: argparse.Namespace, console: Console) -> None:
     threads = max(args.threads)
     torch.set_num_threads(threads)  # the batched augmentation's, in the main process
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
+        folder, shards = Path(tmp) / "folder", Path(tmp) / "shards"
         write_jpegs(folder, args.folder_batch * (count + 2 + 2 * args.workers))
-        baseline, ours = bench_folder(
-            folder, args.folder_size, args.folder_batch, args.workers, count, windows
+        shard_size = str(max(1, args.folder_batch))
+        with contextlib.redirect_stdout(io.StringIO()):
+            make_shards([str(folder), str(shards), "--shard-size", shard_size])
+        rows = bench_folder(
+            folder,
+            shards / "train",
+            args.folder_size,
+            args.folder_batch,
+            args.workers,
+            count,
+            windows,
         )
     folders = Table(
-        title=f"JPEG folder (500 x 375), two {args.folder_size} px views per image, "
-        f"batch {args.folder_batch}, {args.workers} workers each, {threads} torch threads, "
-        f"median of {windows}"
+        title=f"JPEG folder ({args.folder_size} x {args.folder_size}), two {args.folder_size} px "
+        f"views per image, batch {args.folder_batch}, {args.workers} workers each, {threads} "
+        f"torch threads, median of {windows}"
     )
     for column in ("pipeline", "images/s", "speed-up"):
         folders.add_column(column, justify="left" if column == "pipeline" else "right")
-    folders.add_row("ImageFolder (PIL) + torchvision v2 per image", f"{baseline:,.0f}", "1.0x")
-    folders.add_row(
-        "torchvision.io decode + crops in workers, batched augmentation",
-        f"{ours:,.0f}",
-        f"{ours / baseline:.2f}x",
-    )
+    baseline = rows[0][1]
+    for name, rate in rows:
+        folders.add_row(name, f"{rate:,.0f}", f"{rate / baseline:.2f}x")
     console.print(folders)
 
 

@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with Progress() as progress:
         for name, files in splits.items():
+            if not files.paths:  # a labelled folder of classes too small to hold out any
+                progress.console.print(f"{args.out / name}: no images, not written")
+                continue
             count = write_split(
                 files.paths,
                 files.labels,

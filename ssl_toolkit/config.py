@@ -30,6 +30,7 @@ from optim.errors import from_validation_error, short_repr
 from optim.schedules import LRScaling
 from ssl_toolkit.accumulation import Accumulation
 from ssl_toolkit.data import CropGroup, DatasetName
+from ssl_toolkit.data.device_decode import DecodeDevice
 from ssl_toolkit.distributed import Device
 from ssl_toolkit.knn import BankDtype
 from ssl_toolkit.methods import MethodConfig, parse_method_config
@@ -159,11 +160,19 @@ class DataConfig(ConfigSection):
     download: bool = Field(False, description="let torchvision fetch the files into `root`")
     batch_size: int = Field(256, ge=2, description="images per process and micro-batch")
     image_size: int = Field(32, ge=8, description="side of the augmented views, in pixels")
-    num_workers: int = Field(2, ge=0, description="decoding workers (image folders only)")
+    num_workers: int = Field(
+        2, ge=0, description="decoding workers (image folders and shards only)"
+    )
     skip_bad: bool = Field(
         False,
-        description="image folders: put the next image in the place of one that does not "
-        "decode, and list it, instead of stopping",
+        description="image folders and shards: put the next image in the place of one that "
+        "does not decode, and list it, instead of stopping",
+    )
+    decode: DecodeDevice = Field(
+        "cpu",
+        description="where pretraining images of folders and shards are decoded and cropped: "
+        "in the CPU workers, or batched on the GPU (`cuda`, nvjpeg) from the bytes the "
+        "workers read",
     )
     color_strength: float = Field(
         1.0, ge=0.0, description="colour-jitter strength s (SimCLR's augmentation)"
@@ -190,6 +199,22 @@ class DataConfig(ConfigSection):
     def _some_crops(self) -> DataConfig:
         if self.crops is not None and not self.crops:
             raise ValueError("crops: an empty list; null keeps the method's two views")
+        return self
+
+    @model_validator(mode="after")
+    def _decodable(self) -> DataConfig:
+        if self.decode == "cpu":
+            return self
+        if self.name not in ("imagefolder", "shards"):
+            raise ValueError(
+                f"decode: {self.decode!r} decodes image folders and shards; {self.name!r} "
+                "is held in memory, decoded already (use decode: cpu)"
+            )
+        if self.skip_bad:
+            raise ValueError(
+                "decode: an image that does not decode on the GPU stops the run; skip_bad "
+                "needs decode: cpu"
+            )
         return self
 
     def views(self) -> list[CropGroup]:

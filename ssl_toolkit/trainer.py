@@ -53,6 +53,7 @@ from ssl_toolkit.data import (
     build_loader,
     crop_sizes,
 )
+from ssl_toolkit.data.device_decode import DeviceViews
 from ssl_toolkit.distributed import (
     DistContext,
     all_reduce_mean,
@@ -130,6 +131,13 @@ class Trainer:
         schedule and the components; then the resume."""
         cfg = self.cfg
         self.device = self.ctx.device
+        if cfg.data.decode != "cpu" and self.device.type != cfg.data.decode:
+            raise ConfigError(
+                [
+                    f"data.decode: {cfg.data.decode} needs the run on a CUDA device; it runs "
+                    f"on {self.device.type} (use data.decode=cpu)"
+                ]
+            )
         self.streams = RandomStreams(cfg.trainer.seed, self.ctx.rank, self.ctx.world_size)
         """This rank's random streams (global generators and augmentation), seeded per rank."""
 
@@ -144,9 +152,14 @@ class Trainer:
                 scale=(cfg.data.crop_min_scale, 1.0),
                 seed=cfg.trainer.seed,
                 crops=tuple(cfg.data.crops) if cfg.data.crops is not None else None,
+                decode=cfg.data.decode,
             ),
             index_dir=self.run_dir,
         )
+        self.device_views = None
+        """Decodes and crops each batch on the device (``data.decode: cuda``), else None."""
+        if cfg.data.decode != "cpu":
+            self.device_views = DeviceViews(self.train_set.views, self.device)
         check_batch_fits(len(self.train_set), cfg.data.batch_size, self.ctx.world_size)
         self.loader = build_loader(
             self.train_set,
@@ -545,6 +558,8 @@ class Trainer:
         cropped (one per view, from image folders). The loader moves to the next epoch by itself."""
         while True:
             for images, _ in self.loader:
+                if self.device_views is not None:
+                    images = self.device_views(images)
                 yield tuple(images) if isinstance(images, list | tuple) else images
 
     def micro_batches_of(self, step: int) -> int:

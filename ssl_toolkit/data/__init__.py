@@ -25,10 +25,12 @@ from ssl_toolkit.data.folders import (
 )
 from ssl_toolkit.data.loader import (
     EpochBatchSampler,
+    ShardBatchSampler,
     TensorBatchLoader,
     WorkerBatchLoader,
     build_loader,
 )
+from ssl_toolkit.data.shards import ShardFiles
 
 __all__ = [
     "DATASET_NAMES",
@@ -42,6 +44,8 @@ __all__ = [
     "ImageFiles",
     "InMemoryImageDataset",
     "MultiCropAugment",
+    "ShardBatchSampler",
+    "ShardFiles",
     "SimCLRAugment",
     "TensorBatchLoader",
     "TwoViewAugment",

@@ -27,7 +27,7 @@ from ssl_toolkit.data.folders import (
     ImageFolderViews,
     find_images,
 )
-from ssl_toolkit.data.shards import shard_split
+from ssl_toolkit.data.shards import ShardFiles, shard_split
 
 DatasetName = Literal[
     "digits", "synthetic", "cifar10", "cifar100", "stl10", "imagefolder", "shards"
@@ -256,7 +256,13 @@ def _imagefolder(
             "to a folder of images, with one sub-folder per class when it is labelled "
             "(optionally split into train/ and val/)."
         )
-    files = _folder_split(Path(root), train, index_dir)
+    return _decoded_in_workers(_folder_split(Path(root), train, index_dir), views, image_size)
+
+
+def _decoded_in_workers(
+    files: ImageFiles | ShardFiles, views: CropViews | None, image_size: int
+) -> Dataset:
+    """Pretraining items of ``views`` when given, else evaluation crops of ``image_size``."""
     if views is not None:
         return ImageFolderViews(files, views)
     return ImageFolderCenter(files, image_size)
@@ -330,10 +336,7 @@ def _shards(
             "Dataset 'shards' needs data.root: a folder of .tar shards or a brace pattern "
             "of them (scripts/make_shards.py writes them from an image folder)"
         )
-    files = shard_split(str(root), train, index_dir)
-    if views is not None:
-        return ImageFolderViews(files, views)
-    return ImageFolderCenter(files, image_size)
+    return _decoded_in_workers(shard_split(str(root), train, index_dir), views, image_size)
 
 
 _BUILDERS: dict[str, Callable[..., Dataset]] = {

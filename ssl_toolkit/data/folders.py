@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -91,6 +91,10 @@ class CropViews:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     seed: int = 0
     crops: tuple[CropGroup, ...] | None = None
+    decode: str = "cpu"
+    """Where images are decoded and cropped: ``"cpu"`` in the workers, or a device
+    (``"cuda"``) in the main process, from the bytes the workers read
+    (:class:`~ssl_toolkit.data.device_decode.DeviceViews`)."""
 
     def groups(self) -> list[tuple[int, int, tuple[float, float]]]:
         """``(count, size, scale)`` of each group of crops, in order."""
@@ -144,26 +148,26 @@ def decode_bytes(data: bytes, where: str, suffix: str) -> Tensor:
     return TF.to_dtype(image, torch.uint8, scale=True)
 
 
-def _decode(path: str) -> Tensor:
-    """The image file ``path`` decoded (:func:`decode_bytes`); :class:`BadImageError` for a
-    file that does not decode or cannot be read."""
+def read_file(path: str) -> tuple[bytes, str, str]:
+    """The bytes of the image file ``path``, where it is and its suffix (what
+    :func:`decode_bytes` takes); :class:`BadImageError` for a file that cannot be read."""
     try:
         with open(path, "rb") as file:
-            data = file.read()
+            return file.read(), path, os.path.splitext(path)[1]
     except _FILE_ERRORS as error:
         raise BadImageError(path, f"it cannot be read ({error.strerror})") from error
-    return decode_bytes(data, path, os.path.splitext(path)[1])
 
 
-def _load_file(paths: list[str], index: int) -> Tensor:
-    return _decode(paths[index])
+def _read_nth(paths: list[str], index: int) -> tuple[bytes, str, str]:
+    return read_file(paths[index])
 
 
-def image_loader(files: Any) -> Callable[[int], Tensor]:
-    """How the datasets below load image ``index`` of ``files``: its own ``load`` (tar shards)
-    or the decoding of ``files.paths[index]`` (an image folder); picklable, for workers."""
-    load = getattr(files, "load", None)
-    return load if load is not None else partial(_load_file, files.paths)
+def image_reader(files: Any) -> Callable[[int], tuple[bytes, str, str]]:
+    """How the datasets below read image ``index`` of ``files`` (bytes, where, suffix): its own
+    ``read`` (tar shards) or the file ``files.paths[index]`` (an image folder); picklable,
+    for the workers."""
+    read = getattr(files, "read", None)
+    return read if read is not None else partial(_read_nth, files.paths)
 
 
 class ImageFolderViews(Dataset):
@@ -181,27 +185,61 @@ class ImageFolderViews(Dataset):
         self.files = files
         self.views = views
         self.targets = torch.tensor(files.labels)
-        self.load = image_loader(files)
+        self.read = image_reader(files)
 
     def __len__(self) -> int:
         return len(self.files.labels)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[tuple[Tensor, ...], int]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[Any, int]:
         index, epoch = item
-        image = self.load(index)
         # One seed per (seed, epoch, index): index < len(self), so no two of them share one.
         generator = torch.Generator().manual_seed(
             (self.views.seed * 1_000_003 + epoch) * len(self) + index
         )
-        height, width = image.shape[-2:]
-        groups = self.views.groups()
-        uniforms = torch.rand(sum(g[0] for g in groups), CROP_UNIFORMS, generator=generator)
-        crops: list[Tensor] = []
-        for count, size, scale in groups:
-            rows = uniforms[len(crops) : len(crops) + count]
-            boxes = sample_crop_boxes(rows, (height, width), scale, self.views.ratio)
-            crops += [_crop(image, box, size) for box in boxes]
-        return tuple(crops), self.files.labels[index]
+        count = sum(group[0] for group in self.views.groups())
+        uniforms = torch.rand(count, CROP_UNIFORMS, generator=generator)
+        data, where, suffix = self.read(index)
+        if self.views.decode != "cpu":  # decoded and cropped on the device, in the main process
+            return EncodedImage(data, where, suffix, exif_orientation(data, suffix), uniforms), (
+                self.files.labels[index]
+            )
+        return cut_views(decode_bytes(data, where, suffix), uniforms, self.views), (
+            self.files.labels[index]
+        )
+
+
+class EncodedImage(NamedTuple):
+    """An image as a worker reads it for decoding on the device: its encoded bytes, where it
+    is, its suffix, its EXIF orientation (1-8, as the decoder on the device ignores it) and the
+    uniform draws of its crops. Batched by the DataLoader, field by field."""
+
+    data: bytes
+    where: str
+    suffix: str
+    orientation: int
+    uniforms: Tensor
+
+
+def exif_orientation(data: bytes, suffix: str) -> int:
+    """The EXIF orientation tag of a JPEG (1, upright, when it has none or is unreadable)."""
+    if suffix.lower() not in {".jpg", ".jpeg"}:
+        return 1
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return int(image.getexif().get(0x0112, 1))
+    except Exception:  # the decoder on the device names a broken file
+        return 1
+
+
+def cut_views(image: Tensor, uniforms: Tensor, views: CropViews) -> tuple[Tensor, ...]:
+    """The crops of ``views`` cut from ``image`` (on any device) with the draws ``uniforms``."""
+    height, width = image.shape[-2:]
+    crops: list[Tensor] = []
+    for count, size, scale in views.groups():
+        rows = uniforms[len(crops) : len(crops) + count]
+        boxes = sample_crop_boxes(rows, (height, width), scale, views.ratio)
+        crops += [_crop(image, box, size) for box in boxes]
+    return tuple(crops)
 
 
 def _crop(image: Tensor, box: Tensor, size: int) -> Tensor:
@@ -222,12 +260,12 @@ class ImageFolderCenter(Dataset):
         self.size = size
         self.targets = torch.tensor(files.labels)
         self.classes = files.classes
-        self.load = image_loader(files)
+        self.read = image_reader(files)
 
     def __len__(self) -> int:
         return len(self.files.labels)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        image = self.load(index)
+        image = decode_bytes(*self.read(index))
         image = TF.resize(image, [round(self.size / _CENTER_CROP_FRACTION)], antialias=True)
         return TF.center_crop(image, [self.size, self.size]), self.files.labels[index]

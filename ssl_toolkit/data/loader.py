@@ -175,13 +175,20 @@ class ShardBatchSampler(EpochBatchSampler):
     ) -> None:
         share = len(groups) // world_size
         if share == 0:
-            raise ValueError(
+            raise DatasetNotFoundError(
                 f"{len(groups)} shards for {world_size} processes: every process needs shards "
                 "of its own; write smaller shards (scripts/make_shards.py --shard-size)"
             )
         self.groups = groups
         self.readers = max(1, readers)
         self._per_rank = sum(sorted(len(group) for group in groups)[:share])
+        if drop_last and batch_size > self._per_rank:
+            raise DatasetNotFoundError(
+                f"data.batch_size: {batch_size} is more than the {self._per_rank} images a "
+                f"process reads an epoch from its {share} shards (its share of the smallest); "
+                "use a smaller batch or more, smaller shards (scripts/make_shards.py "
+                "--shard-size)"
+            )
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.seed = generator.initial_seed()
         super().__init__(

@@ -29,11 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 from braceexpand import braceexpand
-from torch import Tensor
 from wids.wids import IndexedTarSamples
 
 from ssl_toolkit.checkpoint import atomic_write
-from ssl_toolkit.data.folders import BadImageError, DatasetNotFoundError, decode_bytes
+from ssl_toolkit.data.folders import BadImageError, DatasetNotFoundError
 from ssl_toolkit.data.listing import IMAGE_SUFFIXES
 
 __all__ = [
@@ -194,7 +193,7 @@ def _index(shards: list[str], index_dir: str | Path | None) -> dict[str, Any]:
 
 class ShardFiles:
     """The samples of some tar shards, by index: labels (-1 when unlabelled), class names, and
-    :meth:`load` to decode one; ``index`` is their :func:`index_shards`."""
+    :meth:`read` to read one's image; ``index`` is their :func:`index_shards`."""
 
     def __init__(self, shards: list[str], index: dict[str, Any]) -> None:
         self.shards = shards
@@ -264,10 +263,10 @@ class ShardFiles:
             raise shard
         return shard
 
-    def load(self, index: int) -> Tensor:
-        """Sample ``index``'s image decoded as uint8 (3, H, W) RGB. :class:`BadImageError`
-        naming the shard and member for a sample that is missing, cut short, has no image
-        member or does not decode."""
+    def read(self, index: int) -> tuple[bytes, str, str]:
+        """Sample ``index``'s image member: its bytes, ``shard:member`` and its suffix (what
+        :func:`~ssl_toolkit.data.folders.decode_bytes` takes). :class:`BadImageError` naming
+        the shard and member for a sample that is missing, cut short or has no image member."""
         path, inner = self.shards[int(self.shard_of[index])], int(self.inner[index])
         shard = self._shard(int(self.shard_of[index]))
         if inner >= len(shard.samples):
@@ -284,8 +283,11 @@ class ShardFiles:
         where = f"{path}:{name}"
         if offset + 512 + length > size:
             raise BadImageError(where, "the shard ends inside it (a truncated shard)")
-        data = shard.reader.mmapped_file[offset + 512 : offset + 512 + length]
-        return decode_bytes(data, where, _member_suffix(name))
+        return (
+            shard.reader.mmapped_file[offset + 512 : offset + 512 + length],
+            where,
+            (_member_suffix(name)),
+        )
 
 
 def shard_split(root: str, train: bool, index_dir: str | Path | None) -> ShardFiles:

@@ -166,9 +166,13 @@ def test_the_shard_order_changes_with_the_epoch_and_resumes_mid_epoch() -> None:
     assert [b.tolist() for b in resumed][: len(rest)] == rest
 
 
-def test_fewer_shards_than_processes_is_an_error() -> None:
-    with pytest.raises(ValueError, match="7 shards for 8 processes: every process needs shards"):
+def test_fewer_shards_than_processes_or_a_batch_larger_than_a_share_is_an_error() -> None:
+    with pytest.raises(DatasetNotFoundError, match="7 shards for 8 processes: every process"):
         _sampler(GROUPS, 0, 8, 1)
+    # 3 processes: 2 shards each, 6 + 7 images from the smallest.
+    with pytest.raises(DatasetNotFoundError, match=r"data\.batch_size: 14 is more than the 13"):
+        _sampler(GROUPS, 0, 3, 1, batch=14)
+    assert len(_sampler(GROUPS, 0, 3, 1, batch=13)) == 1
 
 
 def test_pretraining_views_from_shards_resume_exactly(tmp_path: Path) -> None:
