@@ -85,6 +85,13 @@ class _Found:
     def __init__(self) -> None:
         self.images: list[str] = []
         self.unsupported: Counter[str] = Counter()
+        self.folders = 0  # folders walked: with one, its paths sort as plain strings
+
+    def sorted_images(self) -> list[str]:
+        """The images in the order of sorted ``Path`` objects."""
+        if self.folders <= 1:  # one folder: one prefix, so string order is that order
+            return sorted(self.images)
+        return sorted(self.images, key=lambda path: path.split(os.sep))
 
     def add(self, entry: os.DirEntry[str]) -> None:
         name = entry.name
@@ -106,16 +113,12 @@ def _walk(folder: str, found: _Found, folders: dict[str, int], outer: frozenset[
     if real in outer:
         raise OSError(f"cannot read {folder}: a symbolic link back into a folder around it")
     folders[folder] = os.stat(folder).st_mtime_ns
+    found.folders += 1
     for entry in _entries(folder):
         if entry.is_dir():
             _walk(entry.path, found, folders, outer | {real})
         elif entry.is_file():
             found.add(entry)
-
-
-def _by_parts(paths: list[str]) -> list[str]:
-    """``paths`` sorted folder by folder, as ``Path`` objects sort."""
-    return sorted(paths, key=lambda path: path.split(os.sep))
 
 
 def _list(folder: str) -> tuple[ImageFiles, dict[str, int], dict[str, int]]:
@@ -137,11 +140,11 @@ def _list(folder: str) -> tuple[ImageFiles, dict[str, int], dict[str, int]]:
     if classes:
         paths, labels = [], []
         for label, name in enumerate(classes):
-            images = _by_parts(under[name].images)
+            images = under[name].sorted_images()
             paths += images
             labels += [label] * len(images)
     else:
-        paths = _by_parts(own.images)
+        paths = own.sorted_images()
         labels = [-1] * len(paths)
     unsupported = sum((found.unsupported for found in under.values()), own.unsupported)
     return ImageFiles(paths, labels, classes), folders, dict(unsupported)
