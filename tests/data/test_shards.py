@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from scripts.make_shards import main as make_shards
+from ssl_toolkit.cli import main
 from ssl_toolkit.data import BadImageError, CropViews, DatasetNotFoundError, build_dataset
 from ssl_toolkit.data.loader import ShardBatchSampler, WorkerBatchLoader
 from ssl_toolkit.data.shards import SHARD_INDEX, find_shards
@@ -252,3 +253,31 @@ def test_a_shard_that_is_not_a_tar_is_named(tmp_path: Path) -> None:
         DatasetNotFoundError, match=f"cannot index the shard {tmp_path / 'wds' / 'bad.tar'}"
     ):
         build_dataset("shards", root=tmp_path / "wds", image_size=8)
+
+
+def test_the_command_line_exits_2_naming_the_broken_member(tmp_path: Path, capsys) -> None:
+    root = sharded(tmp_path, {"cat": 12, "dog": 12}, shard_size=5)
+    shard, member = _corrupt(root, "garbage")
+    code = main(
+        [
+            "--config",
+            "simclr_lars",
+            "model.backbone=timm/test_resnet",
+            "method.projector={hidden_dim: 32, out_dim: 16}",
+            "data.name=shards",
+            f"data.root={root}",
+            "data.batch_size=4",
+            "data.image_size=16",
+            "data.num_workers=2",
+            "logging.wandb.mode=disabled",
+            "trainer.device=cpu",
+            "trainer.epochs=1",
+            f"trainer.output_dir={tmp_path / 'run'}",
+        ]
+    )
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and "Traceback" not in err
+    assert errors == [errors[0]] and errors[0].startswith(
+        f"error: cannot decode the image {shard}:{member}: "
+    )
