@@ -269,6 +269,7 @@ def eval_datasets(cfg: ExperimentConfig) -> tuple[Dataset, Dataset] | None:
     """
     size = cfg.data.image_size
     index_dir = cfg.trainer.output_dir
+    skip_bad = cfg.data.skip_bad
     if cfg.eval.root is not None:
         key, root = "eval.root", cfg.eval.root
         bank, test = (
@@ -286,12 +287,22 @@ def eval_datasets(cfg: ExperimentConfig) -> tuple[Dataset, Dataset] | None:
         key, root = "data.root", cfg.data.root
         bank_split = {"split": "train"} if cfg.data.name == "stl10" else {}
         bank = build_dataset(
-            cfg.data.name, root=root, image_size=size, index_dir=index_dir, **bank_split
+            cfg.data.name,
+            root=root,
+            image_size=size,
+            index_dir=index_dir,
+            skip_bad=skip_bad,
+            **bank_split,
         )
         if (bank.targets < 0).all():
             return None
         test = build_dataset(
-            cfg.data.name, root=root, train=False, image_size=size, index_dir=index_dir
+            cfg.data.name,
+            root=root,
+            train=False,
+            image_size=size,
+            index_dir=index_dir,
+            skip_bad=skip_bad,
         )
     if len(bank.classes) < 2:
         raise SingleClassError(

@@ -155,6 +155,7 @@ class Trainer:
                 decode=cfg.data.decode,
             ),
             index_dir=self.run_dir,
+            skip_bad=cfg.data.skip_bad,
         )
         self.device_views = None
         """Decodes and crops each batch on the device (``data.decode: cuda``), else None."""

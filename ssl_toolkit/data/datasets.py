@@ -75,6 +75,7 @@ def build_dataset(
     image_size: int | None = None,
     views: CropViews | None = None,
     index_dir: str | Path | None = None,
+    skip_bad: bool = False,
     **kwargs: Any,
 ) -> Dataset:
     """Build the dataset ``name``, returning ``(image, label)`` items.
@@ -85,7 +86,8 @@ def build_dataset(
     the full image at native resolution (:class:`~ssl_toolkit.data.folders.CropViews`);
     in-memory datasets ignore it, since their views are cut on the device. ``index_dir`` is
     where an image folder's listing is kept when the folder's parent is not writable
-    (:func:`~ssl_toolkit.data.listing.find_images`); others ignore it.
+    (:func:`~ssl_toolkit.data.listing.find_images`); others ignore it. ``skip_bad`` leaves
+    out tar shards that cannot be read, with a warning, instead of raising.
 
     - ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 images, offline),
       upscaled bilinearly to ``image_size`` (default 32) RGB; a fixed stratified split
@@ -123,6 +125,8 @@ def build_dataset(
         common["views"] = views
     if index_dir is not None:
         common["index_dir"] = index_dir
+    if skip_bad:
+        common["skip_bad"] = skip_bad
     options = sorted(set(accepted) - set(common))
     unknown = sorted(set(kwargs) - set(options))
     if unknown:
@@ -330,13 +334,15 @@ def _shards(
     image_size: int = 224,
     views: CropViews | None = None,
     index_dir: str | Path | None = None,
+    skip_bad: bool = False,
 ) -> Dataset:
     if root is None:
         raise DatasetNotFoundError(
             "Dataset 'shards' needs data.root: a folder of .tar shards or a brace pattern "
             "of them (scripts/make_shards.py writes them from an image folder)"
         )
-    return _decoded_in_workers(shard_split(str(root), train, index_dir), views, image_size)
+    files = shard_split(str(root), train, index_dir, skip_bad)
+    return _decoded_in_workers(files, views, image_size)
 
 
 _BUILDERS: dict[str, Callable[..., Dataset]] = {

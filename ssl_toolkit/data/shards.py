@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import os
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -148,23 +149,28 @@ def read_shard_index(places: Sequence[Path], shards: Sequence[str]) -> dict[str,
 
 
 def index_shards(
-    shards: Sequence[str], classes: list[str] | None = None, progress: Any = None
+    shards: Sequence[str],
+    classes: list[str] | None = None,
+    progress: Any = None,
+    skip_bad: bool = False,
 ) -> dict[str, Any]:
     """The index of ``shards``: each one's samples and labels; ``classes`` names the labels.
     ``progress()`` is called after each shard. A shard that cannot be indexed raises
-    :class:`DatasetNotFoundError` naming it."""
-    entries = {}
+    :class:`DatasetNotFoundError` naming it; with ``skip_bad`` it is left out of the index
+    (listed under ``"skipped"`` with its reason) instead."""
+    entries, skipped = {}, {}
     for shard, name in zip(shards, _names(shards), strict=True):
         try:
             entries[name] = _shard_entry(shard)
         except Exception as error:  # headers that do not parse, a .cls that is not a number
-            raise DatasetNotFoundError(
-                f"cannot index the shard {shard}: it is not a readable WebDataset tar "
-                f"({type(error).__name__}: {error})"
-            ) from error
+            reason = f"it is not a readable WebDataset tar ({type(error).__name__}: {error})"
+            if not skip_bad:
+                raise DatasetNotFoundError(f"cannot index the shard {shard}: {reason}") from error
+            skipped[shard] = reason
         if progress is not None:
             progress()
-    return {"version": _INDEX_VERSION, "classes": classes, "shards": entries}
+    index = {"version": _INDEX_VERSION, "classes": classes, "shards": entries}
+    return index | ({"skipped": skipped} if skipped else {})
 
 
 def keep_shard_index(places: Sequence[Path], index: dict[str, Any]) -> Path | None:
@@ -177,8 +183,10 @@ def keep_shard_index(places: Sequence[Path], index: dict[str, Any]) -> Path | No
     return None
 
 
-def _index(shards: list[str], index_dir: str | Path | None) -> dict[str, Any]:
-    """The index of ``shards``: the one kept, or one made now (with a progress bar) and kept."""
+def _index(shards: list[str], index_dir: str | Path | None, skip_bad: bool) -> dict[str, Any]:
+    """The index of ``shards``: the one kept, or one made now (with a progress bar) and kept;
+    one that leaves out unreadable shards (``skip_bad``) says so and is not kept, so that a
+    run without ``skip_bad`` meets them again."""
     from rich.progress import Progress
 
     places = _index_places(shards, index_dir)
@@ -186,8 +194,23 @@ def _index(shards: list[str], index_dir: str | Path | None) -> dict[str, Any]:
     if index is None:
         with Progress(transient=True) as bar:
             task = bar.add_task(f"indexing {len(shards)} shards", total=len(shards))
-            index = index_shards(shards, progress=lambda: bar.advance(task))
-        keep_shard_index(places, index)
+            index = index_shards(shards, progress=lambda: bar.advance(task), skip_bad=skip_bad)
+        skipped = index.get("skipped", {})
+        if not skipped:
+            keep_shard_index(places, index)
+        elif len(skipped) == len(shards):
+            raise DatasetNotFoundError(
+                f"data.skip_bad=true, but none of the {len(shards)} shards can be read "
+                f"({next(iter(skipped))}: {next(iter(skipped.values()))})"
+            )
+        else:
+            shown = "; ".join(f"{shard}: {why}" for shard, why in list(skipped.items())[:3])
+            warnings.warn(
+                f"data.skip_bad=true: {len(skipped)} of {len(shards)} shards cannot be read "
+                f"and are left out ({shown}{'; ...' if len(skipped) > 3 else ''})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     return index
 
 
@@ -290,15 +313,22 @@ class ShardFiles:
         )
 
 
-def shard_split(root: str, train: bool, index_dir: str | Path | None) -> ShardFiles:
+def shard_split(
+    root: str, train: bool, index_dir: str | Path | None, skip_bad: bool = False
+) -> ShardFiles:
     """The samples of one split of the shards at ``root``: its ``train/`` and ``val/`` folders
     of shards when it has both (``val/`` with ``train/``'s class names), else all its shards,
-    labelled ones split 80/20 per class with the fixed seed that image folders use."""
+    labelled ones split 80/20 per class with the fixed seed that image folders use. With
+    ``skip_bad``, shards that cannot be read are left out with a warning."""
     from ssl_toolkit.data.datasets import _fixed_split
 
     def files(where: str) -> ShardFiles:
         shards = find_shards(where)
-        return ShardFiles(shards, _index(shards, index_dir))
+        index = _index(shards, index_dir, skip_bad)
+        names = _names(shards)
+        return ShardFiles(
+            [s for s, n in zip(shards, names, strict=True) if n in index["shards"]], index
+        )
 
     train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
     if os.path.isdir(train_dir) and os.path.isdir(val_dir):

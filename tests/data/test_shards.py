@@ -281,3 +281,15 @@ def test_the_command_line_exits_2_naming_the_broken_member(tmp_path: Path, capsy
     assert errors == [errors[0]] and errors[0].startswith(
         f"error: cannot decode the image {shard}:{member}: "
     )
+
+
+def test_skip_bad_leaves_out_a_shard_that_is_not_a_tar_with_a_warning(tmp_path: Path) -> None:
+    root = sharded(tmp_path, {"cat": 10, "dog": 10}, shard_size=4)
+    bad = root / "train" / "train-000001.tar"
+    bad.write_bytes(b"\x01" * 1500)
+    with pytest.warns(RuntimeWarning, match=r"1 of 4 shards cannot be read and are left out"):
+        dataset = build_dataset("shards", root=root, image_size=8, skip_bad=True)
+    assert str(bad) not in dataset.files.shards and len(dataset) == 12
+    # Not kept as the index: without skip_bad the shard is an error again.
+    with pytest.raises(DatasetNotFoundError, match="cannot index the shard"):
+        build_dataset("shards", root=root, image_size=8)
