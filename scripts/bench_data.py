@@ -449,32 +449,34 @@ def bench_folder_table(args: argparse.Namespace, console: Console) -> None:
             count,
             windows,
         )
-    folders = Table(
-        title=f"JPEG folder ({args.folder_size} x {args.folder_size}), two {args.folder_size} px "
+    title = (
+        f"JPEG folder ({args.folder_size} x {args.folder_size}), two {args.folder_size} px "
         f"views per image, batch {args.folder_batch}, {args.workers} workers each, {threads} "
         f"torch threads, median of {windows}"
     )
-    for column in ("pipeline", "images/s", "speed-up"):
-        folders.add_column(column, justify="left" if column == "pipeline" else "right")
-    baseline = rows[0][1]
-    for name, rate in rows:
-        folders.add_row(name, f"{rate:,.0f}", f"{rate / baseline:.2f}x")
-    console.print(folders)
+    console.print(_against_first(title, ("pipeline", "images/s"), rows, rate=True))
 
 
 def bench_listing_table(args: argparse.Namespace, console: Console) -> None:
     """The listing table."""
     rows = bench_listing(args.listing_files, repeats=3 if args.quick else 5)
-    listing = Table(
-        title=f"Listing {args.listing_files:,} empty .jpg files in 1,000 class folders "
-        "(warm page cache)"
-    )
-    for column in ("listing", "seconds", "speed-up"):
-        listing.add_column(column, justify="left" if column == "listing" else "right")
+    title = f"Listing {args.listing_files:,} empty .jpg files in 1,000 class folders (warm cache)"
+    console.print(_against_first(title, ("listing", "seconds"), rows, rate=False))
+
+
+def _against_first(
+    title: str, columns: tuple[str, str], rows: list[tuple[str, float]], *, rate: bool
+) -> Table:
+    """A table of ``rows`` (name, value) with each one's speed-up over the first: values are
+    rates (higher is faster) or times."""
+    table = Table(title=title)
+    for column in (*columns, "speed-up"):
+        table.add_column(column, justify="left" if column == columns[0] else "right")
     baseline = rows[0][1]
-    for name, seconds in rows:
-        listing.add_row(name, f"{seconds:.3f}", f"{baseline / seconds:.1f}x")
-    console.print(listing)
+    for name, value in rows:
+        speed_up = value / baseline if rate else baseline / value
+        table.add_row(name, f"{value:,.0f}" if rate else f"{value:.3f}", f"{speed_up:.2f}x")
+    return table
 
 
 if __name__ == "__main__":
