@@ -1,7 +1,8 @@
 """What the trainer needs from a logger: rows of metrics at a step, trust ratios, the end.
 
-:class:`~ssl_toolkit.wandb_logger.WandbLogger` is the real one; tests pass a double that
-records the calls. Steps are optimizer steps, counted from 1.
+:class:`~ssl_toolkit.wandb_logger.WandbLogger` and
+:class:`~ssl_toolkit.metrics_file.MetricsFile` are the real ones, joined by :class:`FanOut`;
+tests pass a double that records the calls. Steps are optimizer steps, counted from 1.
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 from torch import Tensor
 
-__all__ = ["MetricLogger"]
+from ssl_toolkit.wandb_logger import host_floats, to_python
+
+__all__ = ["FanOut", "MetricLogger"]
 
 
 class MetricLogger(Protocol):
@@ -38,3 +42,42 @@ class MetricLogger(Protocol):
     def finish(self) -> None:
         """Close the run; called once, at the end of ``fit``."""
         ...
+
+
+class FanOut:
+    """Several loggers as one (the run's ``metrics.jsonl`` and W&B): every call goes to each,
+    with the values moved to the host once for all of them. :attr:`run_id` is the first
+    logger's that has one."""
+
+    def __init__(self, *loggers: MetricLogger) -> None:
+        self.loggers = loggers
+
+    @property
+    def run_id(self) -> str | None:
+        """The first run id among the loggers (W&B's), to store in checkpoints."""
+        return next((lg.run_id for lg in self.loggers if lg.run_id is not None), None)
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Log one row with every logger."""
+        row = to_python(metrics)
+        for logger in self.loggers:
+            logger.log(row, step)
+
+    def log_trust_ratios(self, ratios: Mapping[str, Tensor], step: int) -> None:
+        """Log the trust ratios with every logger, moved to the host in one transfer."""
+        if not ratios:
+            return
+        on_host = torch.tensor(host_floats(list(ratios.values())), dtype=torch.float64)
+        host = dict(zip(ratios, on_host.unbind(), strict=True))
+        for logger in self.loggers:
+            logger.log_trust_ratios(host, step)
+
+    def log_artifact(self, path: Path, name: str, kind: str) -> None:
+        """Keep the file with every logger."""
+        for logger in self.loggers:
+            logger.log_artifact(path, name, kind)
+
+    def finish(self) -> None:
+        """Close every logger."""
+        for logger in self.loggers:
+            logger.finish()

@@ -64,7 +64,8 @@ from ssl_toolkit.evaluation import Evaluator, Probes
 from ssl_toolkit.export import BACKBONE_FILE
 from ssl_toolkit.health import Diverged, TrainingHealth
 from ssl_toolkit.methods import Method, build_method
-from ssl_toolkit.metric_logger import MetricLogger
+from ssl_toolkit.metric_logger import FanOut, MetricLogger
+from ssl_toolkit.metrics_file import MetricsFile
 from ssl_toolkit.parallel import ModelState, OptimizerState, full_model_state, parallelize
 from ssl_toolkit.preemption import Preempted, PreemptionGuard
 from ssl_toolkit.preflight import check_accumulation, check_batch_fits, dry_forward
@@ -276,12 +277,16 @@ class Trainer:
             self.run_dir, resumed=self.step > 0, enabled=self.ctx.is_main
         )
         self._skipped_sent = 0  # this process's skipped images already given to the list
-        self.logger: MetricLogger = logger or WandbLogger(
-            **cfg.logging.wandb.model_dump(),
-            run_dir=self.run_dir,
-            config=cfg.to_dict(),
-            run_id=run_id,
-            enabled=self.ctx.is_main,
+        self.logger: MetricLogger = FanOut(
+            MetricsFile(self.run_dir, resumed_at=self.step, enabled=self.ctx.is_main),
+            logger
+            or WandbLogger(
+                **cfg.logging.wandb.model_dump(),
+                run_dir=self.run_dir,
+                config=cfg.to_dict(),
+                run_id=run_id,
+                enabled=self.ctx.is_main,
+            ),
         )
 
     def _lock_run_dir(self) -> None:

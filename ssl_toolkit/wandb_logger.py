@@ -21,7 +21,15 @@ from torch import Tensor
 
 from ssl_toolkit.wandb_offline import run_file_complete
 
-__all__ = ["METRIC_PREFIXES", "WANDB_MODES", "WandbLogger", "WandbMode", "trust_ratio_metrics"]
+__all__ = [
+    "METRIC_PREFIXES",
+    "WANDB_MODES",
+    "WandbLogger",
+    "WandbMode",
+    "host_floats",
+    "to_python",
+    "trust_ratio_metrics",
+]
 
 # Metric families plotted against ``global_step``.
 METRIC_PREFIXES = ("train", "lars", "knn", "method", "probe")
@@ -32,7 +40,7 @@ WANDB_MODES: tuple[str, ...] = get_args(WandbMode)
 """The values of :data:`WandbMode`."""
 
 
-def _host_floats(values: Sequence[Tensor]) -> list[float]:
+def host_floats(values: Sequence[Tensor]) -> list[float]:
     """Move scalar tensors to Python floats with one device-to-host transfer.
 
     ``.item()`` per tensor would synchronise with the device once per value (hundreds of times
@@ -44,12 +52,12 @@ def _host_floats(values: Sequence[Tensor]) -> list[float]:
     return [float(x) for x in stacked.cpu().tolist()]
 
 
-def _to_python(metrics: Mapping[str, Any]) -> dict[str, Any]:
+def to_python(metrics: Mapping[str, Any]) -> dict[str, Any]:
     """Replace tensor values by Python floats (one transfer); keep all other values as they are."""
     row = dict(metrics)
     tensor_keys = [k for k, v in row.items() if isinstance(v, Tensor)]
     if tensor_keys:
-        row.update(zip(tensor_keys, _host_floats([row[k] for k in tensor_keys]), strict=True))
+        row.update(zip(tensor_keys, host_floats([row[k] for k in tensor_keys]), strict=True))
     return row
 
 
@@ -63,7 +71,7 @@ def trust_ratio_metrics(ratios: Mapping[str, Tensor]) -> dict[str, Any]:
         return {}
     import wandb
 
-    values = _host_floats(list(ratios.values()))
+    values = host_floats(list(ratios.values()))
     metrics: dict[str, Any] = {
         f"lars/trust_ratio/{name}": value for name, value in zip(ratios, values, strict=True)
     }
@@ -171,7 +179,7 @@ class WandbLogger:
         if self._run is None:
             return
         try:
-            self._run.log({"global_step": int(step), **_to_python(metrics)})
+            self._run.log({"global_step": int(step), **to_python(metrics)})
         except Exception as exc:
             self._warn_log_failure(exc)
 

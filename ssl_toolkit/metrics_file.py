@@ -1,0 +1,123 @@
+"""The run's own record of what it logged: ``metrics.jsonl`` in the run directory.
+
+W&B may be disabled, or offline and never synced, and its files are its own format. This file
+is the toolkit's: one JSON object per logged row, ``global_step`` and the keys W&B gets (LARS
+trust ratios as ``lars/trust_ratio/<param_name>``), flushed at every row, so that a run killed
+mid-way leaves every row it logged. A resumed run keeps the rows up to the step it resumes
+from and drops the later ones, which it logs again; a fresh run starts the file anew. Reports
+and tests read it with :func:`read_metrics`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from ssl_toolkit.checkpoint import atomic_write
+from ssl_toolkit.wandb_logger import host_floats, to_python
+
+__all__ = ["METRICS_FILE", "MetricsFile", "read_metrics"]
+
+METRICS_FILE = "metrics.jsonl"
+"""The file's name in the run directory."""
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a metrics file, in the order they were logged; a last line cut short by a
+    killed run is left out."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "global_step" in row:
+            rows.append(row)
+    return rows
+
+
+_NOT_A_NUMBER = object()  # W&B's histograms and images: not in the file
+
+
+def _json_value(value: Any) -> Any:
+    """``value`` as strict JSON holds it (a number that is not finite is null, as in
+    ``summary.json``), or :data:`_NOT_A_NUMBER` for values that are neither numbers nor text."""
+    if isinstance(value, bool | int | str) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return _NOT_A_NUMBER
+
+
+class MetricsFile:
+    """A :class:`~ssl_toolkit.metric_logger.MetricLogger` writing ``run_dir/metrics.jsonl``.
+
+    ``resumed_at`` is the step the run resumes from (0 for a fresh run): rows after it are
+    dropped. Only the main process writes (``enabled``). A failing write (a full disk) is
+    warned about once and never stops training.
+    """
+
+    run_id = None
+
+    def __init__(self, run_dir: Path, *, resumed_at: int, enabled: bool = True) -> None:
+        self.path = Path(run_dir) / METRICS_FILE
+        self._file = None
+        self._warned = False
+        if not enabled:
+            return
+        kept = []
+        if resumed_at > 0 and self.path.is_file():
+            kept = [row for row in read_metrics(self.path) if row["global_step"] <= resumed_at]
+        text = "".join(json.dumps(row) + "\n" for row in kept)
+        try:
+            atomic_write(self.path, lambda file: file.write(text.encode()))
+            self._file = self.path.open("a")
+        except OSError as error:
+            self._warn(error)
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Append one row at ``global_step = step`` and flush it."""
+        if self._file is None:
+            return
+        values = {key: _json_value(value) for key, value in to_python(metrics).items()}
+        row = {"global_step": int(step)} | {
+            k: v for k, v in values.items() if v is not _NOT_A_NUMBER
+        }
+        try:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
+        except OSError as error:
+            self._warn(error)
+
+    def log_trust_ratios(self, ratios: Mapping[str, Tensor], step: int) -> None:
+        """One row of ``lars/trust_ratio/<param_name>`` values at ``step``."""
+        if self._file is None or not ratios:
+            return
+        values = host_floats(list(ratios.values()))
+        self.log({f"lars/trust_ratio/{n}": v for n, v in zip(ratios, values, strict=True)}, step)
+
+    def log_artifact(self, path: Path, name: str, kind: str) -> None:
+        """Nothing: the file stays in the run directory."""
+
+    def finish(self) -> None:
+        """Close the file; later calls are no-ops."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _warn(self, error: OSError) -> None:
+        self._file = None
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"cannot write {self.path} ({error.strerror or error}); training continues "
+                "without it",
+                RuntimeWarning,
+                stacklevel=3,
+            )
