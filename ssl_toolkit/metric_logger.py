@@ -35,6 +35,11 @@ class MetricLogger(Protocol):
         """Log LARS trust ratios (``param_name`` → 0-d tensor) at step ``step``."""
         ...
 
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        """Log the image file at ``path`` as metric ``key`` at step ``step`` (W&B: an image
+        panel; loggers of numbers may ignore it)."""
+        ...
+
     def log_artifact(self, path: Path, name: str, kind: str) -> None:
         """Keep the file at ``path`` with the run (W&B: an artifact of type ``kind``)."""
         ...
@@ -71,6 +76,11 @@ class FanOut:
         host = dict(zip(ratios, on_host.unbind(), strict=True))
         for logger in self.loggers:
             logger.log_trust_ratios(host, step)
+
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        """Log the image with every logger."""
+        for logger in self.loggers:
+            logger.log_image(key, path, step)
 
     def log_artifact(self, path: Path, name: str, kind: str) -> None:
         """Keep the file with every logger."""

@@ -4,8 +4,9 @@ W&B may be disabled, or offline and never synced, and its files are its own form
 is the toolkit's: one JSON object per logged row, ``global_step`` and the keys W&B gets (LARS
 trust ratios as ``lars/trust_ratio/<param_name>``), flushed at every row, so that a run killed
 mid-way leaves every row it logged. A resumed run keeps the rows up to the step it resumes
-from and drops the later ones, which it logs again; a fresh run starts the file anew. Reports
-and tests read it with :func:`read_metrics`.
+from and drops the later ones, which it logs again, after a row that marks the resume
+(:data:`RESUMED_KEY`); a fresh run starts the file anew. Reports and tests read it with
+:func:`read_metrics`.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from torch import Tensor
 from ssl_toolkit.checkpoint import atomic_write
 from ssl_toolkit.wandb_logger import host_floats, to_python
 
-__all__ = ["METRICS_FILE", "MetricsFile", "read_metrics"]
+__all__ = ["METRICS_FILE", "RESUMED_KEY", "MetricsFile", "read_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
 """The file's name in the run directory."""
+RESUMED_KEY = "run/resumed_at"
+"""The key of the row that marks where a session resumed (the file's own, not W&B's)."""
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -42,7 +45,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-_NOT_A_NUMBER = object()  # W&B's histograms and images: not in the file
+_NOT_A_NUMBER = object()  # W&B's histograms: not in the file
 
 
 def _json_value(value: Any) -> Any:
@@ -74,6 +77,8 @@ class MetricsFile:
         kept = []
         if resumed_at > 0 and self.path.is_file():
             kept = [row for row in read_metrics(self.path) if row["global_step"] <= resumed_at]
+        if resumed_at > 0:
+            kept.append({"global_step": resumed_at, RESUMED_KEY: resumed_at})
         text = "".join(json.dumps(row) + "\n" for row in kept)
         try:
             atomic_write(self.path, lambda file: file.write(text.encode()))
@@ -101,6 +106,9 @@ class MetricsFile:
             return
         values = host_floats(list(ratios.values()))
         self.log({f"lars/trust_ratio/{n}": v for n, v in zip(ratios, values, strict=True)}, step)
+
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        """Nothing: the image stays in the run directory."""
 
     def log_artifact(self, path: Path, name: str, kind: str) -> None:
         """Nothing: the file stays in the run directory."""

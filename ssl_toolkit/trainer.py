@@ -63,6 +63,7 @@ from ssl_toolkit.distributed import (
 from ssl_toolkit.evaluation import Evaluator, Probes
 from ssl_toolkit.export import BACKBONE_FILE
 from ssl_toolkit.health import Diverged, TrainingHealth
+from ssl_toolkit.html_report import HEATMAP_FILE, REPORT_FILE, write_report
 from ssl_toolkit.methods import Method, build_method
 from ssl_toolkit.metric_logger import FanOut, MetricLogger
 from ssl_toolkit.metrics_file import MetricsFile
@@ -403,9 +404,10 @@ class Trainer:
             )
             if self.step == self.total_steps:
                 result = self.finish_run(result, resumed_at_end=first > self.total_steps)
-        self.logger.finish()
         if self.step < self.total_steps:
             self._write_summary(result)
+        self._write_report()
+        self.logger.finish()
         if self.ctx.is_main:
             print_summary(
                 self.console,
@@ -515,6 +517,25 @@ class Trainer:
         result = dataclasses.replace(result, baseline=baseline, baseline_error=baseline_error)
         self._write_summary(result)
         return result
+
+    def _write_report(self) -> None:
+        """``report.html`` and the trust-ratio heatmap, which W&B gets as an image (main
+        process). A report that cannot be drawn is warned about; the run is whole without it."""
+        if not self.ctx.is_main:
+            return
+        try:
+            write_report(self.run_dir)
+        except Exception as error:
+            warnings.warn(
+                f"{self.run_dir / REPORT_FILE} could not be written "
+                f"({type(error).__name__}: {error}); scripts/report.py draws it later",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
+        heatmap = self.run_dir / HEATMAP_FILE
+        if heatmap.is_file():
+            self.logger.log_image("lars/trust_ratio_heatmap", heatmap, step=self.step)
 
     def _write_summary(self, result: TrainResult) -> None:
         """``summary.json`` as it stands (written by the main process)."""

@@ -194,6 +194,17 @@ class WandbLogger:
             return
         self.log(metrics, step)
 
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        """Log the image file at ``path`` as ``wandb.Image`` metric ``key`` at ``step``."""
+        if self._run is None:
+            return
+        try:
+            import wandb
+
+            self._run.log({"global_step": int(step), key: wandb.Image(str(path))})
+        except Exception as exc:
+            self._warn_log_failure(exc)
+
     def log_artifact(self, path: Path, name: str, kind: str) -> None:
         """Log the file at ``path`` as a W&B artifact ``name`` of type ``kind`` (offline runs
         keep it for ``wandb sync``). Failures are warned about, never raised."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ssl_toolkit.checkpoint import step_checkpoints
-from ssl_toolkit.metrics_file import METRICS_FILE, MetricsFile, read_metrics
+from ssl_toolkit.metrics_file import METRICS_FILE, RESUMED_KEY, MetricsFile, read_metrics
 from ssl_toolkit.trainer import Trainer
 from tests.ssl_toolkit.test_trainer import RecordingLogger, tiny_config
 
@@ -17,12 +17,12 @@ TIMED = ("train/img_per_s",)
 
 
 def _deterministic(rows: list[dict]) -> list[dict]:
-    """The rows without wall-clock values, and without the trust ratios, which every session
-    logs at its first step too."""
+    """The rows without wall-clock values, without the trust ratios, which every session
+    logs at its first step too, and without the row that marks a resume."""
     return [
         {k: v for k, v in row.items() if k not in TIMED}
         for row in rows
-        if not any(k.startswith("lars/trust_ratio/") for k in row)
+        if not any(k.startswith("lars/trust_ratio/") for k in row) and RESUMED_KEY not in row
     ]
 
 
@@ -67,6 +67,7 @@ def test_a_resumed_run_replaces_the_rows_after_its_checkpoint(tmp_path: Path) ->
         if any(k.startswith("lars/trust_ratio/") for k in r)
     ]
     assert ratio_steps == [1, 4, 5, 8, 12, 16]  # every 4 steps, and each session's first
+    assert [r["global_step"] for r in read_metrics(path) if RESUMED_KEY in r] == [4]
 
 
 def test_rows_are_flushed_and_a_cut_last_line_is_left_out(tmp_path: Path) -> None:

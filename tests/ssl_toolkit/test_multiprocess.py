@@ -280,6 +280,9 @@ class _Rows:
     def log_trust_ratios(self, ratios: dict[str, torch.Tensor], step: int) -> None:
         """Not recorded."""
 
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        """Not recorded."""
+
     def log_artifact(self, path: Path, name: str, kind: str) -> None:
         """Not recorded."""
 

@@ -64,6 +64,7 @@ class RecordingLogger:
         self.rows: list[tuple[int, dict[str, Any]]] = []
         self.trust_ratios: list[tuple[int, dict[str, float]]] = []
         self.artifacts: list[tuple[Path, str, str]] = []
+        self.images: list[tuple[int, str, Path]] = []
         self.finished = False
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
@@ -71,6 +72,9 @@ class RecordingLogger:
 
     def log_trust_ratios(self, ratios: dict[str, torch.Tensor], step: int) -> None:
         self.trust_ratios.append((step, {k: v.item() for k, v in ratios.items()}))
+
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        self.images.append((step, key, Path(path)))
 
     def log_artifact(self, path: Path, name: str, kind: str) -> None:
         self.artifacts.append((Path(path), name, kind))

@@ -214,3 +214,15 @@ def test_read_offline_history_errors(tmp_path):
     bogus.write_bytes(b"not a wandb file")
     with pytest.raises(ValueError, match="not a W&B transaction log"):
         read_offline_history(tmp_path)
+
+
+def test_an_image_is_logged_as_a_wandb_image_at_its_step(fake_init, tmp_path):
+    from PIL import Image
+
+    picture = tmp_path / "map.png"
+    Image.new("RGB", (4, 3), "red").save(picture)
+    logger = WandbLogger(mode="offline", run_dir=tmp_path / "run", config={})
+    logger.log_image("lars/trust_ratio_heatmap", picture, step=7)
+    (row,) = fake_init[-1]["run"].rows
+    assert row["global_step"] == 7
+    assert isinstance(row["lars/trust_ratio_heatmap"], wandb.Image)
