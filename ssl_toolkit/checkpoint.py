@@ -16,7 +16,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
@@ -31,6 +31,7 @@ __all__ = [
     "Checkpointer",
     "Stateful",
     "atomic_write",
+    "atomic_write_first",
     "capture_rng_state",
     "checkpoint_path",
     "load_checkpoint",
@@ -133,6 +134,16 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
             os.unlink(tmp_name)
         raise
     _fsync_directory(path.parent)
+
+
+def atomic_write_first(paths: Sequence[Path], data: bytes) -> Path | None:
+    """Write ``data`` atomically at the first of ``paths`` that can be written (an index
+    beside read-only data goes to the run directory instead); where, or ``None``."""
+    for path in paths:
+        with contextlib.suppress(OSError):
+            atomic_write(path, lambda file: file.write(data))
+            return Path(path)
+    return None
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

@@ -9,7 +9,7 @@ answer as one process.
 Sharded, every rank keeps only its slice of the bank (the ranks' slices, in rank order, make
 the whole bank) and the bank is never gathered. Queries are shared a chunk at a time: each rank
 finds the top ``k`` of its own slice for every query of the chunk, and those candidates
-(similarity, bank index, label) are merged across ranks. Per rank, the memory is the bank
+(similarity and label) are merged across ranks. Per rank, the memory is the bank
 slice plus one chunk of queries, their similarities to the slice, and ``k`` candidates each.
 """
 
@@ -57,12 +57,12 @@ def _top_k(values: Tensor, k: int, rows: Tensor | None = None) -> tuple[Tensor, 
         straddling &= rows
     straddling = straddling.nonzero().squeeze(1)
     if len(straddling):
-        rows, kth = values[straddling], kth[straddling]
-        above, tied = rows > kth, rows == kth
+        chosen, kth = values[straddling], kth[straddling]
+        above, tied = chosen > kth, chosen == kth
         wanted = k - above.sum(dim=1, keepdim=True, dtype=torch.int32)
         keep = above | (tied & (tied.cumsum(dim=1, dtype=torch.int32) <= wanted))
         columns[straddling] = keep.nonzero()[:, 1].view(-1, k)
-        top[straddling] = rows.gather(1, columns[straddling])
+        top[straddling] = chosen.gather(1, columns[straddling])
     columns, order = columns.sort(dim=1)
     order = top.gather(1, order).argsort(dim=1, descending=True, stable=True)
     columns = columns.gather(1, order)

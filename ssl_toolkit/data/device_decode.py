@@ -66,8 +66,10 @@ class DeviceViews:
         images: list[Tensor | None] = [None] * len(data)
         jpegs = [i for i, s in enumerate(suffix) if s.lower() in _JPEG]
         encoded = [torch.frombuffer(bytearray(data[i]), dtype=torch.uint8) for i in jpegs]
-        try:
-            decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
+        try:  # decode_jpeg refuses an empty list: a batch of PNGs only decodes below
+            decoded = (
+                decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device) if jpegs else []
+            )
         except RuntimeError:  # which one: decode them one by one to name it
             decoded = []
             for i, tensor in zip(jpegs, encoded, strict=True):

@@ -14,7 +14,6 @@ change in the same tick.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ssl_toolkit.checkpoint import atomic_write
+from ssl_toolkit.checkpoint import atomic_write_first
 
 __all__ = ["IMAGE_SUFFIXES", "INDEX_SUFFIX", "ImageFiles", "find_images"]
 
@@ -207,11 +206,7 @@ def _write_index(
         "paths": [path[start:] for path in files.paths],
         "unsupported": unsupported,
     }
-    text = json.dumps(index, separators=(",", ":"))
-    for place in places:
-        with contextlib.suppress(OSError):
-            atomic_write(place, lambda file: file.write(text.encode()))
-            return
+    atomic_write_first(places, json.dumps(index, separators=(",", ":")).encode())
 
 
 def find_images(folder: str | Path, *, index_dir: str | Path | None = None) -> ImageFiles:

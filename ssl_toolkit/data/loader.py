@@ -212,40 +212,33 @@ class ShardBatchSampler(EpochBatchSampler):
             seed = (seed * 1_000_003 + key) % 2**63
         return torch.Generator().manual_seed(seed)
 
+    def _stream(self, shards: list[int], epoch: int) -> np.ndarray:
+        """The dataset indices one reader takes this epoch: its shards one after the other,
+        each in an order drawn from (seed, epoch, shard)."""
+        parts = [
+            self.groups[shard][
+                torch.randperm(len(self.groups[shard]), generator=self._draw(epoch, shard)).numpy()
+            ]
+            for shard in shards
+        ]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
     def _epoch_indices(self) -> Tensor:
         if self._indices is None:
             self._epoch_start_state = self.generator.get_state()
             epoch = self.epoch
             order = torch.randperm(len(self.groups), generator=self._draw(epoch)).tolist()
             mine = order[self.rank :: self.world_size]
-            streams = []
-            for reader in range(self.readers):
-                shards = mine[reader :: self.readers]
-                streams.append(
-                    [
-                        int(i)
-                        for shard in shards
-                        for i in self.groups[shard][
-                            torch.randperm(
-                                len(self.groups[shard]), generator=self._draw(epoch, shard)
-                            ).numpy()
-                        ]
-                    ]
-                )
+            streams = [self._stream(mine[r :: self.readers], epoch) for r in range(self.readers)]
             # Whole batches of each reader's stream in turn, then the streams' remainders.
             size = self.batch_size
-            batches = [
-                [stream[i : i + size] for i in range(0, len(stream) - size + 1, size)]
-                for stream in streams
+            whole = [
+                stream[: len(stream) - len(stream) % size].reshape(-1, size) for stream in streams
             ]
-            taken = []
-            for turn in range(max(map(len, batches))):
-                for reader_batches in batches:
-                    if turn < len(reader_batches):
-                        taken += reader_batches[turn]
-            for stream in streams:
-                taken += stream[len(stream) - len(stream) % size :]
-            self._indices = torch.tensor(taken[: self._per_rank], dtype=torch.long)
+            turns = [w[t] for t in range(max(map(len, whole))) for w in whole if t < len(w)]
+            tails = [stream[len(stream) - len(stream) % size :] for stream in streams]
+            taken = np.concatenate([*turns, *tails])[: self._per_rank]
+            self._indices = torch.from_numpy(taken.astype(np.int64))
         return self._indices
 
 

@@ -32,7 +32,7 @@ import torch
 from braceexpand import braceexpand
 from wids.wids import IndexedTarSamples
 
-from ssl_toolkit.checkpoint import atomic_write
+from ssl_toolkit.checkpoint import atomic_write_first
 from ssl_toolkit.data.folders import BadImageError, DatasetNotFoundError
 from ssl_toolkit.data.listing import IMAGE_SUFFIXES
 
@@ -175,12 +175,7 @@ def index_shards(
 
 def keep_shard_index(places: Sequence[Path], index: dict[str, Any]) -> Path | None:
     """Write ``index`` atomically at the first of ``places`` that can be written; where."""
-    text = json.dumps(index, separators=(",", ":"))
-    for place in places:
-        with contextlib.suppress(OSError):
-            atomic_write(place, lambda file: file.write(text.encode()))
-            return place
-    return None
+    return atomic_write_first(places, json.dumps(index, separators=(",", ":")).encode())
 
 
 def _index(shards: list[str], index_dir: str | Path | None, skip_bad: bool) -> dict[str, Any]:

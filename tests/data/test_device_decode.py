@@ -76,6 +76,15 @@ def test_decoding_in_the_main_process_cuts_the_crops_the_workers_cut(tmp_path: P
             assert torch.equal(a, b)
 
 
+def test_a_batch_without_a_jpeg_decodes_too(tmp_path: Path) -> None:
+    for i in range(4):
+        Image.fromarray(_pixels(20 + i, 30, seed=i)).save(tmp_path / f"{i}.png")
+    in_workers, _ = _batches(tmp_path, "cpu")
+    encoded, views = _batches(tmp_path, "cuda")
+    for expected, got in zip(in_workers[0], DeviceViews(views, "cpu")(encoded[0]), strict=True):
+        assert torch.equal(expected, got)
+
+
 def test_a_broken_jpeg_is_named(tmp_path: Path) -> None:
     root = _folder(tmp_path / "data")
     (root / "3.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")

@@ -22,6 +22,7 @@ from ssl_toolkit.config import (
 )
 from ssl_toolkit.config_reference import TABLES, update_readme
 from ssl_toolkit.data import DATASET_NAMES
+from ssl_toolkit.data.device_decode import DECODE_DEVICES
 from ssl_toolkit.distributed import DEVICES
 from ssl_toolkit.knn import BANK_DTYPES
 from ssl_toolkit.methods import METHODS, HeadConfig
@@ -71,6 +72,7 @@ def test_allowed_values_come_from_the_module_that_owns_them() -> None:
     assert get_args(TrainerConfig.model_fields["device"].annotation) == DEVICES
     assert get_args(WandbConfig.model_fields["mode"].annotation) == WANDB_MODES
     assert set(get_args(EvalConfig.model_fields["bank_dtype"].annotation)) == set(BANK_DTYPES)
+    assert get_args(DataConfig.model_fields["decode"].annotation) == DECODE_DEVICES
     assert get_args(
         ExperimentConfig.model_fields["schedule"].annotation.model_fields["lr_scaling"].annotation
     ) == get_args(LRScaling)
