@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint pretrain bench docs clean
+.PHONY: setup test lint pretrain bench docs gpu-check gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,15 @@ bench: setup
 
 docs: setup
 	$(PY) -m ssl_toolkit.config_reference README.md
+
+# A CUDA machine's own python3 (torch installed), no virtual environment: the repository on
+# PYTHONPATH, the packages it lacks installed from .whl/ (scripts/gpu_check.py).
+gpu-check:
+	@PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} python3 scripts/gpu_check.py
+
+# Where the package registries can be reached: .whl/ for gpu-check (scripts/gpu_wheels.py).
+gpu-wheels: setup
+	$(PY) scripts/gpu_wheels.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -46,6 +46,8 @@ _CURVES = (
     ("train/img_per_s", "images/s"),
     ("knn/top1", "kNN top-1"),
 )
+_FRACTIONS = {"knn/top1"}
+"""Curves of fractions, drawn as percentages."""
 
 
 class TrustRatios:
@@ -89,6 +91,8 @@ def _image(data: bytes, alt: str) -> str:
 
 def _curves(rows: list[dict[str, Any]], plt: Any) -> bytes | None:
     """The curves against the step, resumes and preemptions marked; ``None`` without rows."""
+    from matplotlib.ticker import PercentFormatter
+
     shown = [(k, label) for k, label in _CURVES if any(k in r for r in rows)]
     if not shown:
         return None
@@ -102,6 +106,8 @@ def _curves(rows: list[dict[str, Any]], plt: Any) -> bytes | None:
             [p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None
         )
         ax.set_ylabel(label)
+        if key in _FRACTIONS:
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
         ax.grid(alpha=0.3)
         for step in resumes:
             ax.axvline(step, color="tab:green", linestyle="--", linewidth=1)
@@ -135,7 +141,7 @@ def heatmap(ratios: TrustRatios, plt: Any) -> bytes:
         norm=LogNorm(vmin=low, vmax=max(high, low * 1.0001)),
     )
     ax.set_yticks(range(len(ratios.names)), ratios.names, fontsize=6)
-    ticks = np.unique(np.linspace(0, len(ratios.steps) - 1, min(10, len(ratios.steps))).astype(int))
+    ticks = range(0, len(ratios.steps), -(-len(ratios.steps) // 10))  # every k-th, at most 10
     ax.set_xticks(ticks, [str(ratios.steps[i]) for i in ticks], fontsize=7)
     ax.set_xlabel("step")
     ax.set_title("LARS trust ratio per adapted parameter (log scale)", fontsize=9)

@@ -68,9 +68,9 @@ OPTIONS = {
 PATHS = {"single": dict(foreach=False), "foreach": dict(foreach=True)}
 
 
-def _run_parity(options: dict, path: dict, steps: int = STEPS) -> None:
+def _run_parity(options: dict, path: dict, steps: int = STEPS, device: str = "cpu") -> None:
     torch.manual_seed(0)
-    model = SmallResNet().double()
+    model = SmallResNet().double().to(device)
     hyper = dict(lr=0.5, momentum=0.9, weight_decay=1e-3, eta=0.02, epsilon=1e-8)
     hyper.update({k: v for k, v in options.items() if k in hyper})
     rules = {k: v for k, v in options.items() if k not in hyper}
@@ -95,7 +95,7 @@ def _run_parity(options: dict, path: dict, steps: int = STEPS) -> None:
     for step in range(steps):
         x, y = make_batch(step, torch.float64)
         model.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
+        nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         applied = reference_step(
             ref_params,
@@ -133,6 +133,14 @@ def test_parity_with_float64_equations(options: dict, path: dict) -> None:
 )
 def test_fused_path_parity(options: str) -> None:
     _run_parity(OPTIONS[options], {"fused": True}, steps=5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("path", [*PATHS.values(), {"fused": True}], ids=[*PATHS, "fused"])
+@pytest.mark.parametrize("options", ["norm-bias-excluded-both", "trust-clip"])
+def test_cuda_parity_with_float64_equations(options: str, path: dict) -> None:
+    _run_parity(OPTIONS[options], path, steps=5, device="cuda")
 
 
 def seed_lars_step(params: list[nn.Parameter], state: dict, lr: float, exclude: set[str]) -> None:

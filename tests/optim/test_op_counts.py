@@ -95,6 +95,26 @@ def test_the_default_path_follows_the_device(resnets: dict[str, nn.Module]) -> N
     assert by_op["aten.sub_.Tensor"] == len(list(resnets["resnet18"].parameters()))
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("foreach", [False, True])
+def test_a_cuda_step_makes_no_host_sync(foreach: bool) -> None:
+    model = _with_grads(torchvision.models.resnet18()).cuda()  # gradients move with it
+    rules = ["@norm", "@bias"]
+    opt = build_optimizer(
+        {"name": "lars", "lr": 0.1, "foreach": foreach, "exclude_from_layer_adaptation": rules},
+        model,
+    )
+    opt.step()  # the first step creates the momentum buffers
+    torch.cuda.set_sync_debug_mode("error")  # a host sync raises
+    try:
+        opt.step()
+        ratios = opt.trust_ratios(adapted_only=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(r.device.type == "cuda" for r in ratios.values())
+
+
 def test_original_style_step_syncs_per_parameter() -> None:
     """The counter sees what it must: a Python ``if`` on a norm is one sync per parameter."""
     params = [torch.randn(3) for _ in range(4)]
