@@ -208,7 +208,8 @@ class LARS(Optimizer):
                 last_ratios.append(
                     _BucketRatios(bucket.names, bucket.adapted, ratios, bucket.params[0].device)
                 )
-        self._last_ratios = last_ratios
+        # In place: torch.compile(step, fullgraph=True) of torch 2.11 cannot rebind an attribute.
+        self._last_ratios[:] = last_ratios
         return loss
 
     def _gather_buckets(self, group_index: int, group: dict[str, Any]) -> list[_Bucket]:
