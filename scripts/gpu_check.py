@@ -106,7 +106,9 @@ def install_missing_packages() -> str | None:
 def _export_path() -> None:
     """The repository (and ``.whl/site`` when there) on the ``PYTHONPATH`` of child processes."""
     paths = [str(ROOT)] + ([str(SITE)] if SITE.is_dir() else [])
-    os.environ["PYTHONPATH"] = os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")])
+    if os.environ.get("PYTHONPATH"):
+        paths.append(os.environ["PYTHONPATH"])
+    os.environ["PYTHONPATH"] = os.pathsep.join(paths)  # no empty entry: it would add the cwd
 
 
 def cuda_tests(limit_s: float) -> dict[str, Any]:
@@ -286,15 +288,15 @@ def pretrain(limit_s: float) -> dict[str, Any]:
     }
 
 
-def run_stage(report: dict[str, Any], name: str, fn: Callable[[], dict[str, Any]]) -> None:
-    """``report[name] = fn()`` with its seconds; an exception becomes the stage's one-line
+def run_stage(stages: dict[str, Any], name: str, fn: Callable[[], dict[str, Any]]) -> None:
+    """``stages[name] = fn()`` with its seconds; an exception becomes the stage's one-line
     error, so that one broken stage leaves the others' numbers."""
     start = time.perf_counter()
     try:
-        report[name] = fn()
+        stages[name] = fn()
     except Exception as error:  # the report names it; the other stages still run
-        report[name] = {"error": f"{type(error).__name__}: {error}".splitlines()[0]}
-    report[name]["stage_seconds"] = round(time.perf_counter() - start, 1)
+        stages[name] = {"error": f"{type(error).__name__}: {error}".splitlines()[0]}
+    stages[name]["stage_seconds"] = round(time.perf_counter() - start, 1)
 
 
 def failed_stages(report: dict[str, Any]) -> list[str]:
