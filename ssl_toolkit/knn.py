@@ -89,7 +89,7 @@ def _candidates(
 
 def _vote(similarity: Tensor, labels: Tensor, temperature: float, num_classes: int) -> Tensor:
     """The predicted class of each row of neighbours."""
-    votes = torch.zeros(len(similarity), num_classes, device=similarity.device)
+    votes = similarity.new_zeros(len(similarity), num_classes)
     votes.scatter_add_(1, labels, (similarity / temperature).exp())
     return votes.argmax(dim=1)
 
@@ -146,8 +146,8 @@ def knn_correct(
         chunk = mine.new_zeros(share, queries.shape[1])
         chunk[: len(mine)] = mine
         real = torch.cat(
-            [torch.arange(share) < min(max(n - start, 0), share) for _, n in sizes]
-        ).to(device)
+            [torch.arange(share, device=device) < min(max(n - start, 0), share) for _, n in sizes]
+        )
         if ranks > 1:
             chunk = all_gather_rows(chunk)
         values, labels = _candidates(chunk, bank, bank_labels, k, real)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ssl_toolkit.knn import _top_k, knn_correct
+from ssl_toolkit.knn import _top_k, knn_correct, knn_top1
 
 
 def knn_reference(bank, bank_labels, queries, query_labels, *, k, temperature, num_classes):
@@ -92,3 +92,20 @@ def test_nan_features_vote_last_instead_of_failing() -> None:
     common = {"k": 3, "temperature": 0.1, "num_classes": 4}
     got = knn_correct(bank, bank_labels, queries, query_labels, **common)
     assert got.item() == knn_reference(bank[1:], bank_labels[1:], queries, query_labels, **common)
+
+
+def test_knn_under_a_float64_default_dtype() -> None:
+    """Every tensor the classifier makes has its dtype and device set: a float64 default
+    (a caller's ``torch.set_default_dtype``) changes nothing."""
+    bank, bank_labels = tied_bank(60, seed=7)
+    queries, query_labels = tied_bank(25, seed=8)
+    common = {"k": 5, "temperature": 0.1, "num_classes": 4}
+    expected = knn_reference(bank, bank_labels, queries, query_labels, **common)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = knn_top1(bank, bank_labels, queries, query_labels, **common)
+        got_double = knn_top1(bank.double(), bank_labels, queries.double(), query_labels, **common)
+    finally:
+        torch.set_default_dtype(default)
+    assert got == got_double == expected / len(queries)
