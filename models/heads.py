@@ -50,9 +50,11 @@ class ProjectionHead(nn.Module):
     Covers the SimCLR projector (``ProjectionHead(2048, 2048, 128)``), the BYOL projector
     (``ProjectionHead(2048, 4096, 256)``), SimCLR's code with a scale-only BatchNorm on the
     output (``last_batch_norm="scale"``) and MoCo v3's with a plain one (``"plain"``). Linear
-    layers followed by a BatchNorm have no bias, since the BatchNorm shift makes it redundant;
-    ``last_bias=False`` drops the output bias too (Barlow Twins, whose loss standardises the
-    output). ``num_layers=1`` is a single Linear map and ignores ``hidden_dim``.
+    layers followed by a BatchNorm have no bias, since the BatchNorm shift makes it redundant,
+    unless ``hidden_bias`` (BYOL's ``networks.py``, whose hidden ``hk.Linear`` has one: it
+    starts at 0, as haiku's, and the batch norm cancels it); ``last_bias=False`` drops the
+    output bias too (the BYOL, MoCo v3, Barlow Twins and VICReg code). ``num_layers=1`` is a
+    single Linear map and ignores ``hidden_dim``.
     """
 
     def __init__(
@@ -64,6 +66,7 @@ class ProjectionHead(nn.Module):
         batch_norm: bool = True,
         last_batch_norm: LastBatchNorm = "none",
         last_bias: bool = True,
+        hidden_bias: bool = False,
     ) -> None:
         super().__init__()
         if num_layers < 1:
@@ -71,7 +74,10 @@ class ProjectionHead(nn.Module):
         layers: list[nn.Module] = []
         dim = in_dim
         for _ in range(num_layers - 1):
-            layers.append(nn.Linear(dim, hidden_dim, bias=not batch_norm))
+            linear = nn.Linear(dim, hidden_dim, bias=hidden_bias or not batch_norm)
+            if hidden_bias and batch_norm:
+                nn.init.zeros_(linear.bias)
+            layers.append(linear)
             if batch_norm:
                 layers.append(nn.BatchNorm1d(hidden_dim))
             layers.append(nn.ReLU(inplace=True))
@@ -90,7 +96,8 @@ class ProjectionHead(nn.Module):
 
 
 class PredictionHead(ProjectionHead):
-    """BYOL predictor: Linear(256, 4096) -> BatchNorm -> ReLU -> Linear(4096, 256).
+    """BYOL predictor: Linear(256, 4096) -> BatchNorm -> ReLU -> Linear(4096, 256), biased
+    and bias-free as BYOL's ``networks.py`` ``MLP``.
 
     Applied to the online projection only; the asymmetry with the target branch is what keeps
     BYOL from collapsing to a constant.
@@ -105,7 +112,13 @@ class PredictionHead(ProjectionHead):
         last_batch_norm: LastBatchNorm = "none",
     ) -> None:
         super().__init__(
-            in_dim, hidden_dim, out_dim, num_layers=num_layers, last_batch_norm=last_batch_norm
+            in_dim,
+            hidden_dim,
+            out_dim,
+            num_layers=num_layers,
+            last_batch_norm=last_batch_norm,
+            last_bias=False,
+            hidden_bias=True,
         )
 
 

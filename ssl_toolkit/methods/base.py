@@ -84,7 +84,9 @@ class HeadConfig(ConfigModel):
         "plain (neither: MoCo v3's)",
     )
 
-    def build(self, in_dim: int, *, last_bias: bool = True) -> ProjectionHead:
+    def build(
+        self, in_dim: int, *, last_bias: bool = True, hidden_bias: bool = False
+    ) -> ProjectionHead:
         """The head on ``in_dim`` features."""
         return ProjectionHead(
             in_dim,
@@ -93,6 +95,7 @@ class HeadConfig(ConfigModel):
             num_layers=self.num_layers,
             last_batch_norm=self.last_batch_norm,
             last_bias=last_bias,
+            hidden_bias=hidden_bias,
         )
 
 

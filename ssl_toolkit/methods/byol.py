@@ -120,9 +120,12 @@ class BYOL(BYOLAugmentation, Method):
 
     @classmethod
     def build(cls, config: BYOLConfig, backbone: nn.Module) -> BYOL:
-        """BYOL with ``config``'s heads and τ schedule on ``backbone``."""
-        projector = config.projector.build(backbone.num_features)
-        predictor = config.predictor.build(config.projector.out_dim)
+        """BYOL with ``config``'s heads and τ schedule on ``backbone``: each head is the
+        authors' ``MLP`` (``networks.py``), its hidden Linear biased, its output Linear not."""
+        projector = config.projector.build(backbone.num_features, last_bias=False, hidden_bias=True)
+        predictor = config.predictor.build(
+            config.projector.out_dim, last_bias=False, hidden_bias=True
+        )
         return cls(
             backbone, projector, predictor, tau_base=config.tau_base, tau_final=config.tau_final
         )

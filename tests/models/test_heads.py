@@ -87,6 +87,8 @@ def test_prediction_head_defaults_are_byol():
     assert [(m.in_features, m.out_features) for m in linears] == [(256, 4096), (4096, 256)]
     assert _count(head, nn.BatchNorm1d) == 1
     assert head(torch.randn(4, 256)).shape == (4, 256)
+    # networks.py's MLP: with_bias=True on the hidden layer (haiku starts it at 0), False last.
+    assert torch.equal(linears[0].bias, torch.zeros(4096)) and linears[1].bias is None
 
 
 def test_heads_accept_features_of_a_channels_last_model():

@@ -287,3 +287,53 @@ def test_byol_digits_recipe_centres_targets_that_otherwise_share_a_direction(see
     assert recipe.mean(dim=0).abs().max() < 1e-5  # centred over the batch, every dimension
     assert abs(mean_cosine_between_images(recipe)) < 0.02
     assert mean_cosine_between_images(targets("none")) > 0.2
+
+
+def byol_mlp(x: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    """deepmind-research ``byol/utils/networks.py`` ``MLP`` in float64, on ``head``'s weights:
+    ``hk.Linear(hidden, with_bias=True)``, ``hk.BatchNorm`` (scale and offset, eps 1e-5, the
+    batch's statistics in training), relu, ``hk.Linear(out, with_bias=False)``."""
+    hidden, norm, last = head.layers[0], head.layers[1], head.layers[3]
+    out = x @ hidden.weight.T + hidden.bias
+    mean = out.mean(dim=0)
+    var = (out * out).mean(dim=0) - mean * mean
+    out = (out - mean) * (norm.weight * torch.rsqrt(var + 1e-5)) + norm.bias
+    return torch.relu(out) @ last.weight.T
+
+
+@pytest.mark.parametrize("recipe", ["imagenet/byol", "cifar10/byol", "byol_lars"])
+def test_byol_heads_are_the_authors_mlp(recipe: str) -> None:
+    """Projector and predictor: a hidden Linear with a bias, BatchNorm, ReLU, and an output
+    Linear without one, in parameters and in value (the digits demo's projector adds its
+    documented parameter-free batch norm on the output)."""
+    config = load_config(recipe).method
+    backbone = nn.Identity()
+    backbone.num_features = 32
+    torch.manual_seed(0)
+    method = BYOL.build(config, backbone).double().train()
+    x = torch.randn(16, 32, dtype=torch.float64)
+    for name, head, in_dim in (
+        ("projector", method.projector, 32),
+        ("predictor", method.predictor, config.projector.out_dim),
+    ):
+        head_config = getattr(config, name)
+        hidden, out = head_config.hidden_dim, head_config.out_dim
+        shapes = {n: tuple(p.shape) for n, p in head.named_parameters()}
+        assert shapes == {
+            "layers.0.weight": (hidden, in_dim),
+            "layers.0.bias": (hidden,),
+            "layers.1.weight": (hidden,),
+            "layers.1.bias": (hidden,),
+            "layers.3.weight": (out, hidden),
+        }, name
+        assert head.layers[1].eps == 1e-5 and head.layers[1].momentum == 0.1  # decay_rate 0.9
+        with torch.no_grad():
+            for p in head.parameters():
+                p.normal_()  # the bias and the batch norm's affine parameters too
+            inputs = x if name == "projector" else torch.randn(16, in_dim, dtype=torch.float64)
+            expected = byol_mlp(inputs, head)
+            if head_config.last_batch_norm == "plain":
+                expected = F.batch_norm(expected, None, None, training=True, eps=1e-5)
+            else:
+                assert head_config.last_batch_norm == "none" and len(head.layers) == 4, name
+            torch.testing.assert_close(head(inputs), expected, rtol=1e-12, atol=1e-12)
