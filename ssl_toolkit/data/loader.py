@@ -435,6 +435,12 @@ class WorkerBatchLoader:
                 len(dataset), batch_size, shuffle=shuffle, **common
             )
         self._batches = _EpochTagged(self.batch_sampler, getattr(dataset, "takes_epoch", False))
+        # A DataLoader draws its workers' base seed when it starts them (each epoch, without
+        # workers) from the generator it is given, else from torch's global one: that draw
+        # would come after a resume restores the global state, and every draw of the model
+        # (dropout, drop path) would be one off from then on.
+        seed = (self.batch_sampler.generator.initial_seed() + rank) % 2**63
+        seeds = torch.Generator().manual_seed(seed)
         self._loader = DataLoader(
             _Decoding(dataset, skip_bad),
             batch_sampler=self._batches,
@@ -442,6 +448,7 @@ class WorkerBatchLoader:
             collate_fn=_collate,
             persistent_workers=num_workers > 0,
             worker_init_fn=outlive_stop_signals,
+            generator=seeds,
         )
         self._epoch_state = self.batch_sampler.state_dict()
         self._consumed = 0

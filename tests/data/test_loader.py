@@ -1,4 +1,5 @@
-"""TensorBatchLoader / EpochBatchSampler: coverage per epoch, sharding, exact resume."""
+"""TensorBatchLoader / EpochBatchSampler / WorkerBatchLoader: coverage per epoch, sharding, exact
+resume, no draw of the global generator."""
 
 import io
 import itertools
@@ -6,7 +7,12 @@ import itertools
 import pytest
 import torch
 
-from ssl_toolkit.data import EpochBatchSampler, InMemoryImageDataset, TensorBatchLoader
+from ssl_toolkit.data import (
+    EpochBatchSampler,
+    InMemoryImageDataset,
+    TensorBatchLoader,
+    WorkerBatchLoader,
+)
 
 
 def _indexed_dataset(n: int) -> InMemoryImageDataset:
@@ -162,3 +168,28 @@ def test_sampler_validates_arguments():
     with pytest.raises(ValueError, match="rank"):
         EpochBatchSampler(10, 2, rank=2, world_size=2)
     assert len(EpochBatchSampler(10, 20, drop_last=False)) == 1
+
+
+class _Numbers(torch.utils.data.Dataset):
+    """Item i is the tensor [i]: a dataset for worker loaders that needs no files."""
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.tensor([index])
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_worker_loader_takes_no_draw_of_the_global_generator(num_workers):
+    """Starting the DataLoader's iterator (once with workers, every epoch without) draws its
+    workers' base seed: from a generator of its own, so that a model drawing from the global
+    one (dropout, drop path) sees the same draws whether the run was resumed or not."""
+    loader = WorkerBatchLoader(
+        _Numbers(), 4, generator=torch.Generator().manual_seed(0), num_workers=num_workers
+    )
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    batches = [batch.flatten().tolist() for _ in range(2) for batch in loader]
+    assert sorted(_flat(batches[:3])) == sorted(_flat(batches[3:])) == list(range(12))
+    assert torch.equal(torch.get_rng_state(), before)

@@ -1,8 +1,10 @@
 """A run killed with SIGKILL mid-epoch and resumed with ``--resume auto`` ends bitwise equal
-to one never stopped, with exact gradient accumulation, in one process and under torchrun:
-a multi-crop SwAV run whose queue (each process's own) is in use, and a SimCLR run on tar
-shards read by two workers per process. Two-view methods resume bitwise on 2 processes in
-``test_multiprocess.py``.
+to one never stopped, in every tensor of its checkpoint (model, optimizer, data order and every
+random generator), with exact gradient accumulation, in one process and under torchrun: a
+multi-crop SwAV run whose queue (each process's own) is in use, a SimCLR run on tar shards read
+by two workers per process, and a ViT with drop path (which draws from torch's global generator
+in every forward) on shards and on an image folder. Two-view methods resume bitwise on 2
+processes in ``test_multiprocess.py``.
 
 SIGKILL gives the trainer no chance to save: the resume comes from the last checkpoint the
 run wrote on its own (possibly while a write was cut short), which is what a lost machine or
@@ -191,20 +193,21 @@ def _kill_resume_is_bitwise(
     batch_size: int,
     steps_per_epoch: int,
     recipe: list[str] = SWAV,
-    data: tuple[str, ...] = (),
+    overrides: tuple[str, ...] = (),
 ) -> None:
-    """Run A straight through and run B killed mid-epoch then resumed; the same weights.
-    ``data`` overrides the synthetic data of both."""
+    """Run A straight through and run B killed mid-epoch then resumed; the same checkpoint,
+    tensor for tensor, and the same backbone. ``overrides`` (the data, the backbone) apply
+    to both."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    first = _start(straight, world_size, batch_size, recipe, *data)  # alongside B: 2 cores
+    first = _start(straight, world_size, batch_size, recipe, *overrides)  # alongside B: 2 cores
     try:
-        victim = _start(killed, world_size, batch_size, recipe, *data)
+        victim = _start(killed, world_size, batch_size, recipe, *overrides)
         try:
             _kill_mid_epoch(victim, killed, steps_per_epoch)
         finally:
             if victim.poll() is None:
                 _kill_all(victim)
-        resumed = _start(killed, world_size, batch_size, recipe, *data, "--resume", "auto")
+        resumed = _start(killed, world_size, batch_size, recipe, *overrides, "--resume", "auto")
         err = _finish(resumed, killed)
         _finish(first, straight)
     finally:
@@ -218,8 +221,13 @@ def _kill_resume_is_bitwise(
     assert step > steps_per_epoch and step % steps_per_epoch, f"resumed at step {step}"
     last = [load_checkpoint(run / "checkpoints" / "last.pt") for run in (straight, killed)]
     assert [state["trainer"]["step"] for state in last] == [2 * steps_per_epoch] * 2
-    _assert_bitwise_equal(last[0]["model"], last[1]["model"], "last.pt model")
-    _assert_bitwise_equal(last[0]["optimizer"], last[1]["optimizer"], "last.pt optimizer")
+    _assert_bitwise_equal(last[0], last[1], "last.pt")  # model, optimizer, loader, every RNG
+    assert {"model", "optimizer", "loader", "ranks"} <= {
+        key.split(".")[0] for key in _tensors(last[0])
+    }
+    assert [rank["rng"]["python"] for rank in last[0]["ranks"]] == [
+        rank["rng"]["python"] for rank in last[1]["ranks"]
+    ]
     if recipe is SWAV:
         queues = [state["method_ranks"] for state in last]
         assert len(queues[0]) == world_size
@@ -248,12 +256,19 @@ def test_a_killed_multi_crop_swav_run_resumes_bitwise_with_its_queues(
 
 
 @pytest.fixture(scope="module")
-def digit_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """4 classes of 50 small JPEGs as shards of 16: 160 training images in 10 whole shards."""
-    root = tmp_path_factory.mktemp("shards")
-    _class_folders(root / "folder", {name: 50 for name in "abcd"})
-    assert make_shards([str(root / "folder"), str(root / "shards"), "--shard-size", "16"]) == 0
-    return root / "shards"
+def digit_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 classes of 50 small JPEGs: 160 training images (the fixed 80/20 split)."""
+    root = tmp_path_factory.mktemp("folder")
+    _class_folders(root, {name: 50 for name in "abcd"})
+    return root
+
+
+@pytest.fixture(scope="module")
+def digit_shards(tmp_path_factory: pytest.TempPathFactory, digit_folder: Path) -> Path:
+    """The same images as shards of 16: 160 training images in 10 whole shards."""
+    root = tmp_path_factory.mktemp("shards") / "shards"
+    assert make_shards([str(digit_folder), str(root), "--shard-size", "16"]) == 0
+    return root
 
 
 @pytest.mark.slow
@@ -269,5 +284,44 @@ def test_a_killed_sharded_run_resumes_bitwise(
         batch_size=16 // world_size,
         steps_per_epoch=5,
         recipe=["--config", "simclr_lars"],
-        data=("data.name=shards", f"data.root={digit_shards}", "data.num_workers=2"),
+        overrides=("data.name=shards", f"data.root={digit_shards}", "data.num_workers=2"),
+    )
+
+
+def test_the_test_vit_with_drop_path_draws_from_the_global_generator() -> None:
+    """What the next test relies on: in training, timm's test ViT with drop path draws from
+    torch's global generator in its forward (and without drop path it does not)."""
+    from models.backbones import build_backbone
+
+    images = torch.zeros(2, 3, 32, 32)
+    for rate, draws in ((0.2, True), (0.0, False)):
+        model = build_backbone("timm/test_vit", drop_path_rate=rate).train()
+        before = torch.get_rng_state()
+        model(images)
+        assert torch.equal(torch.get_rng_state(), before) is not draws
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data", ["shards", "imagefolder"])
+def test_a_killed_vit_with_drop_path_resumes_bitwise_with_decoding_workers(
+    tmp_path: Path, data: str, digit_folder: Path, digit_shards: Path
+) -> None:
+    """SimCLR with timm's test ViT and drop path 0.2 on 160 images, shards or a folder, read
+    by 2 workers: micro-batches of 16, 2 a step, 5 steps an epoch. Its forward draws from the
+    global generator, so one draw after the resume (the DataLoader's base seed, say) would
+    make every later drop-path mask, and the weights, differ."""
+    root = digit_shards if data == "shards" else digit_folder
+    _kill_resume_is_bitwise(
+        tmp_path,
+        world_size=1,
+        batch_size=16,
+        steps_per_epoch=5,
+        recipe=["--config", "simclr_lars"],
+        overrides=(
+            "model.backbone=timm/test_vit",
+            "model.drop_path_rate=0.2",
+            f"data.name={data}",
+            f"data.root={root}",
+            "data.num_workers=2",
+        ),
     )
