@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch.nn as nn
 import torchvision.models as tvm
 
+from models import vit_dino, vit_mocov3
+
 TIMM_PREFIX = "timm/"
 
 _TORCHVISION: dict[str, Callable[..., nn.Module]] = {
@@ -23,14 +25,23 @@ _TORCHVISION: dict[str, Callable[..., nn.Module]] = {
     "wide_resnet50_2": tvm.wide_resnet50_2,
 }
 
+# The authors' ViTs, built on timm's VisionTransformer as their code builds them.
+_AUTHORS_VITS: dict[str, Callable[..., nn.Module]] = {
+    "mocov3_vit_small": vit_mocov3.mocov3_vit_small,
+    "mocov3_vit_base": vit_mocov3.mocov3_vit_base,
+    "dino_vit_tiny": vit_dino.dino_vit_tiny,
+    "dino_vit_small": vit_dino.dino_vit_small,
+    "dino_vit_base": vit_dino.dino_vit_base,
+}
+
 
 def list_backbones(include_timm: bool = False) -> list[str]:
     """Names accepted by :func:`build_backbone`.
 
-    The torchvision names are always listed; ``include_timm=True`` adds every timm architecture
-    as ``timm/<name>`` (over a thousand, hence off by default).
+    The torchvision names and the authors' ViTs are always listed; ``include_timm=True`` adds
+    every timm architecture as ``timm/<name>`` (over a thousand, hence off by default).
     """
-    names = sorted(_TORCHVISION)
+    names = sorted([*_TORCHVISION, *_AUTHORS_VITS])
     if include_timm:
         import timm
 
@@ -43,7 +54,7 @@ def check_backbone_name(name: str) -> str:
 
     Cheap: nothing is built (timm names are checked against timm's registry).
     """
-    if name in _TORCHVISION:
+    if name in _TORCHVISION or name in _AUTHORS_VITS:
         return name
     if name.startswith(TIMM_PREFIX):
         import timm
@@ -53,28 +64,47 @@ def check_backbone_name(name: str) -> str:
     raise ValueError(_unknown_name_message(name))
 
 
+def uses_timm(name: str) -> bool:
+    """Whether ``name`` is built by timm (``timm/<name>`` or one of the authors' ViTs), and so
+    takes timm's options such as ``drop_path_rate``."""
+    return name.startswith(TIMM_PREFIX) or name in _AUTHORS_VITS
+
+
 def build_backbone(
-    name: str, *, cifar_stem: bool = False, zero_init_residual: bool = False, **kwargs: object
+    name: str,
+    *,
+    cifar_stem: bool = False,
+    zero_init_residual: bool = False,
+    stop_grad_conv1: bool = False,
+    **kwargs: object,
 ) -> nn.Module:
     """Build a randomly initialised backbone whose forward returns pooled (B, D) features.
 
     ``name`` is a torchvision ResNet (``resnet18``, ``resnet34``, ``resnet50``, ``resnet101``,
-    ``wide_resnet50_2``) or any timm architecture as ``timm/<name>``. ``cifar_stem=True`` swaps
+    ``wide_resnet50_2``), any timm architecture as ``timm/<name>``, or one of the authors' ViTs
+    on timm's: ``mocov3_vit_small`` / ``_base`` (MoCo v3's ``vits.py``: 12 heads, a fixed
+    sin-cos position embedding, their init; :mod:`models.vit_mocov3`) and ``dino_vit_tiny`` /
+    ``_small`` / ``_base`` (DINO's, which resizes its position embedding for crops of another
+    size as DINO does; :mod:`models.vit_dino`). ``cifar_stem=True`` swaps
     the 7x7 stride-2 stem convolution and max-pool for one 3x3 stride-1 convolution, the usual
     choice for 32-px images where the ImageNet stem would discard most of the resolution; it is
     supported for ResNets only. ``zero_init_residual=True`` starts the last BatchNorm of every
     residual block at γ = 0, so that each block starts as the identity (the SimCLR, Barlow Twins,
     VICReg and MoCo v3 code do); torchvision ResNets only, since timm's ResNets do it by default
-    (``zero_init_last``). Extra ``kwargs`` go to the model constructor. The returned module has
-    ``num_features`` set to D. Unknown names raise ``ValueError`` listing close names.
+    (``zero_init_last``). ``stop_grad_conv1=True`` keeps a ViT's patch projection at its random
+    init (``requires_grad`` off, MoCo v3's ``--stop-grad-conv1``). Extra ``kwargs`` go to the
+    model constructor. The returned module has ``num_features`` set to D. Unknown names raise
+    ``ValueError`` listing close names.
     """
     check_backbone_name(name)
-    if name.startswith(TIMM_PREFIX):
-        if zero_init_residual:
-            raise ValueError(
-                "zero_init_residual is for torchvision ResNets; timm's ResNets start their "
-                "blocks' last BatchNorm at zero by default (zero_init_last)"
-            )
+    if zero_init_residual and uses_timm(name):
+        raise ValueError(
+            "zero_init_residual is for torchvision ResNets; timm's ResNets start their "
+            "blocks' last BatchNorm at zero by default (zero_init_last)"
+        )
+    if name in _AUTHORS_VITS:
+        model = _AUTHORS_VITS[name](**kwargs)
+    elif name.startswith(TIMM_PREFIX):
         model = _build_timm(name.removeprefix(TIMM_PREFIX), **kwargs)
     else:
         model = _TORCHVISION[name](weights=None, zero_init_residual=zero_init_residual, **kwargs)
@@ -82,6 +112,8 @@ def build_backbone(
         model.fc = nn.Identity()
     if cifar_stem:
         _use_cifar_stem(model, name)
+    if stop_grad_conv1:
+        _stop_grad_patch_embed(model, name)
     return model
 
 
@@ -109,6 +141,13 @@ def _use_cifar_stem(model: nn.Module, name: str) -> None:
     model.maxpool = nn.Identity()
 
 
+def _stop_grad_patch_embed(model: nn.Module, name: str) -> None:
+    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+    if not isinstance(proj, nn.Module):
+        raise ValueError(f"stop_grad_conv1 is for ViTs (patch_embed.proj); {name!r} has none")
+    proj.requires_grad_(False)
+
+
 def _unknown_name_message(name: str) -> str:
     if name.startswith(TIMM_PREFIX):
         import timm
@@ -116,13 +155,13 @@ def _unknown_name_message(name: str) -> str:
         arch = name.removeprefix(TIMM_PREFIX)
         close = [TIMM_PREFIX + n for n in difflib.get_close_matches(arch, timm.list_models(), 5)]
     else:
-        close = difflib.get_close_matches(name, list(_TORCHVISION), 5)
+        close = difflib.get_close_matches(name, [*_TORCHVISION, *_AUTHORS_VITS], 5)
         import timm
 
         if timm.is_model(name):
             close.insert(0, TIMM_PREFIX + name)
     hint = f" Close names: {', '.join(close)}." if close else ""
     return (
-        f"Unknown backbone {name!r}.{hint} Valid names: {', '.join(sorted(_TORCHVISION))}, "
+        f"Unknown backbone {name!r}.{hint} Valid names: {', '.join(list_backbones())}, "
         f"or any timm model as '{TIMM_PREFIX}<name>'."
     )

@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from models import check_backbone_name
+from models.backbones import uses_timm
 from optim import ConfigError, OptimizerConfig, parse_optimizer_config
 from optim.configs import ConfigModel
 from optim.errors import from_validation_error, short_repr
@@ -81,7 +82,9 @@ class ModelConfig(ConfigSection):
 
     backbone: str = Field(
         "resnet18",
-        description="`resnet18/34/50/101`, `wide_resnet50_2`, or any timm model as `timm/<name>`",
+        description="`resnet18/34/50/101`, `wide_resnet50_2`, any timm model as `timm/<name>`, "
+        "or the authors' ViTs: `mocov3_vit_small/base` (MoCo v3's `vits.py`), "
+        "`dino_vit_tiny/small/base` (DINO's, its position embedding resized as DINO does)",
     )
     cifar_stem: bool = Field(
         False, description="3x3 stride-1 stem without max-pool, for 32 px images (ResNets)"
@@ -102,6 +105,11 @@ class ModelConfig(ConfigSection):
         description="batch-norm statistics over all processes' batches (every BatchNorm of "
         "the method); `auto`: when more than one process trains",
     )
+    stop_grad_conv1: bool = Field(
+        False,
+        description="a ViT's patch projection stays at its random init (MoCo v3's "
+        "--stop-grad-conv1)",
+    )
     drop_path_rate: float | None = Field(
         None,
         ge=0.0,
@@ -117,7 +125,7 @@ class ModelConfig(ConfigSection):
     @model_validator(mode="after")
     def _timm_only(self) -> ModelConfig:
         for key in ("drop_path_rate", "dynamic_img_size"):
-            if getattr(self, key) and not self.backbone.startswith("timm/"):
+            if getattr(self, key) and not uses_timm(self.backbone):
                 raise ValueError(f"{key} is a timm backbone option; {self.backbone} has none")
         return self
 
@@ -132,6 +140,8 @@ class ModelConfig(ConfigSection):
             options["drop_path_rate"] = self.drop_path_rate
         if self.dynamic_img_size:
             options["dynamic_img_size"] = True
+        if self.stop_grad_conv1:
+            options["stop_grad_conv1"] = True
         return options
 
 

@@ -133,3 +133,34 @@ def test_bad_config_is_refused() -> None:
         parse_method_config({"name": "mocov3", "tau_base": 0.999, "tau_final": 0.99})
     with pytest.raises(ConfigError, match="out_dim"):
         parse_method_config({"name": "mocov3", "predictor": {"out_dim": 128}})
+
+
+def test_vit_recipe_trains_neither_the_patch_projection_nor_the_position_embedding() -> None:
+    """imagenet/mocov3_vit_small (here narrow): ``--stop-grad-conv1`` and the fixed sin-cos
+    embedding keep both out of the optimizer; a step moves every other backbone tensor."""
+    from optim import build_optimizer
+    from ssl_toolkit.config import load_config
+
+    cfg = load_config("imagenet/mocov3_vit_small")
+    heads = {"hidden_dim": 16, "out_dim": 8}
+    config = parse_method_config(
+        {**cfg.method.model_dump(), "projector": heads, "predictor": heads}
+    )
+    torch.manual_seed(0)
+    tiny = {"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 48}
+    method = build_method(config, **cfg.model.backbone_options(), **tiny)
+    optimizer = build_optimizer(cfg.optim, method.trainable_module())
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    fixed = {
+        "backbone.pos_embed",
+        "backbone.patch_embed.proj.weight",
+        "backbone.patch_embed.proj.bias",
+    }
+    backbone = dict(method.backbone.named_parameters(prefix="backbone"))
+    assert {name for name, p in backbone.items() if id(p) not in optimized} == fixed
+    before = {name: p.detach().clone() for name, p in backbone.items()}
+    views = [torch.randn(6, 3, 16, 16) for _ in range(2)]
+    method.training_loss(method(views)).backward()
+    optimizer.step()
+    moved = {name for name, p in backbone.items() if not torch.equal(p, before[name])}
+    assert moved == set(backbone) - fixed

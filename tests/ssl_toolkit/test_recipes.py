@@ -168,7 +168,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         "method.temperature": 0.2,
         "method.projector.num_layers": 3,
         "method.predictor.last_batch_norm": "plain",
-        "model.backbone": "timm/vit_small_patch16_224",
+        "model.backbone": "mocov3_vit_small",  # vits.vit_small
+        "model.stop_grad_conv1": True,  # --stop-grad-conv1
         "optim.name": "adamw",
         "optim.lr": 1.5e-4,
         "optim.weight_decay": 0.1,
@@ -219,7 +220,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "method.center_momentum": 0.9,
         "method.tau_base": 0.996,
         "crops": [(2, 224, (0.4, 1.0)), (8, 96, (0.05, 0.4))],
-        "model.backbone": "timm/vit_small_patch16_224",
+        "model.backbone": "dino_vit_small",  # vision_transformer.vit_small
         "model.drop_path_rate": 0.1,
         "optim.name": "adamw",
         "optim.lr": 0.0005,
