@@ -105,6 +105,12 @@ class ModelConfig(ConfigSection):
         description="batch-norm statistics over all processes' batches (every BatchNorm of "
         "the method); `auto`: when more than one process trains",
     )
+    sync_bn_group_size: int | None = Field(
+        None,
+        ge=1,
+        description="synchronise batch norm within groups of this many consecutive ranks "
+        "(SwAV's apex SyncBN: 8); null: all processes",
+    )
     stop_grad_conv1: bool = Field(
         False,
         description="a ViT's patch projection stays at its random init (MoCo v3's "

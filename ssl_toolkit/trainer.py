@@ -88,7 +88,7 @@ from ssl_toolkit.runtime import (
     set_deterministic,
 )
 from ssl_toolkit.skipped_images import SkippedImages
-from ssl_toolkit.sync_batch_norm import convert_sync_batchnorm, wants_sync_bn
+from ssl_toolkit.sync_batch_norm import convert_sync_batchnorm, sync_bn_group, wants_sync_bn
 from ssl_toolkit.wandb_logger import WandbLogger
 
 __all__ = ["TrainResult", "Trainer"]
@@ -179,7 +179,11 @@ class Trainer:
 
         self.method = self.initial_method()
         if wants_sync_bn(cfg.model.sync_bn, self.ctx.world_size):
-            convert_sync_batchnorm(self.method, self.device)
+            try:
+                group = sync_bn_group(cfg.model.sync_bn_group_size)
+            except ValueError as err:
+                raise ConfigError([f"model.sync_bn_group_size: {err} (null: all)"]) from None
+            convert_sync_batchnorm(self.method, self.device, group)
         self.method.to(self.device)
         view_sizes = crop_sizes(cfg.data.views())
         try:

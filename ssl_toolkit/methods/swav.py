@@ -13,11 +13,14 @@ The method as facebookresearch/swav ``main_swav.py`` and ``src/resnet50.py`` com
   does, optionally with a queue of earlier embeddings' scores in front), and every other crop
   predicts them with a softmax of its own scores at temperature 0.1;
 - the queue (``queue_length``, from epoch ``queue_start_epoch``) is each process's own, as the
-  authors keep one per rank; it is used once full and is saved in the checkpoint per process.
+  authors keep one per rank; its length is cut to a multiple of the step's embeddings over all
+  processes as ``main_swav.py`` cuts it (:func:`rounded_queue_length`), it is used once full
+  and is saved in the checkpoint per process.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -40,7 +43,7 @@ from .base import (
 )
 from .registry import register_method
 
-__all__ = ["SwAV", "SwAVConfig", "sinkhorn", "swav_loss"]
+__all__ = ["SwAV", "SwAVConfig", "rounded_queue_length", "sinkhorn", "swav_loss"]
 
 # SwAV's normalisation: ImageNet's, with 0.228 as the red channel's std (multicropdataset.py).
 _SWAV_STD = (0.228, 0.224, 0.225)
@@ -64,8 +67,8 @@ class SwAVConfig(MethodConfig):
     queue_length: int = Field(
         0,
         ge=0,
-        description="embeddings queued over all processes, for small batches (0: no queue; "
-        "the authors': 3840 at batch 256)",
+        description="embeddings queued over all processes, for small batches, cut to a "
+        "multiple of the global batch (0: no queue; the authors': 3840 at batch 256)",
     )
     queue_start_epoch: int = Field(
         15, ge=0, description="the epoch from which the queue fills (--epoch_queue_starts)"
@@ -80,6 +83,13 @@ class SwAVConfig(MethodConfig):
                 f"crops_for_assign must be distinct crop indices, got {self.crops_for_assign}"
             )
         return self
+
+
+def rounded_queue_length(queue_length: int, batch_size: int, world_size: int) -> int:
+    """``queue_length`` cut to a multiple of ``batch_size`` (per process and step) times
+    ``world_size``, as ``main_swav.py`` cuts ``--queue_length`` before training: every
+    process's queue then holds a whole number of its batches."""
+    return queue_length - queue_length % (batch_size * world_size)
 
 
 @torch.no_grad()
@@ -281,8 +291,27 @@ class SwAV(Method):
             return
         new = torch.cat(self._pending, dim=1).to(self.queue.dtype)
         self._pending.clear()
+        if self.queued_rows == 0:
+            self._cut_queue(new.shape[1])
+            if self.queue is None:
+                return
         self.queue = torch.cat((new, self.queue), dim=1)[:, : self.queue.shape[1]]
         self.queued_rows += new.shape[1]
+
+    def _cut_queue(self, batch_size: int) -> None:
+        """Cut the new queue to :func:`rounded_queue_length` for the first step's
+        ``batch_size`` rows per process (no queue when that is 0), with a warning when cut."""
+        processes = world_size()
+        length = rounded_queue_length(self.queue_length, batch_size, processes)
+        if length < self.queue_length:
+            warnings.warn(
+                f"method.queue_length {self.queue_length} is cut to {length}, a multiple of "
+                f"the {batch_size * processes} embeddings of a step over all processes "
+                f"({batch_size} x {processes}), as main_swav.py cuts it",
+                stacklevel=2,
+            )
+        self.queue_length = length
+        self.queue = self.queue[:, : length // processes] if length else None
 
     def rank_state_dict(self) -> dict[str, Any]:
         """This process's queue (on the CPU) and how many rows it has taken."""

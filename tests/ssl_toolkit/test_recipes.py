@@ -193,6 +193,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "method.queue_length": 0,
         "crops": [(2, 224, (0.14, 1.0)), (6, 96, (0.05, 0.14))],
         "model.backbone": "resnet50",
+        "model.sync_bn_group_size": 8,  # --sync_bn apex, --syncbn_process_group_size 8
         "optim.lr": 4.8,
         "optim.weight_decay": 1e-6,
         "optim.eta": 0.001,

@@ -9,6 +9,7 @@ import copy
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 from models import DINOHead, ProjectionHead
 from ssl_toolkit.accumulation import accumulate
 from ssl_toolkit.methods import DINO, SwAV
+from ssl_toolkit.methods.swav import rounded_queue_length
 from tests.ssl_toolkit.test_multiprocess import WORLD, _spawn
 from tests.ssl_toolkit.test_swav_dino_losses import authors_dino_loss, authors_swav_loss
 
@@ -134,6 +136,47 @@ def test_swav_queue_fills_from_its_epoch_and_is_used_once_full() -> None:
         model.before_optimizer_step(6, steps_per_epoch=2)
     with torch.no_grad():
         assert torch.equal(method.loss(method(_views(6))), restored.loss(restored(_views(6))))
+
+
+def authors_queue_length(queue_length: int, batch_size: int, world_size: int) -> int:
+    """main_swav.py before training:
+    ``args.queue_length -= args.queue_length % (args.batch_size * args.world_size)``."""
+    queue_length -= queue_length % (batch_size * world_size)
+    return queue_length
+
+
+@pytest.mark.parametrize(
+    ("length", "batch", "world"),
+    [(3840, 64, 4), (3840, 64, 64), (3000, 64, 4), (100, 64, 2), (0, 64, 8), (65, 64, 1)],
+)
+def test_queue_length_is_cut_as_main_swav_cuts_it(length: int, batch: int, world: int) -> None:
+    assert rounded_queue_length(length, batch, world) == authors_queue_length(length, batch, world)
+
+
+def _push_steps(method: SwAV, steps: range) -> None:
+    for step in steps:
+        method.before_optimizer_step(step, steps_per_epoch=2)
+        with torch.no_grad():
+            method.loss(method(_views(step)))
+        method.after_optimizer_step(step, total_steps=10)
+
+
+def test_swav_queue_is_cut_to_whole_batches_with_a_warning() -> None:
+    """A queue of 2 batches and 3 rows holds 2 batches, full after 2 steps; one shorter than
+    a batch is no queue (main_swav.py's queue_length 0)."""
+    method = _swav(False, queue_length=2 * BATCH + 3, queue_start_epoch=0)
+    with pytest.warns(UserWarning, match=f"queue_length {2 * BATCH + 3} is cut to {2 * BATCH}"):
+        _push_steps(method, range(1, 2))
+    assert method.queue.shape == (2, 2 * BATCH, 8)
+    _push_steps(method, range(2, 3))
+    method.before_optimizer_step(3, steps_per_epoch=2)
+    assert method._queued_scores is not None
+
+    short = _swav(False, queue_length=BATCH - 1, queue_start_epoch=0)
+    with pytest.warns(UserWarning, match=f"cut to 0, a multiple of the {BATCH} embeddings"):
+        _push_steps(short, range(1, 2))
+    _push_steps(short, range(2, 5))
+    assert short.queue is None and short.queued_rows == 0
 
 
 def _cosine_scheduler(base: float, final: float, epochs: int, niter_per_ep: int) -> np.ndarray:

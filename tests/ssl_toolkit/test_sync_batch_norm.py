@@ -1,7 +1,10 @@
-"""Converting a method's batch norms to synchronised ones (the two-process parity test is in
-test_multiprocess.py)."""
+"""Converting a method's batch norms to synchronised ones, and SwAV's groups of ranks (the
+two-process parity test over all ranks is in test_multiprocess.py)."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,8 +16,11 @@ from ssl_toolkit.sync_batch_norm import (
     CPUSyncBatchNorm,
     CPUSyncBatchNormAct,
     convert_sync_batchnorm,
+    sync_bn_group,
+    sync_bn_groups,
     wants_sync_bn,
 )
+from tests.ssl_toolkit.test_multiprocess import WORLD, _bn_batch, _bn_model, _bn_step, _spawn
 
 
 def _byol() -> BYOL:
@@ -80,3 +86,53 @@ def test_timm_norm_act_layers_keep_their_activation() -> None:
     assert isinstance(model[1], CPUSyncBatchNormAct) and isinstance(model[1].act, nn.ReLU)
     torch.testing.assert_close(model(x), expected)
     assert (model(x) >= 0).all()
+
+
+def apex_groups(world_size: int, group_size: int) -> tuple[list[list[int]], list[int]]:
+    """apex.parallel.create_syncbn_process_group's loop (main_swav.py, ``--sync_bn apex``):
+    the ranks of every group created, and the group each rank keeps."""
+    groups, mine = [], []
+    for group_num in range(world_size // group_size):
+        groups.append(list(range(group_num * group_size, (group_num + 1) * group_size)))
+    for rank in range(world_size):
+        mine.append(next(g for g in range(len(groups)) if rank // group_size == g))
+    return groups, mine
+
+
+@pytest.mark.parametrize(("world", "size"), [(64, 8), (16, 8), (8, 8), (4, 1), (6, 2)])
+def test_groups_are_apexs_runs_of_consecutive_ranks(world: int, size: int) -> None:
+    groups, mine = apex_groups(world, size)
+    assert sync_bn_groups(world, size) == groups
+    assert all(rank in groups[mine[rank]] for rank in range(world))
+    assert sync_bn_groups(world, None) == [list(range(world))]
+
+
+@pytest.mark.parametrize(("world", "size"), [(4, 8), (12, 8), (3, 2)])
+def test_a_group_size_must_divide_the_processes(world: int, size: int) -> None:
+    with pytest.raises(ValueError, match=f"{size} does not divide the {world} processes"):
+        sync_bn_groups(world, size)
+
+
+def _grouped_bn_job(rank: int, out_dir: Path) -> dict[int, Any]:
+    rows = _bn_batch().chunk(WORLD)[rank]
+    results = {}
+    for size in (1, WORLD):
+        model = convert_sync_batchnorm(_bn_model(False), torch.device("cpu"), sync_bn_group(size))
+        results[size] = _bn_step(nn.parallel.DistributedDataParallel(model), rows)
+    return results
+
+
+def test_two_processes_in_groups_of_one_and_of_two(tmp_path: Path) -> None:
+    """Groups of 1 normalise each rank's batch alone, as a plain batch norm per rank; a group
+    of both ranks, as one process on the joined batch."""
+    ranks = _spawn(_grouped_bn_job, tmp_path)
+    joined = _bn_step(_bn_model(False), _bn_batch())
+    torch.testing.assert_close(
+        torch.cat([r[WORLD]["out"] for r in ranks]), joined["out"], rtol=1e-10, atol=1e-12
+    )
+    for rank, result in enumerate(ranks):
+        alone = _bn_step(_bn_model(False), _bn_batch().chunk(WORLD)[rank])
+        torch.testing.assert_close(result[1]["out"], alone["out"], rtol=1e-10, atol=1e-12)
+        for name, value in alone["buffers"].items():
+            torch.testing.assert_close(result[1]["buffers"][name], value, msg=name)
+    assert not torch.allclose(torch.cat([r[1]["out"] for r in ranks]), joined["out"])
