@@ -601,23 +601,31 @@ def _merge_mappings(base: dict[str, Any], child: dict[str, Any]) -> dict[str, An
     return merged
 
 
-def _with_bases(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+def _with_bases(path: Path) -> dict[str, Any]:
     """The YAML at ``path`` merged over its ``base:`` chain: a base is looked up beside its
-    child, then in ``configs/`` (``.yaml`` optional), never in the working directory."""
-    data = _read_yaml(path)
-    if "base" not in data:
-        return data
-    base = data.pop("base")
-    if not isinstance(base, str) or not base:
-        raise ConfigError([f"{path}: base: expected a config name or path, got {short_repr(base)}"])
-    base_path = _find_config(base, path.parent, CONFIG_DIR)
-    if base_path is None:
-        raise ConfigError([f"{path}: base: no config {short_repr(base)} beside it or in configs/"])
-    resolved = [p.resolve() for p in (*chain, path)]
-    if base_path.resolve() in resolved:
-        cycle = " -> ".join(str(p) for p in (*chain, path, base_path))
-        raise ConfigError([f"{path}: base: a cycle of bases ({cycle})"])
-    return merge_configs(_with_bases(base_path, (*chain, path)), data)
+    child, then in ``configs/`` (``.yaml`` optional), never in the working directory. The chain
+    is walked in a loop, not by recursion, so that no depth ends in a ``RecursionError``."""
+    chain = [(path, _read_yaml(path))]
+    seen = {path.resolve()}
+    while "base" in (data := chain[-1][1]):
+        child = chain[-1][0]
+        base = data.pop("base")
+        if not isinstance(base, str) or not base:
+            problem = f"base: expected a config name or path, got {short_repr(base)}"
+            raise ConfigError([f"{child}: {problem}"])
+        base_path = _find_config(base, child.parent, CONFIG_DIR)
+        if base_path is None:
+            problem = f"base: no config {short_repr(base)} beside it or in configs/"
+            raise ConfigError([f"{child}: {problem}"])
+        if base_path.resolve() in seen:
+            cycle = " -> ".join(str(p) for p in (*(p for p, _ in chain), base_path))
+            raise ConfigError([f"{child}: base: a cycle of bases ({cycle})"])
+        seen.add(base_path.resolve())
+        chain.append((base_path, _read_yaml(base_path)))
+    merged = chain[-1][1]
+    for _, data in reversed(chain[:-1]):
+        merged = merge_configs(merged, data)
+    return merged
 
 
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> ExperimentConfig:

@@ -250,3 +250,34 @@ def test_a_schedule_entry_loads_back_from_the_resolved_config() -> None:
     cfg = load_config("simclr_lars", ["schedule.weight_decay.end=0.4", *ADAMW])
     assert cfg.schedule.scheduled() == {"weight_decay": cfg.schedule.weight_decay}
     assert ExperimentConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def _chain(folder: Path, depth: int, last_base: str) -> Path:
+    """``c0.yaml`` with base ``c1.yaml`` ... ``c{depth-1}.yaml`` with base ``last_base``;
+    ``c0`` sets the lr, the middle one the seed, the last one the epochs and another seed."""
+    folder.mkdir()
+    own = {
+        0: "optim: {lr: 0.3}",
+        depth // 2: "trainer: {seed: 5}",
+        depth - 1: "trainer: {epochs: 7, seed: 1}",
+    }
+    for i in range(depth):
+        base = f"c{i + 1}.yaml" if i < depth - 1 else last_base
+        _write(folder / f"c{i}.yaml", f"base: {base}\n{own.get(i, '')}\n")
+    return folder / "c0.yaml"
+
+
+def test_a_base_chain_of_any_depth_loads(tmp_path: Path) -> None:
+    """A thousand bases deep (beyond Python's recursion limit): every level merged, the child
+    winning (the middle one's seed over the last one's)."""
+    cfg = load_config(str(_chain(tmp_path / "deep", 1000, "simclr_lars")))
+    assert cfg.optim.lr == 0.3 and cfg.trainer.seed == 5 and cfg.trainer.epochs == 7
+    assert cfg.method.name == "simclr"
+
+
+def test_a_cycle_at_the_end_of_a_deep_chain_is_one_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(str(_chain(tmp_path / "deep", 1000, "c0.yaml")))
+    assert len(info.value.problems) == 1
+    assert info.value.problems[0].startswith(f"{tmp_path / 'deep' / 'c999.yaml'}: base: a cycle")
+
