@@ -309,6 +309,18 @@ class TrainerConfig(ConfigSection):
         30.0, gt=0.0, description="how long a process waits in a collective before failing"
     )
     output_dir: str = Field("runs/default", description="the run directory")
+
+    @field_validator("output_dir")
+    @classmethod
+    def _named_directory(cls, output_dir: str) -> str:
+        """An empty name would be the working directory, whose files a run replaces."""
+        if not output_dir.strip():
+            raise ValueError(
+                "empty, which is the working directory, whose files a run replaces; "
+                "name a run directory"
+            )
+        return output_dir
+
     seed: int = Field(0, description="seeds weights, data order and augmentation")
     channels_last: bool = Field(
         True, description="channels-last memory format (images only under `fsdp2`)"

@@ -223,3 +223,19 @@ def test_the_dino_vit_recipes_dry_run_shows_its_exclusions_and_frozen_last_layer
     assert rows["head.mlp.0.weight"][2:4] == ["default", "0.04"]
     frozen = "frozen 1251 steps: head.last_layer.*"
     assert rows["head.last_layer.parametrizations.weight.original1"][2] == frozen
+
+
+def test_an_empty_output_dir_is_exit_2_and_the_working_directory_is_untouched(
+    capsys, monkeypatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name in ("summary.json", "backbone.pt"):
+        (tmp_path / name).write_text("the user's own file")
+    code, _, err = run_cli(capsys, "--config", "simclr_lars", *TINY, "trainer.output_dir=''")
+    assert code == 2
+    assert err.splitlines() == [
+        "error: trainer.output_dir: empty, which is the working directory, whose files a run "
+        "replaces; name a run directory"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone.pt", "summary.json"]
+    assert {p.read_text() for p in tmp_path.iterdir()} == {"the user's own file"}

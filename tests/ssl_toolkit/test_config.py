@@ -281,3 +281,13 @@ def test_a_cycle_at_the_end_of_a_deep_chain_is_one_error(tmp_path: Path) -> None
     assert len(info.value.problems) == 1
     assert info.value.problems[0].startswith(f"{tmp_path / 'deep' / 'c999.yaml'}: base: a cycle")
 
+
+@pytest.mark.parametrize("output_dir", ["", "   ", "\t"])
+def test_an_empty_output_dir_is_refused(output_dir: str) -> None:
+    """An empty name is the working directory, whose files a run would replace."""
+    with pytest.raises(ConfigError) as info:
+        load_config("simclr_lars", [f"trainer.output_dir='{output_dir}'"])
+    assert info.value.problems == [
+        "trainer.output_dir: empty, which is the working directory, whose files a run "
+        "replaces; name a run directory"
+    ]
