@@ -96,7 +96,7 @@ def dry_run(cfg: ExperimentConfig, console: Console) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)
     out, err = Console(), Console(stderr=True)
     try:
         cfg = load_config(args.config, args.overrides)

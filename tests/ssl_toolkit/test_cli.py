@@ -225,6 +225,22 @@ def test_the_dino_vit_recipes_dry_run_shows_its_exclusions_and_frozen_last_layer
     assert rows["head.last_layer.parametrizations.weight.original1"][2] == frozen
 
 
+def test_overrides_may_come_before_and_after_options(capsys) -> None:
+    code, out, err = run_cli(
+        capsys,
+        "--config",
+        "simclr_lars",
+        "trainer.max_steps=7",
+        "--resume",
+        "auto",
+        "optim.lr=0.25",
+        "--dry-run",
+        "logging.wandb.mode=disabled",
+    )
+    assert code == 0, err
+    assert "  max_steps: 7\n" in out and "  lr: 0.25\n" in out and "    mode: disabled\n" in out
+
+
 def test_an_empty_output_dir_is_exit_2_and_the_working_directory_is_untouched(
     capsys, monkeypatch, tmp_path: Path
 ) -> None:
