@@ -6,7 +6,7 @@ trust ratios as ``lars/trust_ratio/<param_name>``), flushed at every row, so tha
 mid-way leaves every row it logged. A resumed run keeps the rows up to the step it resumes
 from and drops the later ones, which it logs again, after a row that marks the resume
 (:data:`RESUMED_KEY`); a fresh run starts the file anew. Reports and tests read it with
-:func:`read_metrics`.
+:func:`read_metrics` (:func:`scan_metrics` also counts damaged lines).
 """
 
 from __future__ import annotations
@@ -16,14 +16,21 @@ import math
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import Tensor
 
-from ssl_toolkit.checkpoint import atomic_write
+from ssl_toolkit.checkpoint import atomic_write, open_append
 from ssl_toolkit.wandb_logger import host_floats, to_python
 
-__all__ = ["METRICS_FILE", "RESUMED_KEY", "MetricsFile", "read_metrics"]
+__all__ = [
+    "METRICS_FILE",
+    "RESUMED_KEY",
+    "MetricsFile",
+    "MetricsRows",
+    "read_metrics",
+    "scan_metrics",
+]
 
 METRICS_FILE = "metrics.jsonl"
 """The file's name in the run directory."""
@@ -31,18 +38,52 @@ RESUMED_KEY = "run/resumed_at"
 """The key of the row that marks where a session resumed (the file's own, not W&B's)."""
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a metrics file, in the order they were logged; a last line cut short by a
-    killed run is left out."""
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
+class MetricsRows(NamedTuple):
+    """What a metrics file holds: its ``rows``, and how many ``damaged`` lines were left out."""
+
+    rows: list[dict[str, Any]]
+    damaged: int
+
+
+def scan_metrics(path: str | Path) -> MetricsRows:
+    """The rows of a metrics file, in the order they were logged, and the count of damaged
+    lines left out: any line that is not UTF-8, not JSON, or not an object with a
+    non-negative integer ``global_step`` (a damaged file blocks neither a resume nor a
+    report). A last line cut short by a killed run is left out and not counted: it is what
+    every kill mid-write leaves."""
+    lines = Path(path).read_bytes().split(b"\n")
+    cut = lines.pop()  # after the last newline: empty, or a line never finished
+    rows, damaged = [], 0
+    for line in lines:
+        if not line.strip():
             continue
-        if isinstance(row, dict) and "global_step" in row:
+        row = _row(line)
+        if row is None:
+            damaged += 1
+        else:
             rows.append(row)
-    return rows
+    if cut.strip() and (row := _row(cut)) is not None:
+        rows.append(row)
+    return MetricsRows(rows, damaged)
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a metrics file, in the order they were logged (:func:`scan_metrics`)."""
+    return scan_metrics(path).rows
+
+
+def _row(line: bytes) -> dict[str, Any] | None:
+    """One line as a row, or ``None`` when it is damaged."""
+    try:
+        row = json.loads(line.decode())
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, too many digits or levels
+        return None
+    if not isinstance(row, dict):
+        return None
+    step = row.get("global_step")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**63:
+        return None
+    return row
 
 
 _NOT_A_NUMBER = object()  # W&B's histograms: not in the file
@@ -76,13 +117,25 @@ class MetricsFile:
             return
         kept = []
         if resumed_at > 0 and self.path.is_file():
-            kept = [row for row in read_metrics(self.path) if row["global_step"] <= resumed_at]
+            try:
+                rows, damaged = scan_metrics(self.path)
+            except OSError as error:  # unreadable: left as it is, never replaced unread
+                self._warn(error, "read")
+                return
+            if damaged:
+                warnings.warn(
+                    f"{self.path}: {damaged} damaged line(s) left out (not JSON rows); "
+                    "the rows around them are kept",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            kept = [row for row in rows if row["global_step"] <= resumed_at]
         if resumed_at > 0:
             kept.append({"global_step": resumed_at, RESUMED_KEY: resumed_at})
         text = "".join(json.dumps(row) + "\n" for row in kept)
         try:
             atomic_write(self.path, lambda file: file.write(text.encode()))
-            self._file = self.path.open("a")
+            self._file = open_append(self.path)
         except OSError as error:
             self._warn(error)
 
@@ -119,12 +172,12 @@ class MetricsFile:
             self._file.close()
             self._file = None
 
-    def _warn(self, error: OSError) -> None:
+    def _warn(self, error: OSError, what: str = "write") -> None:
         self._file = None
         if not self._warned:
             self._warned = True
             warnings.warn(
-                f"cannot write {self.path} ({error.strerror or error}); training continues "
+                f"cannot {what} {self.path} ({error.strerror or error}); training continues "
                 "without it",
                 RuntimeWarning,
                 stacklevel=3,

@@ -5,11 +5,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from ssl_toolkit.checkpoint import step_checkpoints
-from ssl_toolkit.metrics_file import METRICS_FILE, RESUMED_KEY, MetricsFile, read_metrics
+from ssl_toolkit.metrics_file import (
+    METRICS_FILE,
+    RESUMED_KEY,
+    MetricsFile,
+    read_metrics,
+    scan_metrics,
+)
 from ssl_toolkit.trainer import Trainer
+from tests.ssl_toolkit.test_cli import TINY, run_cli
 from tests.ssl_toolkit.test_trainer import RecordingLogger, tiny_config
 
 # Wall-clock values differ between two runs of the same config.
@@ -93,3 +101,46 @@ def test_a_fresh_run_starts_the_file_anew_and_other_ranks_write_nothing(tmp_path
     fresh.log({"a": 2.0}, step=1)
     fresh.finish()
     assert read_metrics(tmp_path / METRICS_FILE) == [{"global_step": 1, "a": 2.0}]
+
+
+DAMAGED = [
+    b'{"global_step": 2, "train/loss": 1.0, "name": "caf\xff"}',  # not UTF-8
+    b"not json",
+    b'["global_step", 3]',  # not an object
+    b'{"train/loss": 1.0}',  # no step
+    b'{"global_step": "<b>4</b>"}',
+    b'{"global_step": true}',
+    b'{"global_step": -1}',
+    b'{"global_step": 1.5}',
+    b"[" * 100_000 + b"]" * 100_000,  # deeper than the JSON reader recurses
+    b'{"global_step": ' + b"9" * 5000 + b"}",  # more digits than Python converts
+]
+
+
+def test_damaged_lines_are_left_out_and_counted(tmp_path: Path) -> None:
+    good = [{"global_step": 1, "train/loss": 2.0}, {"global_step": 5, "train/loss": 1.0}]
+    lines = [json.dumps(good[0]).encode(), *DAMAGED, b"", json.dumps(good[1]).encode()]
+    path = tmp_path / METRICS_FILE
+    path.write_bytes(b"\n".join(lines) + b'\n{"global_step": 6, "tra')  # and a cut last line
+    assert scan_metrics(path) == (good, len(DAMAGED))  # neither the blank nor the cut line
+    assert read_metrics(path) == good
+
+
+def test_resume_auto_over_a_damaged_metrics_file_keeps_its_good_rows(capsys, tmp_path) -> None:
+    """One byte that is not UTF-8 (and a line of markup) in metrics.jsonl: ``--resume auto``
+    warns with the count, keeps every good row up to its step, and logs on."""
+    run = tmp_path / "run"
+    args = ["--config", "simclr_lars", *TINY, "trainer.log_every_steps=1"]
+    assert run_cli(capsys, *args, f"trainer.output_dir={run}")[0] == 0
+    path = run / METRICS_FILE
+    before = read_metrics(path)
+    path.write_bytes(path.read_bytes() + DAMAGED[0] + b"\n" + DAMAGED[4] + b"\n")
+    with pytest.warns(RuntimeWarning, match=r"metrics\.jsonl: 2 damaged line\(s\) left out"):
+        code, _, err = run_cli(
+            capsys, *args, f"trainer.output_dir={run}", "trainer.max_steps=3", "--resume", "auto"
+        )
+    assert code == 0, err
+    rows, damaged = scan_metrics(path)
+    assert damaged == 0 and rows[: len(before)] == before
+    assert [r["global_step"] for r in rows[len(before) :] if "train/loss" in r] == [3]
+    assert {"global_step": 2, RESUMED_KEY: 2} in rows
