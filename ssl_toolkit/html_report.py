@@ -11,7 +11,9 @@ that it can be drawn for any run, finished, killed or resumed (``scripts/report.
 - the end-of-run probes, trained against random init;
 - the resolved config.
 
-The plots are matplotlib's (headless ``Agg``), inlined as base64 PNG.
+The plots are matplotlib's (headless ``Agg``), inlined as base64 PNG. Every text read from
+the run's files is escaped (a file holds what anyone wrote to it), and a value of the wrong
+type is shown as text or left out, never a crash.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ import io
 from pathlib import Path
 from typing import Any
 
+from optim.errors import short_repr
 from ssl_toolkit.checkpoint import atomic_write
-from ssl_toolkit.metrics_file import METRICS_FILE, RESUMED_KEY, read_metrics
-from ssl_toolkit.report import SUMMARY_FILE, read_summary
+from ssl_toolkit.metrics_file import METRICS_FILE, RESUMED_KEY, MetricsRows, scan_metrics
+from ssl_toolkit.report import SUMMARY_FILE, finite_number, read_summary
 
 __all__ = [
     "HEATMAP_FILE",
     "REPORT_FILE",
+    "ReportNotWritable",
     "TrustRatios",
     "heatmap",
     "trust_ratios",
@@ -48,6 +52,10 @@ _CURVES = (
 )
 _FRACTIONS = {"knn/top1"}
 """Curves of fractions, drawn as percentages."""
+
+
+class ReportNotWritable(OSError):
+    """The report (or the heatmap beside it) could not be written; ``filename`` is where."""
 
 
 class TrustRatios:
@@ -73,7 +81,7 @@ def trust_ratios(rows: list[dict[str, Any]]) -> TrustRatios | None:
     steps = sorted(by_step)
     nan = float("nan")
     values = [
-        [v if isinstance(v := by_step[s].get(name), float | int) else nan for s in steps]
+        [nan if (v := finite_number(by_step[s].get(name))) is None else v for s in steps]
         for name in names
     ]
     return TrustRatios(list(names), steps, values)
@@ -101,7 +109,9 @@ def _curves(rows: list[dict[str, Any]], plt: Any) -> bytes | None:
     resumes = [r["global_step"] for r in rows if RESUMED_KEY in r]
     stops = [r["global_step"] for r in rows if "train/preempted_at" in r]
     for ax, (key, label) in zip(axes, shown, strict=True):
-        points = [(r["global_step"], r[key]) for r in rows if isinstance(r.get(key), float | int)]
+        points = [
+            (r["global_step"], v) for r in rows if (v := finite_number(r.get(key))) is not None
+        ]
         ax.plot(
             [p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None
         )
@@ -140,7 +150,7 @@ def heatmap(ratios: TrustRatios, plt: Any) -> bytes:
         cmap="viridis",
         norm=LogNorm(vmin=low, vmax=max(high, low * 1.0001)),
     )
-    ax.set_yticks(range(len(ratios.names)), ratios.names, fontsize=6)
+    ax.set_yticks(range(len(ratios.names)), ratios.names, fontsize=6, parse_math=False)
     ticks = range(0, len(ratios.steps), -(-len(ratios.steps) // 10))  # every k-th, at most 10
     ax.set_xticks(ticks, [str(ratios.steps[i]) for i in ticks], fontsize=7)
     ax.set_xlabel("step")
@@ -151,12 +161,15 @@ def heatmap(ratios: TrustRatios, plt: Any) -> bytes:
     return data
 
 
-def _last_ratios(ratios: TrustRatios, plt: Any) -> bytes:
-    """The ratios of the last logged step, one bar per parameter, log scale."""
+def _last_ratios(ratios: TrustRatios, plt: Any) -> bytes | None:
+    """The ratios of the last logged step, one bar per parameter, log scale; ``None`` when
+    none is positive (a log scale would have nothing to show)."""
     last = [row[-1] for row in ratios.values]
+    if not any(value > 0 for value in last):  # nan > 0 is False
+        return None
     figure, ax = plt.subplots(figsize=(9, max(2.5, 0.13 * len(ratios.names) + 1.0)))
     ax.barh(range(len(last)), last, color="tab:blue")
-    ax.set_yticks(range(len(ratios.names)), ratios.names, fontsize=6)
+    ax.set_yticks(range(len(ratios.names)), ratios.names, fontsize=6, parse_math=False)
     ax.invert_yaxis()
     ax.set_xscale("log")
     ax.set_xlabel(f"trust ratio at step {ratios.steps[-1]}")
@@ -167,7 +180,8 @@ def _last_ratios(ratios: TrustRatios, plt: Any) -> bytes:
 
 
 def _percent(value: Any) -> str:
-    return f"{100 * value:.2f}%" if isinstance(value, float | int) else "-"
+    number = finite_number(value)
+    return "-" if number is None else f"{100 * number:.2f}%"
 
 
 def _probe_table(summary: dict[str, Any] | None) -> str:
@@ -175,8 +189,10 @@ def _probe_table(summary: dict[str, Any] | None) -> str:
     probes = (summary or {}).get("probes")
     if not isinstance(probes, dict) or "knn_top1" not in probes:
         return "<p>No end-of-run probes (the run has not finished, or has no labels).</p>"
-    baseline = (summary or {}).get("baseline") or {}
+    baseline = (summary or {}).get("baseline")
+    baseline = baseline if isinstance(baseline, dict) else {}
     few = probes.get("labels_per_class", "?")
+    few = few if isinstance(few, int) and not isinstance(few, bool) else short_repr(few)
     rows = [
         ("kNN", "knn_top1"),
         ("linear, all labels", "linear_top1"),
@@ -185,14 +201,11 @@ def _probe_table(summary: dict[str, Any] | None) -> str:
     body = []
     for label, key in rows:
         trained, random = probes.get(key), baseline.get(key)
-        gain = (
-            f"{100 * (trained - random):+.2f}"
-            if isinstance(trained, float | int) and isinstance(random, float | int)
-            else "-"
-        )
+        both = (finite_number(trained), finite_number(random))
+        gain = "-" if None in both else f"{100 * (both[0] - both[1]):+.2f}"
         body.append(
-            f"<tr><td>{label}</td><td>{_percent(trained)}</td><td>{_percent(random)}</td>"
-            f"<td>{gain}</td></tr>"
+            f"<tr><td>{html.escape(label)}</td><td>{_percent(trained)}</td>"
+            f"<td>{_percent(random)}</td><td>{gain}</td></tr>"
         )
     return (
         "<table><tr><th>probe</th><th>trained</th><th>random init</th><th>gain</th></tr>"
@@ -211,9 +224,39 @@ pre { background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 12px; }
 """
 
 
-def write_report(run_dir: str | Path) -> Path:
+def _facts(summary: dict[str, Any]) -> str:
+    """The training numbers of ``summary.json``, one line; a value that is no number is shown
+    as the text it is (cut short)."""
+    facts = []
+    for key in ("steps", "epochs", "final_loss", "images_per_s", "seconds"):
+        value = summary.get(key)
+        if value is None:
+            continue
+        if isinstance(value, float):
+            facts.append(f"{key.replace('_', ' ')} {value:.4g}")
+        elif isinstance(value, int) and not isinstance(value, bool):
+            facts.append(f"{key} {value}")
+        else:
+            facts.append(f"{key} {short_repr(value)}")
+    return ", ".join(facts)
+
+
+def _config_text(config: Path) -> str:
+    """``config.yaml`` as text: a byte that is not UTF-8 shown as U+FFFD, never a failure."""
+    if not config.is_file():
+        return "(no config.yaml)"
+    try:
+        return config.read_bytes().decode(errors="replace")
+    except OSError as error:
+        return f"(config.yaml cannot be read: {error.strerror or error})"
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write ``run_dir/report.html`` (and the heatmap alone as :data:`HEATMAP_FILE`) from the
-    run's files; returns the report's path. A run without rows yet gets a report that says so."""
+    run's files; returns the report's path. A run without rows yet gets a report that says so,
+    and damaged lines of ``metrics.jsonl`` are counted on the page. ``out``: the report's path
+    instead, for a run directory that cannot be written (the heatmap is then only inlined).
+    Raises :class:`ReportNotWritable` when a write fails."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -221,48 +264,53 @@ def write_report(run_dir: str | Path) -> Path:
 
     run_dir = Path(run_dir)
     metrics = run_dir / METRICS_FILE
-    rows = read_metrics(metrics) if metrics.is_file() else []
+    rows, damaged = scan_metrics(metrics) if metrics.is_file() else MetricsRows([], 0)
     summary = read_summary(run_dir / SUMMARY_FILE)
-    config = run_dir / "config.yaml"
     sections = [f"<h1>Run {html.escape(run_dir.name)}</h1>"]
     if summary:
-        facts = ", ".join(
-            f"{k.replace('_', ' ')} {summary[k]:.4g}"
-            if isinstance(summary.get(k), float)
-            else f"{k} {summary[k]}"
-            for k in ("steps", "epochs", "final_loss", "images_per_s", "seconds")
-            if summary.get(k) is not None
-        )
-        sections.append(f"<p>{html.escape(facts)}</p>")
+        sections.append(f"<p>{html.escape(_facts(summary))}</p>")
     curves = _curves(rows, plt)
     sections.append("<h2>Training</h2>")
     sections.append(_image(curves, "training curves") if curves else "<p>No rows logged yet.</p>")
+    if damaged:
+        sections.append(f"<p>{damaged} damaged line(s) of {METRICS_FILE} left out.</p>")
     for key, what in ((RESUMED_KEY, "Resumed"), ("train/preempted_at", "Preempted")):
         steps = [str(r["global_step"]) for r in rows if key in r]
         if steps:
-            sections.append(f"<p>{what} at step {', '.join(steps)}.</p>")
+            sections.append(f"<p>{what} at step {html.escape(', '.join(steps))}.</p>")
     ratios = trust_ratios(rows)
+    writes: list[tuple[Path, bytes]] = []
     if ratios is not None:
         map_png = heatmap(ratios, plt)
-        atomic_write(run_dir / HEATMAP_FILE, lambda file: file.write(map_png))
+        if out is None:
+            writes.append((run_dir / HEATMAP_FILE, map_png))
         sections.append("<h2>LARS trust ratios</h2>")
         sections.append(
             f"<p>{len(ratios.names)} adapted parameters, in model order, at "
             f"{len(ratios.steps)} logged steps.</p>"
         )
         sections.append(_image(map_png, "trust-ratio heatmap"))
-        sections.append(_image(_last_ratios(ratios, plt), "last trust ratios"))
+        last = _last_ratios(ratios, plt)
+        sections.append(
+            _image(last, "last trust ratios")
+            if last
+            else f"<p>No positive trust ratio at step {ratios.steps[-1]}.</p>"
+        )
     sections.append("<h2>Frozen features at the end</h2>")
     sections.append(_probe_table(summary))
     sections.append("<h2>Config</h2>")
-    text = config.read_text() if config.is_file() else "(no config.yaml)"
-    sections.append(f"<pre>{html.escape(text)}</pre>")
+    sections.append(f"<pre>{html.escape(_config_text(run_dir / 'config.yaml'))}</pre>")
     page = (
         '<!DOCTYPE html><html><head><meta charset="utf-8"><title>'
         f"{html.escape(run_dir.name)}</title><style>{_STYLE}</style></head><body>"
         + "\n".join(sections)
         + "</body></html>\n"
     )
-    path = run_dir / REPORT_FILE
-    atomic_write(path, lambda file: file.write(page.encode()))
+    path = run_dir / REPORT_FILE if out is None else Path(out)
+    writes.append((path, page.encode()))
+    for target, data in writes:
+        try:
+            atomic_write(target, lambda file, data=data: file.write(data))
+        except OSError as error:
+            raise ReportNotWritable(error.errno, error.strerror, str(target)) from error
     return path

@@ -21,6 +21,7 @@ __all__ = [
     "SUMMARY_FILE",
     "TrainResult",
     "TrainingProgress",
+    "finite_number",
     "kept_probes",
     "print_summary",
     "read_summary",
@@ -146,7 +147,7 @@ def read_summary(path: Path) -> dict[str, Any] | None:
     a JSON object (a summary is recomputed then, never trusted half-read)."""
     try:
         summary = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # unreadable, not UTF-8 JSON, too deep
         return None
     return summary if isinstance(summary, dict) else None
 
@@ -159,12 +160,30 @@ def summary_of_step(path: Path, step: int) -> dict[str, Any] | None:
 
 
 def kept_probes(record: Any) -> Probes | None:
-    """The probes of a ``summary.json`` record when it is whole (no error, every field),
-    else ``None``: those are computed again."""
+    """The probes of a ``summary.json`` record when it is whole (no error, every field, each
+    of its type: finite accuracies, an integer count), else ``None``: those are computed
+    again."""
     names = {field.name for field in dataclasses.fields(Probes)}
-    if isinstance(record, dict) and set(record) == names:
-        return Probes(**record)
-    return None
+    if not isinstance(record, dict) or set(record) != names:
+        return None
+    count = record["labels_per_class"]
+    if isinstance(count, bool) or not isinstance(count, int):
+        return None
+    if any(finite_number(record[name]) is None for name in names - {"labels_per_class"}):
+        return None
+    return Probes(**record)
+
+
+def finite_number(value: Any) -> float | None:
+    """``value`` as a finite float when it is a number (not a boolean), else ``None``: what a
+    file read back holds may be of any type."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any float
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _finite(value: Any) -> Any:
