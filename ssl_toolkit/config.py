@@ -184,6 +184,12 @@ class DataConfig(ConfigSection):
         description="image folders and shards: put the next image in the place of one that "
         "does not decode, and list it, instead of stopping",
     )
+    allow_changed: bool = Field(
+        False,
+        description="a resume on data other than the checkpoint's (images or shards added "
+        "or removed) goes on, with a warning: the interrupted epoch continues from the same "
+        "point in the order drawn for it over the data as it is now; false: an error",
+    )
     decode: DecodeDevice = Field(
         "cpu",
         description="where pretraining images of folders and shards are decoded and cropped: "

@@ -39,6 +39,7 @@ from optim.errors import one_line, short_repr
 from ssl_toolkit.accumulation import accumulate
 from ssl_toolkit.checkpoint import (
     Checkpointer,
+    CheckpointError,
     atomic_write,
     load_latest,
     mismatch,
@@ -54,6 +55,7 @@ from ssl_toolkit.data import (
     crop_sizes,
 )
 from ssl_toolkit.data.device_decode import DeviceViews
+from ssl_toolkit.data.fingerprint import data_changes, data_record
 from ssl_toolkit.distributed import (
     DistContext,
     all_reduce_mean,
@@ -164,6 +166,8 @@ class Trainer:
         if cfg.data.decode != "cpu":
             self.device_views = DeviceViews(self.train_set.views, self.device)
         check_batch_fits(len(self.train_set), cfg.data.batch_size, self.ctx.world_size)
+        self.data_record = data_record(self.train_set)
+        """What the run trains on (counts and a digest of the listing), kept in checkpoints."""
         self.loader = build_loader(
             self.train_set,
             cfg.data.batch_size,
@@ -275,6 +279,8 @@ class Trainer:
         """The W&B run id of the checkpoint resumed from (``None`` for a fresh run)."""
         self.saved_config: dict[str, Any] | None = None
         """The config of the checkpoint resumed from, to warn about what changed."""
+        self.saved_data: dict[str, Any] | None = None
+        """The data record of the checkpoint resumed from (``None``: it has none)."""
         if resume is None:
             self._start_fresh()
         run_id = self._resume(resume) if resume is not None else None
@@ -745,21 +751,26 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """The trainer's own part of a checkpoint: the steps done, the best kNN so far, the
-        W&B run id and the config it ran (the other components save themselves)."""
+        W&B run id, the config it ran and the data it trained on (the other components save
+        themselves)."""
         return {
             "step": self.step,
             "best_knn": self.best_knn,
             "wandb_run_id": getattr(self.logger, "run_id", None),
             "config": self.cfg.to_dict(),
+            "data": self.data_record,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`: the step and best kNN; the W&B run id and the saved
-        config are kept for the resume (:attr:`resumed_run_id`, :attr:`saved_config`)."""
+        """Restore :meth:`state_dict`: the step and best kNN; the W&B run id, the saved
+        config and data record are kept for the resume (:attr:`resumed_run_id`,
+        :attr:`saved_config`, :attr:`saved_data`; a checkpoint of an earlier version has no
+        data record)."""
         self.step = int(state["step"])
         self.best_knn = float(state["best_knn"])
         self.resumed_run_id = state["wandb_run_id"]
         self.saved_config = state["config"]
+        self.saved_data = state.get("data")
 
     def _resume(self, resume: Path | str) -> str | None:
         """Continue from ``resume`` (a path, or ``"auto"``); returns the W&B run id."""
@@ -787,9 +798,10 @@ class Trainer:
         warning.
         """
         self.checkpointer.restore(path, state)
-        if not self.streams.restored or not self._same_batches(self.saved_config):
+        data_changed = self._data_changed(path)
+        if data_changed or not self.streams.restored or not self._same_batches(self.saved_config):
             try:
-                self._continue_from_the_images_seen(path)
+                self._continue_from_the_images_seen(path, data_changed=data_changed)
             except ValueError as err:  # more batches seen than this run's epoch holds
                 raise mismatch(path, f"loader: {err}") from None
         self.checkpointer.last_saved = self.step
@@ -816,12 +828,49 @@ class Trainer:
             for section, key in (("data", "batch_size"), ("trainer", "accumulate_grad_batches"))
         )
 
-    def _continue_from_the_images_seen(self, path: Path) -> None:
-        """After a checkpoint that counted steps in other batches: start at the whole
-        optimizer step of this run that the loader's position holds; with another number of
-        processes, with new random streams."""
+    def _data_changed(self, path: Path) -> bool:
+        """Whether the data differs from the checkpoint's record: a :class:`CheckpointError`
+        naming what changed, unless ``data.allow_changed`` (then a warning, and True). A
+        checkpoint without a record (an earlier version's) resumes unchecked, with a note."""
+        main = self.ctx.is_main
+        if self.saved_data is None:
+            if main:
+                self.console.print(
+                    f"note: {path} records nothing of the data it was trained on (an earlier "
+                    "version's checkpoint): the resume does not check the data",
+                    markup=False,
+                    soft_wrap=True,
+                )
+            return False
+        changes = data_changes(self.saved_data, self.data_record)
+        if changes is None:
+            return False
+        data = self.cfg.data
+        where = f"data.root={data.root}" if data.root is not None else f"data.name={data.name}"
+        changed = f"data changed since the checkpoint {path} was written: {changes} ({where})"
+        if not data.allow_changed:
+            raise CheckpointError(
+                f"{changed}; to continue on the data as it is now, set data.allow_changed=true"
+            )
+        if main:
+            warnings.warn(
+                f"{changed}; data.allow_changed=true: the interrupted epoch continues from the "
+                "same point in the order drawn for it over the data as it is now",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return True
+
+    def _continue_from_the_images_seen(self, path: Path, *, data_changed: bool = False) -> None:
+        """After a checkpoint that counted steps in other batches or epochs of other data:
+        start at the whole optimizer step of this run that the loader's position holds (at
+        most the end of the epoch, when the data shrank); with another number of processes,
+        with new random streams."""
         accumulate = self.cfg.trainer.accumulate_grad_batches
-        steps = self.loader.position // accumulate
+        position = self.loader.position
+        if data_changed:
+            position = min(position, len(self.loader))
+        steps = position // accumulate
         self.step = self.loader.epoch * self.steps_per_epoch + steps
         self.loader.seek(steps * accumulate)
         if self.streams.restored:
