@@ -11,6 +11,7 @@ import torch
 
 __all__ = [
     "LRScaling",
+    "WarmupPeak",
     "cosine_ramp",
     "scale_lr",
     "set_hyperparameter",
@@ -20,6 +21,12 @@ __all__ = [
 
 LRScaling = Literal["linear", "sqrt", "none"]
 """How the peak lr follows the global batch: ``x batch / 256``, ``x sqrt(batch)``, or not."""
+
+WarmupPeak = Literal["last_warmup_step", "first_cosine_step"]
+"""Where a warmup from 0 over ``W`` steps reaches the peak: at its last step (step ``s``, from
+0, at ``peak·(s + 1)/W``), or at the first cosine step (``peak·s/W``: the first step's lr is 0,
+as in the SimCLR, BYOL, Barlow Twins, VICReg and MoCo v3 code)."""
+_WARMUP_OFFSET: dict[str, int] = {"last_warmup_step": 1, "first_cosine_step": 0}
 
 
 def scale_lr(base_lr: float, global_batch: int, rule: LRScaling) -> float:
@@ -49,16 +56,21 @@ def warmup_cosine(
     peak_lr: float,
     final_lr: float = 0.0,
     warmup_from: float | None = None,
+    warmup_peak_at: WarmupPeak = "last_warmup_step",
 ) -> float:
     """Linear warmup from 0 to ``peak_lr`` over ``warmup_steps``, then cosine to ``final_lr``.
 
-    Step ``step`` (0-based) of the warmup is ``peak_lr·(step + 1)/warmup_steps``; with
-    ``warmup_from`` it is ``numpy.linspace(warmup_from, peak_lr, warmup_steps)[step]`` instead,
-    as the SwAV and DINO code schedule it (its first step at ``warmup_from``).
+    Step ``step`` (0-based) of the warmup is ``peak_lr·(step + 1)/warmup_steps``, or with
+    ``warmup_peak_at="first_cosine_step"`` ``peak_lr·step/warmup_steps`` (:data:`WarmupPeak`).
+    With ``warmup_from`` it is ``numpy.linspace(warmup_from, peak_lr, warmup_steps)[step]``
+    instead, as the SwAV and DINO code schedule it (its first step at ``warmup_from``, the peak
+    at its last). Step ``warmup_steps + t`` is the cosine's step ``t``, whichever the warmup.
     """
+    if warmup_from is not None and warmup_peak_at != "last_warmup_step":
+        raise ValueError("warmup_from reaches the peak at the last warmup step (numpy.linspace)")
     if step < warmup_steps:
         if warmup_from is None:
-            return peak_lr * (step + 1) / warmup_steps
+            return peak_lr * (step + _WARMUP_OFFSET[warmup_peak_at]) / warmup_steps
         if warmup_steps == 1:
             return warmup_from
         return warmup_from + (peak_lr - warmup_from) * step / (warmup_steps - 1)

@@ -28,7 +28,7 @@ from models.backbones import uses_timm
 from optim import ConfigError, OptimizerConfig, parse_optimizer_config
 from optim.configs import ConfigModel
 from optim.errors import from_validation_error, short_repr
-from optim.schedules import LRScaling
+from optim.schedules import LRScaling, WarmupPeak
 from ssl_toolkit.accumulation import Accumulation
 from ssl_toolkit.data import CropGroup, DatasetName
 from ssl_toolkit.data.device_decode import DecodeDevice
@@ -275,8 +275,17 @@ class ScheduleConfig(ConfigSection):
     warmup_from: float | None = Field(
         None,
         ge=0.0,
-        description="the lr of the first step, rising evenly to the peak at the last warmup "
-        "step (SwAV and DINO: `numpy.linspace`); null: peak / warmup steps at the first",
+        description="the lr of the first step: step s (from 0) of the W warmup steps gets "
+        "`warmup_from + (peak - warmup_from)·s/(W - 1)`, `numpy.linspace(warmup_from, peak, "
+        "W)[s]`, the peak at the last warmup step (SwAV, DINO, solo-learn's `warmup_start_lr`); "
+        "null: a warmup from 0, as `warmup_peak_at` says",
+    )
+    warmup_peak_at: WarmupPeak = Field(
+        "last_warmup_step",
+        description="with `warmup_from` null, where the warmup reaches the peak: "
+        "`last_warmup_step`: step s (from 0) of W gets `peak·(s + 1)/W`; `first_cosine_step`: "
+        "`peak·s/W`, 0 at the first step and the peak at step W, the cosine's first, as the "
+        "SimCLR, BYOL, Barlow Twins, VICReg and MoCo v3 code; the cosine is the same",
     )
     final_lr: float = Field(0.0, ge=0.0, description="lr at the end of the cosine decay")
     weight_decay: ValueSchedule | None = Field(
@@ -289,6 +298,15 @@ class ScheduleConfig(ConfigSection):
         description="`optim.momentum` on a cosine to `end`; null: constant; logged as "
         "`train/momentum`",
     )
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> ScheduleConfig:
+        if self.warmup_from is not None and self.warmup_peak_at != "last_warmup_step":
+            raise ValueError(
+                "warmup_peak_at: first_cosine_step places a warmup from 0; warmup_from's "
+                "reaches the peak at the last warmup step (set one of them)"
+            )
+        return self
 
     def scheduled(self) -> dict[str, ValueSchedule]:
         """The optimizer keys with a schedule, and their schedules."""

@@ -341,6 +341,7 @@ class Trainer:
             peak_lr=self.peak_lr,
             final_lr=self.cfg.schedule.final_lr,
             warmup_from=self.cfg.schedule.warmup_from,
+            warmup_peak_at=self.cfg.schedule.warmup_peak_at,
         )
 
     def scheduled_at(self, step: int) -> dict[str, float]:

@@ -11,8 +11,17 @@ from typing import Any
 import pytest
 import torch
 
+from optim import scale_lr, warmup_cosine
 from ssl_toolkit.config import load_config
 from ssl_toolkit.methods import build_method
+from tests.optim.test_schedules import (
+    barlow_twins_schedule,
+    byol_schedule,
+    mocov3_schedule,
+    simclr_schedule,
+    solo_learn_schedule,
+    swav_schedule,
+)
 
 EXCLUDED = ["@norm", "@bias"]
 ONE_DIM = ["@1d"]  # the authors' `p.ndim == 1` filters
@@ -24,7 +33,15 @@ SOLO_LEARN_LARS = {
     "optim.lr_in_buffer": False,
     "model.zero_init_residual": False,
     "exclude": ONE_DIM,
+    # solo/methods/base.py: scheduler.warmup_start_lr 3e-5 and min_lr 0 by default, and
+    # LinearWarmupCosineAnnealingLR's warmup, a numpy.linspace to the peak.
+    "schedule.warmup_from": 3e-5,
+    "schedule.warmup_peak_at": "last_warmup_step",
+    "schedule.final_lr": 0.0,
 }
+# The warmup of model_util.py (SimCLR), schedules.py (BYOL), main.py (Barlow Twins),
+# main_vicreg.py and main_moco.py: step / warmup_steps x peak, 0 at the first step.
+FROM_ZERO = {"schedule.warmup_from": None, "schedule.warmup_peak_at": "first_cosine_step"}
 
 RECIPES: dict[str, dict[str, Any]] = {
     # Chen et al. 2020 (arXiv:2002.05709), section 2.3, appendix A, table 5.
@@ -50,6 +67,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "method.loss_scale": 2.0,
         "method.projector.last_batch_norm": "scale",
         "model.zero_init_residual": True,
+        **FROM_ZERO,
     },
     # Grill et al. 2020 (arXiv:2006.07733), section 5 and appendix F (300 epochs), table 6.
     "imagenet/byol": {
@@ -69,6 +87,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "optim.trust_ratio": "update",
         "optim.lr_in_buffer": False,
         "model.zero_init_residual": True,
+        **FROM_ZERO,
     },
     # Zbontar et al. 2021 (arXiv:2103.03230), section 2; facebookresearch/barlowtwins main.py.
     "imagenet/barlow": {
@@ -91,6 +110,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         # The in-place all_reduce of c: 1 / (32 processes, section 4) of the exact gradient.
         "method.gradient_scale": 1 / 32,
         "method.loss_scale": 1.0,
+        **FROM_ZERO,
     },
     # facebookresearch/vicreg main_vicreg.py and its README's 1000-epoch command.
     "imagenet/vicreg": {
@@ -115,6 +135,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "trainer.epochs": 1000,
         "exclude": ONE_DIM,
         "views": {"blur_p": (1.0, 0.1), "solarize_p": (0.0, 0.2)},
+        **FROM_ZERO,
     },
     # facebookresearch/moco-v3 CONFIG.md (ResNet-50, 100 / 300 / 1000 epochs), main_moco.py's
     # defaults, moco/builder.py and moco/optimizer.py.
@@ -142,6 +163,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "trainer.epochs": 100,
         "exclude": ONE_DIM,
         "views": {"blur_p": (1.0, 0.1), "solarize_p": (0.0, 0.2)},
+        **FROM_ZERO,
     },
     "imagenet/mocov3_300ep": {
         "processes": 16,
@@ -151,6 +173,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "method.tau_base": 0.99,
         "trainer.epochs": 300,
         "exclude": ONE_DIM,
+        **FROM_ZERO,
     },
     "imagenet/mocov3_1000ep": {
         "processes": 16,
@@ -160,6 +183,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "method.tau_base": 0.996,
         "trainer.epochs": 1000,
         "exclude": ONE_DIM,
+        **FROM_ZERO,
     },
     # CONFIG.md's ViT-S command (4 nodes of 8 GPUs): AdamW, no exclusions.
     "imagenet/mocov3_vit_small": {
@@ -177,6 +201,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "trainer.epochs": 300,
         "data.crop_min_scale": 0.08,
         "exclude": [],
+        **FROM_ZERO,
     },
     # facebookresearch/swav scripts/swav_800ep_pretrain.sh (64 GPUs x 64); main_swav.py's
     # LARC(SGD, trust_coefficient=0.001, clip=False) on every parameter.
@@ -203,6 +228,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "schedule.lr_scaling": "none",
         "schedule.warmup_epochs": 10,
         "schedule.warmup_from": 0.3,
+        "schedule.warmup_peak_at": "last_warmup_step",
         "schedule.final_lr": 0.0048,
         "trainer.epochs": 800,
         "exclude": [],
@@ -233,6 +259,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "schedule.lr_scaling": "linear",
         "schedule.warmup_epochs": 10,
         "schedule.warmup_from": 0.0,
+        "schedule.warmup_peak_at": "last_warmup_step",
         "schedule.final_lr": 1e-6,
         "trainer.epochs": 300,
         "exclude": ["@norm", "@bias", "*pos_embed", "*cls_token"],
@@ -256,6 +283,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "optim.freeze.steps": 1281167 // 512,
         "schedule.warmup_epochs": 10,
         "schedule.warmup_from": 0.0,
+        "schedule.warmup_peak_at": "last_warmup_step",
         "schedule.final_lr": 1e-6,
         "trainer.epochs": 100,
         "exclude": ONE_DIM,
@@ -278,6 +306,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "method.loss_scale": 2.0,
         "method.projector.last_batch_norm": "scale",
         "model.zero_init_residual": True,
+        **FROM_ZERO,
     },
     # solo-learn scripts/pretrain/cifar/byol.yaml with augmentations/asymmetric.yaml.
     "cifar10/byol": {
@@ -388,3 +417,69 @@ def test_recipe_matches_its_source(name: str) -> None:
                 assert value == (0.0, 0.0), "no blur below blur_min_size"
             else:
                 assert got == pytest.approx(value), field
+
+
+# Each recipe's lr per step, as its authors' code gives it (tests/optim/test_schedules.py):
+# a function of the peak lr, the warmup epochs, the epochs and the steps per epoch.
+AUTHORS_SCHEDULES = {
+    "imagenet/simclr": simclr_schedule,
+    "cifar10/simclr": simclr_schedule,
+    "imagenet/byol": byol_schedule,
+    "imagenet/barlow": barlow_twins_schedule,
+    "imagenet/vicreg": barlow_twins_schedule,
+    **dict.fromkeys(
+        ["imagenet/mocov3", "imagenet/mocov3_300ep", "imagenet/mocov3_1000ep"], "mocov3"
+    ),
+    "imagenet/mocov3_vit_small": "mocov3",
+    # scripts/swav_800ep_pretrain.sh: --start_warmup 0.3 --final_lr 0.0048; main_dino.py:
+    # cosine_scheduler from 0 (start_warmup_value) to --min_lr 1e-6; solo-learn: from 3e-5 to 0.
+    "imagenet/swav": ("linspace", 0.3, 0.0048),
+    "imagenet/dino_vits16": ("linspace", 0.0, 1e-6),
+    "imagenet/dino_resnet50": ("linspace", 0.0, 1e-6),
+    **dict.fromkeys(["cifar10/byol", "cifar10/mocov3", "cifar10/vicreg"], ("solo", 3e-5, 0.0)),
+}
+
+
+def _authors_lrs(name: str, peak: float, warmup_epochs: int, epochs: int, iters: int) -> list:
+    schedule = AUTHORS_SCHEDULES[name]
+    warmup, total = warmup_epochs * iters, epochs * iters
+    if schedule == "mocov3":
+        return [mocov3_schedule(s, peak, warmup_epochs, epochs, iters) for s in range(total)]
+    if isinstance(schedule, tuple):
+        kind, start, final = schedule
+        of = swav_schedule if kind == "linspace" else solo_learn_schedule
+        return of(peak, start, final, warmup, total)
+    return [schedule(s, peak, warmup, total) for s in range(total)]
+
+
+def test_every_recipe_has_a_schedule_to_check() -> None:
+    assert set(AUTHORS_SCHEDULES) == set(RECIPES)
+
+
+@pytest.mark.parametrize("name", sorted(AUTHORS_SCHEDULES))
+def test_recipe_lr_schedule_is_its_authors(name: str) -> None:
+    """Step by step, for a few lengths of epoch and of run after the warmup, the recipe's
+    schedule keys give the lr its authors' code gives at its peak (from the recipe's lr and
+    global batch: the final lr of Barlow Twins and VICReg is a multiple of it)."""
+    cfg = load_config(name)
+    schedule = cfg.schedule
+    warmup_epochs = int(schedule.warmup_epochs)
+    assert warmup_epochs == schedule.warmup_epochs
+    global_batch = cfg.data.batch_size * cfg.trainer.accumulate_grad_batches
+    peak = scale_lr(cfg.optim.lr, global_batch * RECIPES[name]["processes"], schedule.lr_scaling)
+    for iters, after in ((1, 1), (3, 5), (4, 2)):
+        epochs = warmup_epochs + after
+        got = [
+            warmup_cosine(
+                s,
+                total_steps=epochs * iters,
+                warmup_steps=warmup_epochs * iters,
+                peak_lr=peak,
+                final_lr=schedule.final_lr,
+                warmup_from=schedule.warmup_from,
+                warmup_peak_at=schedule.warmup_peak_at,
+            )
+            for s in range(epochs * iters)
+        ]
+        expected = _authors_lrs(name, peak, warmup_epochs, epochs, iters)
+        assert got == pytest.approx(expected, rel=1e-12, abs=1e-15), (iters, after)
