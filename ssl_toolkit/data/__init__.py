@@ -14,7 +14,6 @@ from ssl_toolkit.data.datasets import (
     DatasetName,
     InMemoryImageDataset,
     build_dataset,
-    stratified_split,
 )
 from ssl_toolkit.data.folders import (
     BadImageError,
@@ -31,6 +30,7 @@ from ssl_toolkit.data.loader import (
     build_loader,
 )
 from ssl_toolkit.data.shards import ShardFiles
+from ssl_toolkit.data.splits import stratified_split
 
 __all__ = [
     "DATASET_NAMES",

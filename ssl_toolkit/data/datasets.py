@@ -28,6 +28,7 @@ from ssl_toolkit.data.folders import (
     find_images,
 )
 from ssl_toolkit.data.shards import ShardFiles, shard_split
+from ssl_toolkit.data.splits import fixed_split
 
 DatasetName = Literal[
     "digits", "synthetic", "cifar10", "cifar100", "stl10", "imagefolder", "shards"
@@ -91,7 +92,8 @@ def build_dataset(
 
     - ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 images, offline),
       upscaled bilinearly to ``image_size`` (default 32) RGB; a fixed stratified split
-      (:func:`stratified_split`) gives 80% of each class for ``train=True``, the rest otherwise.
+      (:func:`~ssl_toolkit.data.splits.fixed_split`) gives 80% of each class for
+      ``train=True``, the rest otherwise.
     - ``synthetic``: random images, for tests; kwargs ``length`` (256), ``image_size`` (32),
       ``num_classes`` (10), ``seed`` (0; the test split uses ``seed + 1``).
     - ``cifar10`` / ``cifar100``: torchvision's files under ``root``.
@@ -101,9 +103,10 @@ def build_dataset(
       in it for an unlabelled folder (labels -1). With ``train/`` and ``val/`` inside, those
       are the splits, and ``val/`` is numbered by ``train/``'s class names (a class that
       ``train/`` lacks is an error); ``train/`` alone, or a labelled folder with neither, is
-      split 80/20 per class with a fixed seed (:func:`stratified_split`). Decoded in DataLoader
-      workers (:data:`~ssl_toolkit.data.folders.IMAGE_SUFFIXES`); without ``views``, the
-      shorter side is resized to ``image_size / 0.875`` (default 224) and the centre crop kept.
+      split 80/20 per class with a fixed seed (:func:`~ssl_toolkit.data.splits.fixed_split`).
+      Decoded in DataLoader workers (:data:`~ssl_toolkit.data.folders.IMAGE_SUFFIXES`);
+      without ``views``, the shorter side is resized to ``image_size / 0.875`` (default 224)
+      and the centre crop kept.
     - ``shards``: WebDataset tar shards (``key.jpg`` and an optional ``key.cls``): ``root`` is a
       folder of ``.tar`` files, or a brace pattern of them; with ``train/`` and ``val/`` folders
       of shards inside, those are the splits, else labelled shards are split 80/20 per class as
@@ -145,36 +148,9 @@ def _digits(*, train: bool, image_size: int = 32) -> InMemoryImageDataset:
     pixels = F.interpolate(pixels, size=(image_size, image_size), mode="bilinear")
     images = pixels.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8).expand(-1, 3, -1, -1)
     targets = torch.from_numpy(digits.target).long()
-    index = _fixed_split(targets, train)
+    index = fixed_split(targets, train)
     classes = [str(c) for c in digits.target_names]
     return InMemoryImageDataset(images[index].contiguous(), targets[index], classes)
-
-
-def _fixed_split(targets: Tensor, train: bool) -> Tensor:
-    """The sorted indices of a fixed stratified 80/20 split: the train part, or the test part."""
-    split = stratified_split(targets, lambda n: round(0.8 * n), torch.Generator().manual_seed(0))
-    return split[0 if train else 1].sort().values
-
-
-def stratified_split(
-    labels: Tensor, count: Callable[[int], int], generator: torch.Generator
-) -> tuple[Tensor, Tensor]:
-    """Indices ``(chosen, rest)``: ``count(n_c)`` random samples of every class c, and the others.
-
-    Classes are visited in sorted order and each class's members are permuted with
-    ``generator``, so the same generator state gives the same split. Both index tensors list
-    class by class, in permuted order.
-    """
-    chosen, rest = [], []
-    # One stable sort groups the members of every class, each in index order.
-    grouped = labels.argsort(stable=True)
-    counts = labels.unique(sorted=True, return_counts=True)[1].tolist()
-    for members in grouped.split(counts):
-        members = members[torch.randperm(members.numel(), generator=generator).to(members.device)]
-        take = count(members.numel())
-        chosen.append(members[:take])
-        rest.append(members[take:])
-    return torch.cat(chosen), torch.cat(rest)
 
 
 def _synthetic(
@@ -288,7 +264,7 @@ def _folder_split(root: Path, train: bool, index_dir: str | Path | None) -> Imag
         if not files.labelled:
             return files
         # No val/: a fixed stratified 80/20 split keeps the test images apart.
-        keep = _fixed_split(torch.tensor(files.labels), train).tolist()
+        keep = fixed_split(torch.tensor(files.labels), train).tolist()
         return ImageFiles(
             [files.paths[i] for i in keep], [files.labels[i] for i in keep], files.classes
         )

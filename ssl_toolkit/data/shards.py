@@ -35,6 +35,7 @@ from wids.wids import IndexedTarSamples
 from ssl_toolkit.checkpoint import atomic_write_first
 from ssl_toolkit.data.folders import BadImageError, DatasetNotFoundError
 from ssl_toolkit.data.listing import IMAGE_SUFFIXES
+from ssl_toolkit.data.splits import fixed_split
 
 __all__ = [
     "SHARD_INDEX",
@@ -315,7 +316,6 @@ def shard_split(
     of shards when it has both (``val/`` with ``train/``'s class names), else all its shards,
     labelled ones split 80/20 per class with the fixed seed that image folders use. With
     ``skip_bad``, shards that cannot be read are left out with a warning."""
-    from ssl_toolkit.data.datasets import _fixed_split
 
     def files(where: str) -> ShardFiles:
         shards = find_shards(where)
@@ -334,4 +334,4 @@ def shard_split(
     chosen = files(train_dir if os.path.isdir(train_dir) else root)
     if not chosen.labelled:
         return chosen
-    return chosen.subset(_fixed_split(torch.tensor(chosen.labels), train).tolist())
+    return chosen.subset(fixed_split(torch.tensor(chosen.labels), train).tolist())

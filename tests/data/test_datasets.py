@@ -1,6 +1,8 @@
 """Datasets: digits split and content, synthetic seeding, missing-file errors, image folders."""
 
+import ast
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.datasets import load_digits
 
+import ssl_toolkit.data
 from ssl_toolkit.data import (
     DATASET_NAMES,
     DatasetNotFoundError,
@@ -16,6 +19,7 @@ from ssl_toolkit.data import (
     build_loader,
     stratified_split,
 )
+from ssl_toolkit.data.splits import fixed_split
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +181,33 @@ def test_empty_imagefolder_is_not_found(tmp_path):
 def test_in_memory_datasets_get_the_tensor_loader():
     ds = build_dataset("synthetic", length=16)
     assert isinstance(build_loader(ds, batch_size=4), TensorBatchLoader)
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module ``path`` imports, at its top or inside a function."""
+    tree = ast.parse(path.read_text())
+    names = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+    return names - {None}
+
+
+def test_the_splits_live_in_one_module_that_datasets_and_shards_import():
+    """No import cycle: the shards do not import the datasets, which import the shards."""
+    data = Path(ssl_toolkit.data.__file__).parent
+    datasets, shards = (
+        _imported_modules(data / "datasets.py"),
+        _imported_modules(data / "shards.py"),
+    )
+    assert "ssl_toolkit.data.shards" in datasets and "ssl_toolkit.data.datasets" not in shards
+    assert "ssl_toolkit.data.splits" in datasets and "ssl_toolkit.data.splits" in shards
+    assert "ssl_toolkit.data" not in _imported_modules(data / "splits.py")
+
+
+def test_image_folders_and_their_shards_take_the_same_fixed_split():
+    labels = torch.tensor([2, 0, 1, 0, 2, 2, 1, 0, 0, 1, 2, 0])
+    train, test = fixed_split(labels, True), fixed_split(labels, False)
+    assert sorted(train.tolist() + test.tolist()) == list(range(12))
+    assert torch.bincount(labels[train]).tolist() == [4, 2, 3]  # 80% of 5, 3 and 4, rounded
+    assert torch.equal(train, train.sort().values) and torch.equal(fixed_split(labels, True), train)
