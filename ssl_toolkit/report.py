@@ -73,11 +73,12 @@ class TrainResult:
 
     def with_training_of(self, summary: dict[str, Any]) -> TrainResult:
         """This result with the training numbers (final loss, speed, time) of an earlier
-        session's ``summary.json``: a session resumed at the end trains nothing itself."""
+        session's ``summary.json``: a session resumed at the end trains nothing itself. A
+        value that is no finite number is not taken: this session's own stands."""
         kept = {
-            key: float(summary[key])
+            key: number
             for key in _TRAINING_KEYS
-            if isinstance(summary.get(key), int | float)
+            if (number := finite_number(summary.get(key))) is not None
         }
         return dataclasses.replace(self, **kept)
 
