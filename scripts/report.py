@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"report: cannot write {args.out} ({reason})", file=sys.stderr)
         return 2
     except OSError as error:
-        print(f"report: cannot read {error.filename} ({error.strerror or error})", file=sys.stderr)
+        where = error.filename or args.run_dir
+        print(f"report: cannot read {where} ({error.strerror or error})", file=sys.stderr)
         return 2
     return 0
 
