@@ -44,10 +44,11 @@ USAGE_ERRORS = (
 
 
 def print_error(error: Exception, console: Console) -> None:
-    """Print one ``error: ...`` line per line of ``error``: no markup, no traceback, and no
-    line breaks added at the terminal's width."""
+    """Print one ``error: ...`` line per line of ``error``: no markup, no emoji codes (a shard
+    key ``x`` would print ``SHARD:x:`` as a cross), no traceback, and no line breaks added at
+    the terminal's width."""
     for line in str(error).splitlines():
-        console.print(f"error: {line}", markup=False, highlight=False, soft_wrap=True)
+        console.print(f"error: {line}", markup=False, highlight=False, emoji=False, soft_wrap=True)
 
 
 def _parser() -> argparse.ArgumentParser:

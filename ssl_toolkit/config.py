@@ -184,6 +184,12 @@ class DataConfig(ConfigSection):
         description="image folders and shards: put the next image in the place of one that "
         "does not decode, and list it, instead of stopping",
     )
+    num_classes: int | None = Field(
+        None,
+        gt=0,
+        description="shards whose index names no classes: their labels are 0..num_classes-1 "
+        "(some may not occur); null: one class per distinct label, which must be 0..K-1",
+    )
     allow_changed: bool = Field(
         False,
         description="a resume on data other than the checkpoint's (images or shards added "
@@ -221,6 +227,14 @@ class DataConfig(ConfigSection):
     def _some_crops(self) -> DataConfig:
         if self.crops is not None and not self.crops:
             raise ValueError("crops: an empty list; null keeps the method's two views")
+        return self
+
+    @model_validator(mode="after")
+    def _classes_of_shards(self) -> DataConfig:
+        if self.num_classes is not None and self.name != "shards":
+            raise ValueError(
+                f"num_classes: declares the classes of shards; {self.name!r} has its own"
+            )
         return self
 
     @model_validator(mode="after")

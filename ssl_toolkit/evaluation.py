@@ -292,6 +292,7 @@ def eval_datasets(cfg: ExperimentConfig) -> tuple[Dataset, Dataset] | None:
             image_size=size,
             index_dir=index_dir,
             skip_bad=skip_bad,
+            num_classes=cfg.data.num_classes,
             **bank_split,
         )
         if (bank.targets < 0).all():
@@ -303,6 +304,7 @@ def eval_datasets(cfg: ExperimentConfig) -> tuple[Dataset, Dataset] | None:
             image_size=size,
             index_dir=index_dir,
             skip_bad=skip_bad,
+            num_classes=cfg.data.num_classes,
         )
     if len(bank.classes) < 2:
         raise SingleClassError(

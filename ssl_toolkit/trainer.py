@@ -160,6 +160,7 @@ class Trainer:
             ),
             index_dir=self.run_dir,
             skip_bad=cfg.data.skip_bad,
+            num_classes=cfg.data.num_classes,
         )
         self.device_views = None
         """Decodes and crops each batch on the device (``data.decode: cuda``), else None."""

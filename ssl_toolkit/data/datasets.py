@@ -27,7 +27,7 @@ from ssl_toolkit.data.folders import (
     ImageFolderViews,
     find_images,
 )
-from ssl_toolkit.data.shards import ShardFiles, shard_split
+from ssl_toolkit.data.shards import ShardFiles, shard_classes, shard_split
 from ssl_toolkit.data.splits import fixed_split
 
 DatasetName = Literal[
@@ -77,6 +77,7 @@ def build_dataset(
     views: CropViews | None = None,
     index_dir: str | Path | None = None,
     skip_bad: bool = False,
+    num_classes: int | None = None,
     **kwargs: Any,
 ) -> Dataset:
     """Build the dataset ``name``, returning ``(image, label)`` items.
@@ -88,7 +89,9 @@ def build_dataset(
     in-memory datasets ignore it, since their views are cut on the device. ``index_dir`` is
     where an image folder's listing is kept when the folder's parent is not writable
     (:func:`~ssl_toolkit.data.listing.find_images`); others ignore it. ``skip_bad`` leaves
-    out tar shards that cannot be read, with a warning, instead of raising.
+    out tar shards that cannot be read, with a warning, instead of raising. ``num_classes``
+    declares the class count of shards (:func:`~ssl_toolkit.data.shards.shard_classes`) and
+    of ``synthetic``; others ignore it.
 
     - ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 images, offline),
       upscaled bilinearly to ``image_size`` (default 32) RGB; a fixed stratified split
@@ -130,6 +133,8 @@ def build_dataset(
         common["index_dir"] = index_dir
     if skip_bad:
         common["skip_bad"] = skip_bad
+    if num_classes is not None:
+        common["num_classes"] = num_classes
     options = sorted(set(accepted) - set(common))
     unknown = sorted(set(kwargs) - set(options))
     if unknown:
@@ -311,6 +316,7 @@ def _shards(
     views: CropViews | None = None,
     index_dir: str | Path | None = None,
     skip_bad: bool = False,
+    num_classes: int | None = None,
 ) -> Dataset:
     if root is None:
         raise DatasetNotFoundError(
@@ -318,6 +324,7 @@ def _shards(
             "of them (scripts/make_shards.py writes them from an image folder)"
         )
     files = shard_split(str(root), train, index_dir, skip_bad)
+    files.classes = shard_classes(files, num_classes)
     return _decoded_in_workers(files, views, image_size)
 
 

@@ -44,6 +44,7 @@ __all__ = [
     "index_shards",
     "keep_shard_index",
     "read_shard_index",
+    "shard_classes",
     "shard_split",
 ]
 
@@ -80,23 +81,68 @@ def _open(path: str) -> IndexedTarSamples:
 
 
 def _member_suffix(name: str) -> str:
+    """What a member is (``.jpg``, ``.cls``, ...): its name's last suffix, lower-cased."""
     return name[name.rfind(".") :].lower()
+
+
+def _key(name: str) -> str:
+    """The sample key of a member, by the WebDataset rule that ``wids`` groups members by: its
+    name up to the first dot after the last slash (``s0.v1.jpg`` is a member of ``s0``)."""
+    dot = name.find(".", name.rfind("/") + 1)
+    return name if dot < 0 else name[:dot]
+
+
+def _label(shard: IndexedTarSamples, member: int, where: str) -> int:
+    """The class index in the ``.cls`` member ``member``: a whole number >= 0."""
+    text = shard.reader.get_at_index(member)[1]
+    try:
+        label = int(text.decode().strip())
+    except (UnicodeDecodeError, ValueError):
+        raise DatasetNotFoundError(
+            f"{where}: the label {bytes(text[:20])!r} is not a whole number (a .cls member "
+            "holds the class index as text)"
+        ) from None
+    if label < 0:
+        raise DatasetNotFoundError(
+            f"{where}: the label {label} is negative; a .cls member holds the class index, "
+            "0, 1, ..."
+        )
+    return label
 
 
 def _shard_entry(path: str) -> dict[str, Any]:
     """What the index keeps of one shard: its size and time (to know it unchanged), its
-    samples, and their labels (-1 without a ``.cls`` member)."""
+    samples, and their labels (-1 without a ``.cls`` member). A sample with two images or two
+    labels (members that one key holds, as ``s0.v0.jpg`` and ``s0.v1.jpg``), a key that comes
+    back after other samples, or a label that is not a whole number >= 0 raises
+    :class:`DatasetNotFoundError` naming ``SHARD:KEY``: read on, the sample would lose an
+    image or a label without a word."""
     stat = os.stat(path)
     shard = _open(path)
     try:
-        labels = []
+        labels, seen = [], set()
         for members in shard.samples:
-            label = -1
-            for member in members:
-                name, _, _ = shard.reader.by_index[member]
-                if name.endswith(".cls"):
-                    label = int(shard.reader.get_at_index(member)[1].decode().strip())
-            labels.append(label)
+            names = [shard.reader.by_index[member][0] for member in members]
+            key = _key(names[0])
+            where = f"{path}:{key}"
+            if key in seen:
+                raise DatasetNotFoundError(
+                    f"{where}: the key comes back after other samples; a sample's members "
+                    "must follow each other in the shard"
+                )
+            seen.add(key)
+            images = [name for name in names if _member_suffix(name) in IMAGE_SUFFIXES]
+            classes = [
+                m for m, n in zip(members, names, strict=True) if _member_suffix(n) == ".cls"
+            ]
+            if len(images) > 1 or len(classes) > 1:
+                what = f"{len(images)} images" if len(images) > 1 else f"{len(classes)} labels"
+                raise DatasetNotFoundError(
+                    f"{where}: one sample with {what} ({', '.join(names)}): a key ends at the "
+                    "first dot after the last slash (the WebDataset rule), so these members are "
+                    "one sample; give every image its own key, without dots"
+                )
+            labels.append(_label(shard, classes[0], where) if classes else -1)
     finally:
         shard.close()
     return {"size": stat.st_size, "mtime": stat.st_mtime_ns, "labels": labels}
@@ -158,12 +204,15 @@ def index_shards(
     """The index of ``shards``: each one's samples and labels; ``classes`` names the labels.
     ``progress()`` is called after each shard. A shard that cannot be indexed raises
     :class:`DatasetNotFoundError` naming it; with ``skip_bad`` it is left out of the index
-    (listed under ``"skipped"`` with its reason) instead."""
+    (listed under ``"skipped"`` with its reason) instead. A sample laid out wrongly (see
+    :func:`_shard_entry`) is an error even with ``skip_bad``: a whole shard would go."""
     entries, skipped = {}, {}
     for shard, name in zip(shards, _names(shards), strict=True):
         try:
             entries[name] = _shard_entry(shard)
-        except Exception as error:  # headers that do not parse, a .cls that is not a number
+        except DatasetNotFoundError:
+            raise
+        except Exception as error:  # headers that do not parse
             reason = f"it is not a readable WebDataset tar ({type(error).__name__}: {error})"
             if not skip_bad:
                 raise DatasetNotFoundError(f"cannot index the shard {shard}: {reason}") from error
@@ -225,10 +274,10 @@ class ShardFiles:
         flat = [label for shard_labels in labels for label in shard_labels]
         self.shard_of, self.inner = shard_of, inner.astype(np.int32)
         self.labels: list[int] = flat
-        known = [label for label in flat if label >= 0]
-        self.classes: list[str] = index.get("classes") or (
-            [str(c) for c in range(max(known) + 1)] if known else []
-        )
+        # Without class names, as many classes as distinct labels (never the largest label,
+        # which may be any number): shard_classes checks that the labels fit them.
+        count = len({label for label in flat if label >= 0})
+        self.classes: list[str] = index.get("classes") or [str(c) for c in range(count)]
         self._open: OrderedDict[int, IndexedTarSamples | BadImageError] = OrderedDict()
         self._pid = os.getpid()
 
@@ -307,6 +356,65 @@ class ShardFiles:
             where,
             (_member_suffix(name)),
         )
+
+
+def _sample_name(files: ShardFiles, position: int) -> str:
+    """``SHARD:KEY`` of the sample at ``position`` of ``files``, for an error (the index keeps
+    no keys: the shard is opened again to read it)."""
+    path, inner = files.shards[int(files.shard_of[position])], int(files.inner[position])
+    try:
+        shard = _open(path)
+        try:
+            return f"{path}:{_key(shard.reader.by_index[shard.samples[inner][0]][0])}"
+        finally:
+            shard.close()
+    except Exception:  # changed since it was indexed: its place in the shard says it
+        return f"{path}:#{inner}"
+
+
+def shard_classes(files: ShardFiles, num_classes: int | None = None) -> list[str]:
+    """The class names of ``files``, once every label is checked to be one of them: the
+    index's names (``make_shards.py``), ``num_classes`` numbered ones when it is declared
+    (``data.num_classes``), else one per distinct label, which must then be 0..K-1. Every
+    sample is labelled or none is. A label that breaks this raises
+    :class:`DatasetNotFoundError` naming ``SHARD:KEY``, before a run trains to fail at its
+    probes (or to allocate a class count of the largest label)."""
+    labels = np.asarray(files.labels, dtype=np.int64)
+    names = files.classes
+    numbered = names == [str(c) for c in range(len(names))]  # no names, or names of numbers
+    if num_classes is not None and len(names) != num_classes:
+        if names and not numbered:
+            raise DatasetNotFoundError(
+                f"data.num_classes={num_classes}, but the index of the shards "
+                f"({files.shards[0]}, ...) names {len(names)} classes ({', '.join(names[:3])}"
+                f"{', ...' if len(names) > 3 else ''}): leave data.num_classes unset"
+            )
+        names = [str(c) for c in range(num_classes)]
+    if not len(labels) or (not names and (labels == -1).all()):
+        return names
+    if (labels == -1).any():
+        where = _sample_name(files, int(np.argmax(labels == -1)))
+        raise DatasetNotFoundError(
+            f"{where}: the sample has no label (.cls member), but the shards have "
+            f"{len(names)} classes: label every sample or none"
+        )
+    wrong = (labels < 0) | (labels >= len(names))
+    if wrong.any():
+        position = int(np.argmax(wrong))
+        if num_classes is not None:
+            allowed = f"data.num_classes={num_classes} allows 0..{num_classes - 1}"
+        elif numbered:
+            allowed = (
+                f"the labels count {len(names)} classes, which are 0..{len(names) - 1}: number "
+                "the classes from 0 without gaps, or declare their number in data.num_classes"
+            )
+        else:
+            allowed = f"the index names {len(names)} classes, 0..{len(names) - 1}"
+        raise DatasetNotFoundError(
+            f"{_sample_name(files, position)}: the label {labels[position]} is not a class; "
+            f"{allowed}"
+        )
+    return names
 
 
 def shard_split(
