@@ -62,7 +62,9 @@ class LARS(Optimizer):
 
     ``trust_ratio="update"`` takes ``r = eta * ||p|| / ||d||`` instead (1 where either norm is
     0; ``epsilon`` unused), and ``lr_in_buffer=False`` accumulates ``buf = momentum * buf + r * d``
-    and steps ``p -= lr * buf``.
+    and steps ``p -= lr * buf``. With the paper's ratio and the lr outside the buffer (apex's
+    LARC), a tensor with ``||p|| == 0`` or ``||g|| == 0`` takes ``d = g`` with ``r = 1``, as LARC
+    leaves it: a zero gradient then moves it by its momentum only.
 
     Args:
         params: parameters or param groups. A group may set ``layer_adaptation=False`` to exclude
@@ -205,8 +207,11 @@ class LARS(Optimizer):
                     grad_scale=grad_scale,
                     found_inf=found_inf,
                 )
+                larc = group["trust_ratio"] == "original" and not group["lr_in_buffer"]
                 last_ratios.append(
-                    _BucketRatios(bucket.names, bucket.adapted, ratios, bucket.params[0].device)
+                    _BucketRatios(
+                        bucket.names, bucket.adapted, ratios, bucket.params[0].device, larc
+                    )
                 )
         # In place: torch.compile(step, fullgraph=True) of torch 2.11 cannot rebind an attribute.
         self._last_ratios[:] = last_ratios
@@ -245,13 +250,17 @@ class LARS(Optimizer):
     def trust_ratios(self, adapted_only: bool = False) -> dict[str, Tensor]:
         """The ratio applied in the last step, per ``param_name``, as 0-d tensors on device.
 
-        Parameters not adapted report 1.0 (left out with ``adapted_only=True``). With
-        ``trust_clip`` the applied ratio is min(r / lr, 1). Reading them costs no host sync.
+        Parameters not adapted report 1.0 (left out with ``adapted_only=True``), and so do
+        LARC's tensors with a zero gradient (its adaptive lr). With ``trust_clip`` the applied
+        ratio is min(r / lr, 1). Reading them costs no host sync.
         """
         ratios: dict[str, Tensor] = {}
         for bucket in self._last_ratios:
             if bucket.ratios is not None:
-                ratios.update(zip(bucket.names, bucket.ratios.unbind()))
+                values = bucket.ratios
+                if bucket.larc:  # the step's 0 where LARC skipped a zero gradient
+                    values = torch.where(values == 0, 1.0, values)
+                ratios.update(zip(bucket.names, values.unbind()))
             if not adapted_only and bucket.adapted < len(bucket.names):
                 one = torch.ones((), device=bucket.device)
                 ratios.update(dict.fromkeys(bucket.names[bucket.adapted :], one))
@@ -273,6 +282,7 @@ class _BucketRatios:
     adapted: int
     ratios: Tensor | None
     device: torch.device
+    larc: bool  # the ratios are _larc_ratio's
 
 
 def lars(
@@ -302,7 +312,8 @@ def lars(
     ``decayed[i]`` (default: all True) says whether tensor ``i`` gets the weight-decay term.
     ``trust_ratio`` and ``lr_in_buffer`` select the variant (see :class:`LARS`).
     Returns the applied trust ratios of the adapted tensors stacked in a 1-d float32 tensor
-    (float64 for float64 parameters), or None when none is adapted. ``grad_scale`` divides the
+    (float64 for float64 parameters; LARC's are 0 where it skips a zero gradient:
+    :func:`_larc_ratio`), or None when none is adapted. ``grad_scale`` divides the
     gradients; a nonzero ``found_inf`` leaves parameters and momentum untouched. Neither needs a
     host sync.
     """
@@ -384,6 +395,28 @@ def _trust_ratio(
     """The paper's ratio, 1 where the weight norm or the denominator is zero (on device)."""
     denom = torch.add(g_norm, w_norm, alpha=weight_decay) if weight_decay else g_norm
     return _ratio_of_norms(w_norm, denom + epsilon, eta)
+
+
+def _larc_ratio(
+    w_norm: Tensor,
+    g_norm: Tensor,
+    weight_decay: float,
+    eta: float,
+    epsilon: float,
+    lr: float | Tensor,
+    trust_clip: bool,
+) -> Tensor:
+    """The applied ratio of apex's LARC (the paper's ratio, the lr outside the buffer).
+
+    Where ``||p||`` and ``||g||`` are both > 0, the (clipped) ratio; elsewhere LARC leaves the
+    gradient as it is and adds no decay. One ratio gives both: 1 where ``||p|| == 0`` (the
+    decay term is 0 there), 0 where ``||g|| == 0`` (``r·(g + λp)`` is then 0, as LARC's
+    ``g``), so that only the momentum moves such a tensor; the clipping never applies there.
+    """
+    denom = torch.add(g_norm, w_norm, alpha=weight_decay) if weight_decay else g_norm
+    ratio = _applied_ratio(eta * w_norm / (denom + epsilon), lr, trust_clip)
+    # `w_norm == 0` in place of the constant 1.0: no more ops than the other variants' where.
+    return torch.where(torch.minimum(w_norm, g_norm) > 0, ratio, w_norm == 0)
 
 
 def _ratio_of_norms(w_norm: Tensor, denom: Tensor, eta: float) -> Tensor:
@@ -757,16 +790,19 @@ def _bucket_steps(
     """The applied ratios of the adapted tensors (from their weight norms followed by their
     gradient norms, or with ``on_update`` their decayed gradients' norms; None when none is
     adapted) and every tensor's step size into the buffer: its ratio, 1 past the adapted ones,
-    times lr when it sits in the buffer, and 0 on a GradScaler overflow."""
+    times lr when it sits in the buffer, and 0 on a GradScaler overflow. The paper's ratio with
+    the lr outside the buffer is apex's LARC (:func:`_larc_ratio`)."""
     ratios = None
     step_size: float | Tensor = lr if lr_in_buffer else 1.0
     if norms is not None:
         w_norms, denoms = norms.chunk(2)
         if on_update:
-            ratios = _ratio_of_norms(w_norms, denoms, eta)
+            ratios = _applied_ratio(_ratio_of_norms(w_norms, denoms, eta), lr, trust_clip)
+        elif lr_in_buffer:
+            ratio = _trust_ratio(w_norms, denoms, weight_decay, eta, epsilon)
+            ratios = _applied_ratio(ratio, lr, trust_clip)
         else:
-            ratios = _trust_ratio(w_norms, denoms, weight_decay, eta, epsilon)
-        ratios = _applied_ratio(ratios, lr, trust_clip)
+            ratios = _larc_ratio(w_norms, denoms, weight_decay, eta, epsilon, lr, trust_clip)
         step_size = F.pad(ratios, (0, count - len(ratios)), value=1.0)
         if lr_in_buffer:
             step_size = step_size * lr

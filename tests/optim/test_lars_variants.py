@@ -344,3 +344,140 @@ def test_bad_variant_settings_are_refused() -> None:
         )
     with pytest.raises(ValueError, match="trust_ratio"):
         LARS(model.parameters(), lr=0.1, trust_ratio="paper")
+
+
+def apex_larc_sgd_step(
+    state: dict, lr: float, clip: bool, nesterov: bool, eps: float = 1e-8
+) -> None:
+    """NVIDIA/apex ``apex/parallel/LARC.py`` ``LARC(SGD(momentum, weight_decay), clip)``.step:
+    LARC zeroes SGD's decay for the step; where ``‖p‖ != 0 and ‖g‖ != 0`` it sets
+    ``g = (g + wd·p)·adaptive_lr`` (clipped to ``min(adaptive_lr / lr, 1)``), and elsewhere
+    leaves ``g`` as it is. torch's ``SGD`` then takes ``buf = m·buf + g`` (``clone(g)`` at
+    first, the same from a zero buffer) and ``p -= lr·buf`` (or ``lr·(g + m·buf)``)."""
+    for name, (p, g, buf) in state.items():
+        p_norm, g_norm = _norm(p), _norm(g)
+        if p_norm != 0 and g_norm != 0:
+            adaptive_lr = ETA * p_norm / (g_norm + p_norm * WEIGHT_DECAY + eps)
+            if clip:
+                adaptive_lr = min(float(adaptive_lr) / lr, 1.0)
+            g = (g + WEIGHT_DECAY * p) * adaptive_lr
+        buf = MOMENTUM * buf + g
+        d_p = g + MOMENTUM * buf if nesterov else buf
+        state[name] = (p - lr * d_p, state[name][1], buf)
+
+
+def _zero_gradient_params() -> tuple[list[nn.Parameter], list[list[Tensor]]]:
+    """Float64 tensors, and their gradients at each of 3 steps: a plain one; one whose
+    gradient is always exactly 0 (a fresh buffer: LARC never moves it); one whose gradient is
+    0 after the first step (its momentum carries it); a zero one with a gradient (ratio 1, not
+    clipped, whatever the lr)."""
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    values = [randn(4, 3), randn(5), randn(3, 3), torch.zeros(6, dtype=torch.float64)]
+    grads = [
+        [randn(4, 3), randn(4, 3), randn(4, 3)],
+        [torch.zeros(5, dtype=torch.float64)] * 3,
+        [
+            randn(3, 3),
+            torch.zeros(3, 3, dtype=torch.float64),
+            torch.zeros(3, 3, dtype=torch.float64),
+        ],
+        [randn(6), randn(6), randn(6)],
+    ]
+    params = [nn.Parameter(v) for v in values]
+    for index, p in enumerate(params):
+        p.param_name = f"p{index}"
+    return params, [list(step) for step in zip(*grads)]
+
+
+LARC_PATHS = {**PATHS, "fused": dict(fused=True)}
+
+
+@pytest.mark.parametrize("path", LARC_PATHS.values(), ids=list(LARC_PATHS))
+@pytest.mark.parametrize("clip", [False, True], ids=["swav", "clip"])
+@pytest.mark.parametrize("nesterov", [False, True], ids=["", "nesterov"])
+def test_larc_leaves_a_zero_gradient_as_apex_does(path: dict, clip: bool, nesterov: bool) -> None:
+    """A tensor whose gradient is exactly 0 gets no decay and ratio 1 (it stays put from a
+    fresh buffer, and moves by its momentum only after a real gradient); a zero tensor keeps
+    ratio 1 unclipped at a lr above 1, as SwAV's 4.8."""
+    from optim import LARS
+
+    params, grads = _zero_gradient_params()
+    opt = LARS(
+        params,
+        lr=4.8,
+        momentum=MOMENTUM,
+        weight_decay=WEIGHT_DECAY,
+        eta=ETA,
+        trust_clip=clip,
+        nesterov=nesterov,
+        lr_in_buffer=False,
+        **path,
+    )
+    state = {p.param_name: (p.detach().clone(), None, torch.zeros_like(p)) for p in params}
+    start = params[1].detach().clone()
+    for step, (lr, step_grads) in enumerate(zip((4.8, 0.5, 2.0), grads)):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        for p, g, (name, (value, _, buf)) in zip(params, step_grads, list(state.items())):
+            p.grad = g.clone()
+            state[name] = (value, g, buf)
+        apex_larc_sgd_step(state, lr, clip, nesterov)
+        opt.step()
+        for p in params:
+            torch.testing.assert_close(
+                p.detach(), state[p.param_name][0], rtol=1e-12, atol=1e-14, msg=f"step {step}"
+            )
+    assert torch.equal(params[1].detach(), start)
+    ratios = opt.trust_ratios()
+    assert ratios["p1"].item() == ratios["p2"].item() == 1.0  # zero gradients: LARC's 1
+
+
+@pytest.mark.parametrize("clip", [False, True], ids=["swav", "clip"])
+def test_larc_equals_apex_on_a_model(clip: bool) -> None:
+    """The normal case, every tensor with a gradient: SmallResNet's steps as apex's LARC over
+    torch's SGD computes them, on both paths."""
+    for path in PATHS.values():
+        _run(
+            lambda state, lr, info, nesterov: apex_larc_sgd_step(state, lr, clip, nesterov),
+            dict(trust_ratio="original", lr_in_buffer=False, trust_clip=clip),
+            False,
+            path,
+        )
+
+
+@pytest.mark.slow
+def test_compiled_larc_leaves_a_zero_gradient_as_apex_does() -> None:
+    """The compiled multi-tensor update (the fused path on CUDA), here compiled for the CPU."""
+    from optim.lars import _compiled_multi_tensor_lars
+
+    params, grads = _zero_gradient_params()
+    bufs = [torch.zeros_like(p) for p in params]
+    state = {p.param_name: (p.detach().clone(), None, torch.zeros_like(p)) for p in params}
+    for lr, step_grads in zip((4.8, 0.5, 2.0), grads):
+        for g, (name, (value, _, buf)) in zip(step_grads, list(state.items())):
+            state[name] = (value, g, buf)
+        apex_larc_sgd_step(state, lr, clip=True, nesterov=False)
+        _compiled_multi_tensor_lars()(
+            [p.detach() for p in params],
+            [g.clone() for g in step_grads],
+            bufs,
+            lr=torch.tensor(lr, dtype=torch.float64),
+            momentum=MOMENTUM,
+            weight_decay=WEIGHT_DECAY,
+            eta=ETA,
+            epsilon=1e-8,
+            adapted=len(params),
+            decays=WEIGHT_DECAY,
+            trust_clip=True,
+            nesterov=False,
+            on_update=False,
+            lr_in_buffer=False,
+            grad_scale=None,
+            found_inf=None,
+        )
+        for p in params:
+            torch.testing.assert_close(p.detach(), state[p.param_name][0], rtol=1e-12, atol=1e-14)
