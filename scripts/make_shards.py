@@ -37,8 +37,9 @@ from ssl_toolkit.data import DatasetNotFoundError, build_dataset
 from ssl_toolkit.data.listing import ImageFiles
 from ssl_toolkit.data.shards import SHARD_INDEX, index_shards, keep_shard_index
 
-# The files of ours in a split's folder: its shards, the index written with them, an index
-# the shard reader keeps there for a subset of them, and atomic_write's temporary files.
+# The files of ours in a split's folder: its shards, the index written with them, the index
+# of a subset of them that earlier versions of the shard reader kept beside them, and
+# atomic_write's temporary files.
 _OWN_INDEXES = rf"{re.escape(SHARD_INDEX)}|\.shards-[0-9a-f]{{16}}\.ssl-toolkit-index\.json"
 
 
@@ -139,9 +140,10 @@ def write_split(
     seed: int,
     progress: Progress,
     skip_bad: bool = False,
-) -> tuple[int, list[str]]:
+) -> tuple[int, list[str], list[str]]:
     """Write one split's images as shards in ``out``, replacing only our files there; the
-    shard count and the images that could not be read (left out with ``skip_bad``)."""
+    shard count, the images that could not be read (left out with ``skip_bad``) and the
+    other files kept in ``out`` (``--overwrite``)."""
     partial = _temporary(out, "partial")
     if partial.exists():  # an interrupted run's (checked by main to hold only our files)
         _remove_own(partial, out.name)
@@ -169,18 +171,18 @@ def write_split(
     except BaseException:
         _remove_own(partial, out.name)
         raise
-    _move_into_place(partial, out)
-    return len(shards), skipped
+    return len(shards), skipped, _move_into_place(partial, out)
 
 
-def _move_into_place(partial: Path, out: Path) -> None:
+def _move_into_place(partial: Path, out: Path) -> list[str]:
     """Put the finished split ``partial`` at ``out``: swapped in whole when ``out`` holds only
     our files (or nothing), else (``--overwrite`` keeping other files) our old files removed
-    and the new ones moved in, the index last, so that the set is never listed half done."""
+    and the new ones moved in, the index last, so that the set is never listed half done;
+    the names of the other files kept."""
     split = out.name
     if not os.path.lexists(out):
         os.replace(partial, out)
-        return
+        return []
     own, other = _own_files(out, split)
     if not other:
         old = _temporary(out, "old")
@@ -189,13 +191,14 @@ def _move_into_place(partial: Path, out: Path) -> None:
         os.replace(out, old)
         os.replace(partial, out)
         _remove_own(old, split)
-        return
+        return []
     for path in own:
         path.unlink()
     for path in sorted(partial.glob("*.tar")):
         os.replace(path, out / path.name)
     os.replace(partial / SHARD_INDEX, out / SHARD_INDEX)
     partial.rmdir()
+    return other
 
 
 def _check_folders(folder: Path, out: Path) -> None:
@@ -263,7 +266,7 @@ def _write(args: argparse.Namespace, splits: dict[str, ImageFiles]) -> None:
             say(f"{args.out / 'val'}: no images, not written")  # classes too small to hold out
         for name, files in splits.items():
             out = args.out / name
-            count, skipped = write_split(
+            count, skipped, kept = write_split(
                 files.paths,
                 files.labels,
                 files.classes,
@@ -277,12 +280,12 @@ def _write(args: argparse.Namespace, splits: dict[str, ImageFiles]) -> None:
             say(f"{out}: {written:,} images, {count} shards")
             if skipped:
                 shown = "; ".join(skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
-                plural = (
-                    "image that cannot be read"
-                    if len(skipped) == 1
-                    else ("images that cannot be read")
-                )
-                say(f"{out}: {len(skipped):,} {plural} skipped ({shown})")
+                noun = "image" if len(skipped) == 1 else "images"
+                say(f"{out}: {len(skipped):,} {noun} that cannot be read skipped ({shown})")
+            if kept:
+                shown = ", ".join(kept[:3]) + (", ..." if len(kept) > 3 else "")
+                noun = "file" if len(kept) == 1 else "files"
+                say(f"{out}: kept {len(kept):,} {noun} that make_shards did not write ({shown})")
 
 
 if __name__ == "__main__":

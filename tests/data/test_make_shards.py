@@ -98,6 +98,9 @@ def test_a_split_folder_holding_other_files_is_refused_and_only_ours_replaced(
 
     result = _command(tmp_path / "data", tmp_path / "out", "--overwrite", "--shard-size", "8")
     assert result.returncode == 0, result.stderr
+    assert f"{notes.parents[1]}: kept 1 file that make_shards did not write (project)" in (
+        result.stdout
+    )
     assert notes.read_text() == "mine" and not stale.exists()
     train = tmp_path / "out" / "train"
     assert sorted(os.listdir(train)) == [
