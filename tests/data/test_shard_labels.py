@@ -149,6 +149,7 @@ def test_the_command_line_stops_at_a_sample_of_two_images(tmp_path: Path, capsys
     assert len(errors) == 1 and f"{root / 'part-2.tar'}:x: one sample with 2 images" in errors[0]
 
 
+@pytest.mark.slow
 def test_declared_classes_train_and_probe_labels_with_gaps(tmp_path: Path, capsys) -> None:
     root = _shards(tmp_path / "wds", _labelled(_jpeg(tmp_path), [0, 5, 7] * 8))
     assert _pretrain(tmp_path, root) == 2
