@@ -1,7 +1,10 @@
 """Crash-safe checkpoint files and the random-generator state that makes a resume reproducible.
 
 Checkpoints are written to a temporary file in the target directory and renamed over the old
-one, so a crash mid-write never leaves a truncated ``last.pt``. They are read with
+one, so a crash mid-write never leaves a truncated ``last.pt``; a kill leaves the temporary
+file, which :func:`remove_partial_writes` recognises by its name. No write follows a symbolic
+link: the temporary file is created new, and the rename replaces a link at the target rather
+than writing through it. They are read with
 ``torch.load(weights_only=True)``, which refuses arbitrary pickled objects; everything saved must
 therefore be tensors, numbers, strings, ``None`` and containers of those. The RNG helpers follow
 that rule.
@@ -13,12 +16,12 @@ import contextlib
 import os
 import random
 import re
+import secrets
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, TextIO
 
 import numpy as np
 import torch
@@ -37,6 +40,8 @@ __all__ = [
     "load_checkpoint",
     "load_latest",
     "mismatch",
+    "open_append",
+    "remove_partial_writes",
     "restore_rng_state",
     "save_checkpoint",
     "step_checkpoints",
@@ -99,41 +104,62 @@ def _describe(exc: Exception) -> str:
     return f"it is corrupt or truncated ({type(exc).__name__}: {first_sentence})"
 
 
-def _umask() -> int:
-    """The process's file-creation mask: from ``/proc`` where Linux shows it, else by
-    setting it and restoring it (which other threads creating files could notice)."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+_PARTIAL_WRITE = re.compile(r"\..+\.[0-9a-f]{16}\.tmp")
+"""The name of a temporary file of :func:`atomic_write`: ``.<name>.<16 hex digits>.tmp``."""
+
+
+def _temporary(path: Path) -> Path:
+    """A new temporary name beside ``path``, of the :data:`_PARTIAL_WRITE` shape."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Write a file through ``write(file)``, atomically, creating parent directories.
 
-    The data goes to a temporary file in the same directory, is flushed and fsynced, then
-    ``os.replace`` swaps it in. On any failure the temporary file is removed and an existing
-    file at ``path`` is left untouched.
+    The data goes to a new temporary file in the same directory (``O_CREAT | O_EXCL |
+    O_NOFOLLOW``: nothing already at its name is opened, a link least of all; the mode is
+    open()'s, 0666 less the umask), is flushed and fsynced, then ``os.replace`` swaps it in,
+    replacing whatever is at ``path`` (a symbolic link too, never its target). On any failure
+    the temporary file is removed and an existing file at ``path`` is left untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = _temporary(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, 0o666)
     try:
-        # mkstemp creates the file 0600; give it the mode open() would (0666 less the umask).
-        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp_name, path)
+        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
+            os.unlink(tmp)
         raise
     _fsync_directory(path.parent)
+
+
+def open_append(path: Path) -> TextIO:
+    """``path`` opened to append text, created if missing (0666 less the umask), never through
+    a symbolic link: a link at ``path`` raises ``OSError`` (ELOOP)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.fdopen(os.open(path, flags, 0o666), "a")
+
+
+def remove_partial_writes(directory: Path) -> None:
+    """Remove the temporary files that writes killed before their rename left in
+    ``directory``: regular files named exactly as :func:`atomic_write` names them, nothing
+    else (a user's ``notes.tmp`` stays, and so does a link). Only the holder of the run
+    directory's lock may call it: another run's write in flight has such a file too."""
+    try:
+        entries = list(os.scandir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in entries:
+        if _PARTIAL_WRITE.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
 
 
 def atomic_write_first(paths: Sequence[Path], data: bytes) -> Path | None:
@@ -267,16 +293,23 @@ def upgrade_checkpoint(state: dict[str, Any], path: Path) -> dict[str, Any]:
 
 
 def _link(source: Path, target: Path) -> None:
-    """Make ``target`` name the same file as ``source``, atomically (a hard link renamed into
-    place; a copy where the file system has no hard links)."""
-    tmp = target.with_name(f".{target.name}.link")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
+    """Make ``target`` name the same file as ``source``, atomically: a hard link under a
+    temporary name (:func:`atomic_write`'s kind), renamed into place, which replaces a
+    symbolic link at ``target`` rather than following it; a copy where the file system has no
+    hard links."""
+    tmp = _temporary(target)
     try:
         os.link(source, tmp)
     except OSError:
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+        with open(source, "rb") as original:
+            atomic_write(target, lambda copy: shutil.copyfileobj(original, copy))
+        return
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def step_checkpoints(directory: Path) -> list[Path]:

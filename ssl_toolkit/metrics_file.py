@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 from torch import Tensor
 
-from ssl_toolkit.checkpoint import atomic_write
+from ssl_toolkit.checkpoint import atomic_write, open_append
 from ssl_toolkit.wandb_logger import host_floats, to_python
 
 __all__ = [
@@ -135,7 +135,7 @@ class MetricsFile:
         text = "".join(json.dumps(row) + "\n" for row in kept)
         try:
             atomic_write(self.path, lambda file: file.write(text.encode()))
-            self._file = self.path.open("a")
+            self._file = open_append(self.path)
         except OSError as error:
             self._warn(error)
 

@@ -4,17 +4,22 @@ Two runs writing one directory interleave their checkpoints, and the later one's
 the other's step files as leftovers. :class:`RunLock` takes ``fcntl.flock`` on a lock file in
 the run directory. The operating system releases it when the holder exits or is killed, so a
 lock left behind by a dead run never blocks the next one. The file holds the holder's pid, so
-a second run can name it.
+a second run can name it; it is opened without following links, so a symbolic link planted at
+its name is refused rather than its target truncated. Taking the lock, a run removes what the
+writes of a run killed in the directory left: their temporary files.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import warnings
 from pathlib import Path
 from types import TracebackType
+
+from ssl_toolkit.checkpoint import checkpoint_path, remove_partial_writes
 
 __all__ = ["LOCK_FILE", "RunDirectoryError", "RunLock", "prepare_run_dir"]
 
@@ -59,13 +64,20 @@ class RunLock:
 
     def acquire(self) -> None:
         """Create the run directory and take its lock, or raise :class:`RunDirectoryError`
-        naming the directory and the pid of the run that holds it."""
+        naming the directory and the pid of the run that holds it (or the lock file, when it
+        is a symbolic link). Once it holds the lock, no other run writes in the directory: the
+        temporary files of killed writes there and in its checkpoints folder are removed."""
         if self._fd is not None:
             return
         prepare_run_dir(self.run_dir)
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
         except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise RunDirectoryError(
+                    f"trainer.output_dir: {self.path} is a symbolic link, not the run's lock "
+                    "file; remove it"
+                ) from None
             raise RunDirectoryError(
                 f"trainer.output_dir: {self.run_dir} is not writable ({err.strerror})"
             ) from None
@@ -90,6 +102,8 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+        remove_partial_writes(self.run_dir)
+        remove_partial_writes(checkpoint_path(self.run_dir).parent)
 
     def release(self) -> None:
         """Release the lock (the file stays: removing it would race with a new holder)."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from ssl_toolkit.checkpoint import open_append
+
 __all__ = ["SKIPPED_FILE", "SkippedImages"]
 
 SKIPPED_FILE = "skipped_images.txt"
@@ -24,10 +26,10 @@ class SkippedImages:
         self.path = Path(run_dir) / SKIPPED_FILE
         self.enabled = enabled
         self._seen: dict[str, None] = {}  # insertion-ordered: the file's order
-        if enabled and resumed and self.path.is_file():
+        if enabled and resumed and self.path.is_file() and not self.path.is_symlink():
             self._seen = dict.fromkeys(self.path.read_text().splitlines())
         elif enabled:
-            self.path.unlink(missing_ok=True)  # an earlier run's list is not this run's
+            self.path.unlink(missing_ok=True)  # an earlier run's list (or a link) is not ours
         self._written = len(self._seen)
 
     def __len__(self) -> int:
@@ -37,7 +39,7 @@ class SkippedImages:
         """List the paths not listed yet; returns how many images the run has skipped."""
         self._seen.update(dict.fromkeys(paths))
         if self.enabled and len(self._seen) > self._written:
-            with self.path.open("a") as file:
+            with open_append(self.path) as file:
                 file.writelines(f"{path}\n" for path in list(self._seen)[self._written :])
             self._written = len(self._seen)
         return len(self._seen)

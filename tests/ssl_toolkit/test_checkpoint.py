@@ -1,5 +1,7 @@
+import os
 import random
 import re
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,7 @@ import torch
 from ssl_toolkit.checkpoint import (
     Checkpointer,
     CheckpointError,
+    atomic_write,
     capture_rng_state,
     checkpoint_path,
     load_checkpoint,
@@ -54,6 +57,55 @@ def test_failed_save_keeps_previous_checkpoint_and_leaves_no_temp_file(tmp_path,
         save_checkpoint(path, {"step": 2})
     assert load_checkpoint(path) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def _victim(tmp_path: Path) -> Path:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("someone else's\n")
+    return victim
+
+
+def test_a_symlink_at_the_target_is_replaced_and_its_target_never_written(tmp_path):
+    victim = _victim(tmp_path)
+    path = tmp_path / "run" / "summary.json"
+    path.parent.mkdir()
+    path.symlink_to(victim)
+    atomic_write(path, lambda f: f.write(b"{}\n"))
+    assert victim.read_text() == "someone else's\n"
+    assert not path.is_symlink() and path.read_bytes() == b"{}\n"
+
+
+def test_a_file_at_the_temporary_name_is_never_written_through(tmp_path, monkeypatch):
+    victim = _victim(tmp_path)
+    monkeypatch.setattr(secrets, "token_hex", lambda n: "0" * 2 * n)  # a name known ahead
+    planted = tmp_path / f".summary.json.{'0' * 16}.tmp"
+    planted.symlink_to(victim)
+    with pytest.raises(FileExistsError):
+        atomic_write(tmp_path / "summary.json", lambda f: f.write(b"{}\n"))
+    assert victim.read_text() == "someone else's\n" and planted.is_symlink()
+    assert not (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_checkpoint_links_replace_a_symlink_without_following_it(tmp_path, monkeypatch, hard_links):
+    if not hard_links:  # a file system without them: last.pt and best.pt are copies
+
+        def no_link(*args, **kwargs):
+            raise OSError(1, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", no_link)
+    victim = _victim(tmp_path)
+    directory = tmp_path / "checkpoints"
+    directory.mkdir()
+    for name in ("last.pt", "best.pt"):
+        (directory / name).symlink_to(victim)
+    saver = Checkpointer(tmp_path, {"n": Recorded([7])}, every_steps=1, steps_per_epoch=1)
+    saver.save(1, best=True)
+    assert victim.read_text() == "someone else's\n"
+    for name in ("last.pt", "best.pt"):
+        assert not (directory / name).is_symlink()
+        assert torch.load(directory / name, weights_only=True) == {"n": 7}
+    assert sorted(p.name for p in directory.iterdir()) == ["best.pt", "last.pt", "step-00000001.pt"]
 
 
 def test_save_replaces_existing_checkpoint(tmp_path):

@@ -16,12 +16,14 @@ import pytest
 import torch
 
 import ssl_toolkit.trainer as trainer_module
-from ssl_toolkit.checkpoint import CheckpointError, load_checkpoint, load_latest
+from ssl_toolkit.checkpoint import CheckpointError, atomic_write, load_checkpoint, load_latest
 from ssl_toolkit.config import load_config
 from ssl_toolkit.data import build_dataset
 from ssl_toolkit.evaluation import Evaluator
+from ssl_toolkit.metrics_file import MetricsFile
 from ssl_toolkit.preemption import Preempted
 from ssl_toolkit.run_lock import LOCK_FILE, RunDirectoryError, RunLock
+from ssl_toolkit.skipped_images import SkippedImages
 from ssl_toolkit.trainer import Trainer
 from tests.data.test_folders import _jpeg
 from tests.ssl_toolkit.test_cli import ROOT, TINY, run_cli
@@ -221,6 +223,88 @@ def test_a_lock_left_by_a_killed_run_blocks_no_one(tmp_path: Path) -> None:
         assert (tmp_path / LOCK_FILE).read_text().strip() == str(os.getpid())
 
 
+def test_a_lock_that_is_a_symlink_is_refused_and_its_target_untouched(
+    capsys, tmp_path: Path
+) -> None:
+    run, victim = tmp_path / "run", tmp_path / "victim.txt"
+    run.mkdir()
+    victim.write_text("not the run's\n")
+    (run / LOCK_FILE).symlink_to(victim)
+    code, _, err = run_cli(capsys, "--config", "simclr_lars", *TINY, f"trainer.output_dir={run}")
+    assert code == 2
+    assert err.strip().splitlines() == [
+        f"error: trainer.output_dir: {run / LOCK_FILE} is a symbolic link, not the run's lock "
+        "file; remove it"
+    ]
+    assert victim.read_text() == "not the run's\n" and not (run / "checkpoints").exists()
+
+
+class _Killed(BaseException):
+    """What a kill is to a write: nothing after it runs."""
+
+
+def _leftover(path: Path) -> Path:
+    """The temporary file that a write of ``path`` killed before its rename leaves behind,
+    under the name :func:`atomic_write` gives it."""
+    seen: list[Path] = []
+
+    def write(file) -> None:
+        file.write(b"partial")
+        seen.extend(p for p in path.parent.iterdir() if p.name.startswith(f".{path.name}."))
+        raise _Killed
+
+    with pytest.raises(_Killed):
+        atomic_write(path, write)
+    (leftover,) = seen
+    leftover.write_bytes(b"partial")  # atomic_write cleans up after an exception; a kill does not
+    return leftover
+
+
+def test_taking_the_lock_removes_what_killed_writes_left_and_nothing_else(
+    tmp_path: Path,
+) -> None:
+    run = tmp_path / "run"
+    ours = [
+        _leftover(run / "summary.json"),
+        _leftover(run / "backbone.pt"),
+        _leftover(run / "checkpoints" / "step-00000003.pt"),
+    ]
+    victim = tmp_path / "victim.tmp"
+    victim.write_text("someone's\n")
+    theirs = [
+        run / "notes.tmp",
+        run / "foo.pt.tmp",
+        run / ".foo.pt.tmp",
+        run / "checkpoints" / ".step-00000003.pt.tmp",
+        run / f"x{ours[0].name}",
+        run / "wandb" / ours[0].name,  # not a folder the run writes itself
+    ]
+    for path in theirs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("someone's\n")
+    link = run / ours[1].name.replace("backbone", "notes")
+    link.symlink_to(victim)  # named as ours, but the run never makes links
+    with RunLock(run):
+        assert not any(path.exists() for path in ours)
+    assert all(path.read_text() == "someone's\n" for path in [*theirs, victim])
+    assert link.is_symlink()
+
+
+def test_without_a_lock_no_temporary_file_is_removed(monkeypatch, tmp_path: Path) -> None:
+    import errno
+
+    import ssl_toolkit.run_lock as run_lock
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    leftover = _leftover(tmp_path / "summary.json")
+    monkeypatch.setattr(run_lock.fcntl, "flock", no_flock)
+    with pytest.warns(RuntimeWarning, match="cannot be locked"), RunLock(tmp_path) as lock:
+        assert not lock.held
+    assert leftover.read_bytes() == b"partial"  # another run may be writing it
+
+
 def test_a_trainer_holds_the_lock_until_fit_returns(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path, max_steps=1)
     trainer = Trainer(cfg, logger=RecordingLogger())
@@ -354,6 +438,68 @@ def test_run_files_follow_the_umask(tmp_path: Path) -> None:
     assert {name: oct((run / name).stat().st_mode & 0o777) for name in files} == {
         name: "0o644" for name in files
     }
+
+
+def _plant_links(run: Path, names: list[str], victims: Path) -> dict[str, str]:
+    """A symbolic link at each of ``names`` in ``run`` to a file of its own in ``victims``;
+    what each of those files holds."""
+    held = {}
+    for name in names:
+        victim = victims / name.replace("/", "_")
+        victim.parent.mkdir(parents=True, exist_ok=True)
+        held[name] = f"{name}: someone else's file\n"
+        victim.write_text(held[name])
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).unlink(missing_ok=True)
+        (run / name).symlink_to(victim)
+    return held
+
+
+def _victims(victims: Path, names: dict[str, str]) -> dict[str, str]:
+    return {name: (victims / name.replace("/", "_")).read_text() for name in names}
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # an earlier run's files, damaged rows
+def test_no_run_file_is_written_through_a_symlink(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, max_steps=2)
+    run, victims = Path(cfg.trainer.output_dir), tmp_path / "victims"
+    files = ["config.yaml", "summary.json", "backbone.pt", "report.html", "metrics.jsonl"]
+    files += ["trust_ratio_heatmap.png"]
+    checkpoints = ["checkpoints/step-00000002.pt", "checkpoints/last.pt", "checkpoints/best.pt"]
+    held = _plant_links(run, files + checkpoints, victims)
+    Trainer(cfg, logger=RecordingLogger()).fit()
+    assert _victims(victims, held) == held
+    assert not [name for name in held if (run / name).is_symlink()]
+    assert load_checkpoint(run / "checkpoints" / "best.pt")["trainer"]["step"] == 2
+
+    # A resume at the end writes each of them again (the trust ratios are in the earlier
+    # rows, which the planted metrics.jsonl lacks: the report comes without a heatmap).
+    held = _plant_links(run, files[:-1], victims)
+    Trainer(cfg, resume="auto", logger=RecordingLogger()).fit()
+    assert _victims(victims, held) == held
+    assert not [name for name in held if (run / name).is_symlink()]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 2
+
+
+def test_the_skipped_images_list_is_not_appended_through_a_symlink(tmp_path: Path) -> None:
+    held = _plant_links(tmp_path, ["skipped_images.txt"], tmp_path / "victims")
+    skipped = SkippedImages(tmp_path, resumed=True)
+    assert skipped.add(["a.jpg"]) == 1
+    assert _victims(tmp_path / "victims", held) == held
+    assert (tmp_path / "skipped_images.txt").read_text() == "a.jpg\n"
+
+
+def test_metrics_rows_are_not_appended_through_a_symlink(monkeypatch, tmp_path: Path) -> None:
+    import ssl_toolkit.metrics_file as metrics_file
+
+    # The link appears between the file's rewrite and its opening for rows.
+    monkeypatch.setattr(metrics_file, "atomic_write", lambda path, write: None)
+    held = _plant_links(tmp_path, ["metrics.jsonl"], tmp_path / "victims")
+    with pytest.warns(RuntimeWarning, match="cannot write"):
+        logger = MetricsFile(tmp_path, resumed_at=0)
+    logger.log({"train/loss": 1.0}, step=1)
+    logger.finish()
+    assert _victims(tmp_path / "victims", held) == held
 
 
 def test_a_resume_under_another_config_warns_naming_the_keys(tmp_path: Path) -> None:
