@@ -173,6 +173,11 @@ class DataConfig(ConfigSection):
 
     name: DatasetName = Field("digits", description="the dataset")
     root: str | None = Field(None, description="where the dataset's files are")
+    index_dir: str | None = Field(
+        None,
+        description="where the indexes of image folders and shards are kept (null: the "
+        "per-user cache, `$XDG_CACHE_HOME/ssl-toolkit` or `~/.cache/ssl-toolkit`)",
+    )
     download: bool = Field(False, description="let torchvision fetch the files into `root`")
     batch_size: int = Field(256, ge=2, description="images per process and micro-batch")
     image_size: int = Field(32, ge=8, description="side of the augmented views, in pixels")

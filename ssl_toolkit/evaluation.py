@@ -268,7 +268,7 @@ def eval_datasets(cfg: ExperimentConfig) -> tuple[Dataset, Dataset] | None:
     :class:`SingleClassError`.
     """
     size = cfg.data.image_size
-    index_dir = cfg.trainer.output_dir
+    index_dir = cfg.data.index_dir
     skip_bad = cfg.data.skip_bad
     if cfg.eval.root is not None:
         key, root = "eval.root", cfg.eval.root

@@ -56,6 +56,7 @@ from ssl_toolkit.data import (
 )
 from ssl_toolkit.data.device_decode import DeviceViews
 from ssl_toolkit.data.fingerprint import data_changes, data_record
+from ssl_toolkit.data.listing import warn_if_run_inside
 from ssl_toolkit.distributed import (
     DistContext,
     all_reduce_mean,
@@ -145,6 +146,7 @@ class Trainer:
         self.streams = RandomStreams(cfg.trainer.seed, self.ctx.rank, self.ctx.world_size)
         """This rank's random streams (global generators and augmentation), seeded per rank."""
 
+        warn_if_run_inside(self.run_dir, cfg.data.root)
         self.train_set = build_dataset(
             cfg.data.name,
             root=cfg.data.root,
@@ -158,7 +160,7 @@ class Trainer:
                 crops=tuple(cfg.data.crops) if cfg.data.crops is not None else None,
                 decode=cfg.data.decode,
             ),
-            index_dir=self.run_dir,
+            index_dir=cfg.data.index_dir,
             skip_bad=cfg.data.skip_bad,
             num_classes=cfg.data.num_classes,
         )

@@ -87,8 +87,8 @@ def build_dataset(
     (image folders) for pretraining items: two random resized crops of each image, cut from
     the full image at native resolution (:class:`~ssl_toolkit.data.folders.CropViews`);
     in-memory datasets ignore it, since their views are cut on the device. ``index_dir`` is
-    where an image folder's listing is kept when the folder's parent is not writable
-    (:func:`~ssl_toolkit.data.listing.find_images`); others ignore it. ``skip_bad`` leaves
+    where the indexes of image folders and shards are kept (``data.index_dir``; ``None``: the
+    per-user cache, :mod:`~ssl_toolkit.data.indexes`); others ignore it. ``skip_bad`` leaves
     out tar shards that cannot be read, with a warning, instead of raising. ``num_classes``
     declares the class count of shards (:func:`~ssl_toolkit.data.shards.shard_classes`) and
     of ``synthetic``; others ignore it.
@@ -109,7 +109,7 @@ def build_dataset(
       split 80/20 per class with a fixed seed (:func:`~ssl_toolkit.data.splits.fixed_split`).
       Decoded in DataLoader workers (:data:`~ssl_toolkit.data.folders.IMAGE_SUFFIXES`);
       without ``views``, the shorter side is resized to ``image_size / 0.875`` (default 224)
-      and the centre crop kept.
+      and the centre crop kept. Run directories inside the folder are never listed.
     - ``shards``: WebDataset tar shards (``key.jpg`` and an optional ``key.cls``): ``root`` is a
       folder of ``.tar`` files, or a brace pattern of them; with ``train/`` and ``val/`` folders
       of shards inside, those are the splits, else labelled shards are split 80/20 per class as
@@ -271,7 +271,10 @@ def _folder_split(root: Path, train: bool, index_dir: str | Path | None) -> Imag
         # No val/: a fixed stratified 80/20 split keeps the test images apart.
         keep = fixed_split(torch.tensor(files.labels), train).tolist()
         return ImageFiles(
-            [files.paths[i] for i in keep], [files.labels[i] for i in keep], files.classes
+            [files.paths[i] for i in keep],
+            [files.labels[i] for i in keep],
+            files.classes,
+            files.root,
         )
     if train:
         return files
@@ -289,7 +292,7 @@ def _folder_split(root: Path, train: bool, index_dir: str | Path | None) -> Imag
             f"{len(files.classes)}: put val/'s images in sub-folders named as train/'s"
         )
     labels = [index[val.classes[label]] for label in val.labels] if val.labelled else val.labels
-    return ImageFiles(val.paths, labels, files.classes)
+    return ImageFiles(val.paths, labels, files.classes, val.root)
 
 
 def _find_images(folder: Path, root: Path, index_dir: str | Path | None) -> ImageFiles:

@@ -45,6 +45,7 @@ __all__ = [
     "ImageFiles",
     "ImageFolderCenter",
     "ImageFolderViews",
+    "StaleIndexError",
     "find_images",
 ]
 
@@ -61,6 +62,11 @@ _CENTER_CROP_FRACTION = 0.875
 class DatasetNotFoundError(ValueError):
     """The dataset's files are missing or unusable (not under ``data.root`` and downloading was
     not requested, unreadable, or wrongly laid out): the user's data to fix, not a bug."""
+
+
+class StaleIndexError(DatasetNotFoundError):
+    """A sample read does not agree with the index it was listed from (another label, key or
+    count): the files changed since, and reading on would train on mislabelled data."""
 
 
 class BadImageError(DatasetNotFoundError):
@@ -158,16 +164,27 @@ def read_file(path: str) -> tuple[bytes, str, str]:
         raise BadImageError(path, f"it cannot be read ({error.strerror})") from error
 
 
-def _read_nth(paths: list[str], index: int) -> tuple[bytes, str, str]:
-    return read_file(paths[index])
+def _read_listed(files: ImageFiles, index: int) -> tuple[bytes, str, str]:
+    """Image ``index`` of a folder's listing, once its path is seen to lie in its label's
+    class folder (a label is its class folder's name, so a listing that says otherwise is
+    stale); :class:`StaleIndexError` naming the file if not."""
+    path, label = files.paths[index], files.labels[index]
+    if label >= 0:
+        folder = os.path.join(files.root, files.classes[label], "")
+        if not path.startswith(folder):
+            raise StaleIndexError(
+                f"{path} is listed in the class {files.classes[label]!r}, but it is not in "
+                f"{folder}: the listing of {files.root} is stale"
+            )
+    return read_file(path)
 
 
 def image_reader(files: Any) -> Callable[[int], tuple[bytes, str, str]]:
     """How the datasets below read image ``index`` of ``files`` (bytes, where, suffix): its own
-    ``read`` (tar shards) or the file ``files.paths[index]`` (an image folder); picklable,
-    for the workers."""
+    ``read`` (tar shards) or the file ``files.paths[index]`` (an image folder), each checked
+    against the listing; picklable, for the workers."""
     read = getattr(files, "read", None)
-    return read if read is not None else partial(_read_nth, files.paths)
+    return read if read is not None else partial(_read_listed, files)
 
 
 class ImageFolderViews(Dataset):

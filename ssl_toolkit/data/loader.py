@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from ssl_toolkit.data.folders import BadImageError, DatasetNotFoundError
+from ssl_toolkit.data.folders import BadImageError, DatasetNotFoundError, StaleIndexError
 from ssl_toolkit.preemption import outlive_stop_signals
 
 
@@ -372,6 +372,8 @@ class _Decoding(Dataset):
                 if index in self._bad:
                     raise self._bad[index]
                 return self.dataset[moved], skipped
+            except StaleIndexError as error:  # the listing's fault, not the image's: no skip
+                return error
             except BadImageError as error:
                 if not self.skip_bad:
                     return error

@@ -9,9 +9,16 @@ index like a file of a folder, and the batch order, sharding and exact resume of
 to one process and worker (:class:`~ssl_toolkit.data.loader.ShardBatchSampler`), so every
 shard is read front to back by one reader.
 
-The samples and labels of every shard are kept in an index (``.ssl-toolkit-shards.json``
-beside the shards when writable, else in ``index_dir``), checked against each shard's size and
-modification time; ``scripts/make_shards.py`` writes it with the shards.
+The samples and labels of every shard are kept in an index. ``scripts/make_shards.py``
+writes ``.ssl-toolkit-shards.json`` into the folder of shards it makes (its own output); an
+index made here for other shards is kept in ``data.index_dir``, else the per-user cache
+(:mod:`~ssl_toolkit.data.indexes`), never beside them. An index is a hint: it is read only
+when its checksum matches its content (else refused with one warning naming it, and the
+shards indexed afresh) and it lists exactly these shards, each of the size and modification
+time it had; every shard opened must then hold as many samples as the index says, and every
+sample read must carry the label the index gives it, else :class:`StaleIndexError` names the
+shard, the sample and the index, as a shard rewritten with the same size and time would
+otherwise train mislabelled.
 """
 
 from __future__ import annotations
@@ -19,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import os
 import warnings
 from collections import OrderedDict
@@ -32,8 +38,8 @@ import torch
 from braceexpand import braceexpand
 from wids.wids import IndexedTarSamples
 
-from ssl_toolkit.checkpoint import atomic_write_first
-from ssl_toolkit.data.folders import BadImageError, DatasetNotFoundError
+from ssl_toolkit.data.folders import BadImageError, DatasetNotFoundError, StaleIndexError
+from ssl_toolkit.data.indexes import IndexRefused, index_folder, keep_index, open_index, refused
 from ssl_toolkit.data.listing import IMAGE_SUFFIXES
 from ssl_toolkit.data.splits import fixed_split
 
@@ -50,7 +56,7 @@ __all__ = [
 
 SHARD_INDEX = ".ssl-toolkit-shards.json"
 """The name of the shard index in a folder of shards."""
-_INDEX_VERSION = 1
+_INDEX_VERSION = 2
 _OPEN_SHARDS = 4  # per process: a reader's current shard and the few before it
 
 
@@ -149,18 +155,18 @@ def _shard_entry(path: str) -> dict[str, Any]:
 
 
 def _index_places(shards: Sequence[str], index_dir: str | Path | None) -> list[Path]:
-    """Where the index of ``shards`` may be kept, in order: beside them (named
-    :data:`SHARD_INDEX` when they are all the shards of their folder), then in ``index_dir``."""
-    folder = os.path.dirname(os.path.realpath(shards[0]))
-    digest = hashlib.sha256("\n".join(map(os.path.realpath, shards)).encode()).hexdigest()[:16]
-    hashed = f".shards-{digest}.ssl-toolkit-index.json"
-    whole = sorted(map(os.path.realpath, shards)) == sorted(
+    """Where the index of ``shards`` may be, in order: the :data:`SHARD_INDEX` that
+    ``make_shards.py`` wrote beside them (when they are all the shards of their folder), then
+    the one kept in ``index_dir`` (else the per-user cache), the last place, where an index
+    made here is kept: never the shards' own folder."""
+    real = [os.path.realpath(shard) for shard in shards]
+    folder = os.path.dirname(real[0])
+    digest = hashlib.sha256("\n".join(real).encode()).hexdigest()[:16]
+    kept = index_folder(index_dir) / f"shards-{digest}.ssl-toolkit-index.json"
+    whole = sorted(real) == sorted(
         os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".tar")
     )
-    places = [Path(folder) / (SHARD_INDEX if whole else hashed)]
-    if index_dir is not None:
-        places.append(Path(index_dir) / hashed.lstrip("."))
-    return places
+    return [Path(folder) / SHARD_INDEX, kept] if whole else [kept]
 
 
 def _names(shards: Sequence[str]) -> list[str]:
@@ -174,24 +180,57 @@ def _names(shards: Sequence[str]) -> list[str]:
     return names
 
 
-def read_shard_index(places: Sequence[Path], shards: Sequence[str]) -> dict[str, Any] | None:
+def _check_entries(index: dict[str, Any], names: list[str]) -> None:
+    """:class:`IndexRefused` unless ``index`` has class names (or none) and, for each of
+    ``names``, a size, a time and a list of labels (each -1 or a whole number)."""
+    classes, entries = index.get("classes"), index.get("shards")
+    if classes is not None and not (
+        isinstance(classes, list) and all(isinstance(c, str) for c in classes)
+    ):
+        raise IndexRefused("its classes are not a list of names")
+    if not isinstance(entries, dict):
+        raise IndexRefused("it lists no shards")
+    for name in names:
+        entry = entries.get(name)
+        if not isinstance(entry, dict) or not all(
+            type(entry.get(key)) is int for key in ("size", "mtime")
+        ):
+            raise IndexRefused(f"its entry of {name} has no size and time")
+        labels = entry.get("labels")
+        if not isinstance(labels, list) or not all(
+            type(label) is int and label >= -1 for label in labels
+        ):
+            raise IndexRefused(f"the labels of {name} are not -1 or class numbers")
+
+
+def read_shard_index(
+    places: Sequence[Path], shards: Sequence[str]
+) -> tuple[dict[str, Any], Path] | None:
     """The first index at ``places`` that describes exactly ``shards``, each of the size and
-    modification time it had when indexed; ``None`` if there is none."""
+    modification time it had when indexed, and where it is; ``None`` if there is none. An
+    index that is not intact (see :func:`~ssl_toolkit.data.indexes.open_index`) or not
+    well-formed is passed over with one warning naming it."""
     names = _names(shards)
     for place in places:
         try:
-            index = json.loads(place.read_text())
-            entries = index["shards"]
-            if index["version"] != _INDEX_VERSION or sorted(entries) != sorted(names):
+            index = open_index(place, _INDEX_VERSION)
+            if index is None or sorted(index.get("shards") or {}) != sorted(names):
                 continue
-            if all(
+            _check_entries(index, names)
+        except IndexRefused as error:
+            refused(place, error, "indexing the shards afresh")
+            continue
+        entries = index["shards"]
+        try:
+            current = all(
                 (stat := os.stat(shard)).st_size == entries[name]["size"]
                 and stat.st_mtime_ns == entries[name]["mtime"]
                 for shard, name in zip(shards, names, strict=True)
-            ):
-                return index
-        except (OSError, ValueError, KeyError, TypeError):
+            )
+        except OSError:
             continue
+        if current:
+            return index, place
     return None
 
 
@@ -224,49 +263,58 @@ def index_shards(
 
 
 def keep_shard_index(places: Sequence[Path], index: dict[str, Any]) -> Path | None:
-    """Write ``index`` atomically at the first of ``places`` that can be written; where."""
-    return atomic_write_first(places, json.dumps(index, separators=(",", ":")).encode())
+    """Write ``index`` with its checksum, atomically, at the first of ``places`` that can be
+    written; where (``None`` if nowhere)."""
+    return keep_index(list(places), index)
 
 
-def _index(shards: list[str], index_dir: str | Path | None, skip_bad: bool) -> dict[str, Any]:
-    """The index of ``shards``: the one kept, or one made now (with a progress bar) and kept;
-    one that leaves out unreadable shards (``skip_bad``) says so and is not kept, so that a
-    run without ``skip_bad`` meets them again."""
+def _index(
+    shards: list[str], index_dir: str | Path | None, skip_bad: bool
+) -> tuple[dict[str, Any], Path | None]:
+    """The index of ``shards`` and where it is kept: the one kept, or one made now (with a
+    progress bar) and kept in ``index_dir`` (else the per-user cache); one that leaves out
+    unreadable shards (``skip_bad``) says so and is not kept, so that a run without
+    ``skip_bad`` meets them again."""
     from rich.progress import Progress
 
     places = _index_places(shards, index_dir)
-    index = read_shard_index(places, shards)
-    if index is None:
-        with Progress(transient=True) as bar:
-            task = bar.add_task(f"indexing {len(shards)} shards", total=len(shards))
-            index = index_shards(shards, progress=lambda: bar.advance(task), skip_bad=skip_bad)
-        skipped = index.get("skipped", {})
-        if not skipped:
-            keep_shard_index(places, index)
-        elif len(skipped) == len(shards):
-            raise DatasetNotFoundError(
-                f"data.skip_bad=true, but none of the {len(shards)} shards can be read "
-                f"({next(iter(skipped))}: {next(iter(skipped.values()))})"
-            )
-        else:
-            shown = "; ".join(f"{shard}: {why}" for shard, why in list(skipped.items())[:3])
-            warnings.warn(
-                f"data.skip_bad=true: {len(skipped)} of {len(shards)} shards cannot be read "
-                f"and are left out ({shown}{'; ...' if len(skipped) > 3 else ''})",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-    return index
+    found = read_shard_index(places, shards)
+    if found is not None:
+        return found
+    with Progress(transient=True) as bar:
+        task = bar.add_task(f"indexing {len(shards)} shards", total=len(shards))
+        index = index_shards(shards, progress=lambda: bar.advance(task), skip_bad=skip_bad)
+    skipped = index.get("skipped", {})
+    place = None
+    if not skipped:
+        place = keep_shard_index(places[-1:], index)
+    elif len(skipped) == len(shards):
+        raise DatasetNotFoundError(
+            f"data.skip_bad=true, but none of the {len(shards)} shards can be read "
+            f"({next(iter(skipped))}: {next(iter(skipped.values()))})"
+        )
+    else:
+        shown = "; ".join(f"{shard}: {why}" for shard, why in list(skipped.items())[:3])
+        warnings.warn(
+            f"data.skip_bad=true: {len(skipped)} of {len(shards)} shards cannot be read "
+            f"and are left out ({shown}{'; ...' if len(skipped) > 3 else ''})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return index, place
 
 
 class ShardFiles:
     """The samples of some tar shards, by index: labels (-1 when unlabelled), class names, and
-    :meth:`read` to read one's image; ``index`` is their :func:`index_shards`."""
+    :meth:`read` to read one's image; ``index`` is their :func:`index_shards`, kept at
+    ``where`` (named when a shard disagrees with it)."""
 
-    def __init__(self, shards: list[str], index: dict[str, Any]) -> None:
+    def __init__(self, shards: list[str], index: dict[str, Any], where: Path | None) -> None:
         self.shards = shards
+        self.where = where
         labels = [index["shards"][name]["labels"] for name in _names(shards)]
         sizes = np.array([len(shard_labels) for shard_labels in labels], dtype=np.int64)
+        self.counts = sizes  # samples per shard, as indexed
         shard_of = np.repeat(np.arange(len(shards), dtype=np.int32), sizes)
         inner = np.arange(int(sizes.sum()), dtype=np.int64) - np.repeat(
             np.cumsum(sizes) - sizes, sizes
@@ -278,7 +326,7 @@ class ShardFiles:
         # which may be any number): shard_classes checks that the labels fit them.
         count = len({label for label in flat if label >= 0})
         self.classes: list[str] = index.get("classes") or [str(c) for c in range(count)]
-        self._open: OrderedDict[int, IndexedTarSamples | BadImageError] = OrderedDict()
+        self._open: OrderedDict[int, IndexedTarSamples | DatasetNotFoundError] = OrderedDict()
         self._pid = os.getpid()
 
     def __len__(self) -> int:
@@ -293,6 +341,7 @@ class ShardFiles:
         """The samples at the sorted positions ``keep`` of these."""
         other = object.__new__(ShardFiles)
         other.shards, other.classes = self.shards, self.classes
+        other.where, other.counts = self.where, self.counts
         keep = np.asarray(keep, dtype=np.int64)
         other.shard_of, other.inner = self.shard_of[keep], self.inner[keep]
         other.labels = [self.labels[i] for i in keep.tolist()]
@@ -321,20 +370,35 @@ class ShardFiles:
             except Exception as error:  # a shard whose headers do not parse
                 reason = f"it is not a readable tar file ({type(error).__name__}: {error})"
                 shard = BadImageError(path, reason)
+            if not isinstance(shard, BadImageError) and len(shard.samples) != self.counts[number]:
+                shard.close()
+                shard = StaleIndexError(
+                    f"{path} holds {len(shard.samples)} samples, but its index {self.where} "
+                    f"lists {self.counts[number]}: {self._stale}"
+                )
             self._open[number] = shard
             if len(self._open) > _OPEN_SHARDS:
                 _, closed = self._open.popitem(last=False)
-                if not isinstance(closed, BadImageError):
+                if not isinstance(closed, Exception):
                     closed.close()
         self._open.move_to_end(number)
-        if isinstance(shard, BadImageError):
+        if isinstance(shard, Exception):
             raise shard
         return shard
+
+    @property
+    def _stale(self) -> str:
+        """What a shard that disagrees with the index means, and what to do."""
+        return (
+            "the index is stale (the shard changed since it was indexed); delete the index "
+            "to index the shards afresh"
+        )
 
     def read(self, index: int) -> tuple[bytes, str, str]:
         """Sample ``index``'s image member: its bytes, ``shard:member`` and its suffix (what
         :func:`~ssl_toolkit.data.folders.decode_bytes` takes). :class:`BadImageError` naming
-        the shard and member for a sample that is missing, cut short or has no image member."""
+        the shard and member for a sample that is missing, cut short or has no image member;
+        :class:`StaleIndexError` for one whose label is not the index's."""
         path, inner = self.shards[int(self.shard_of[index])], int(self.inner[index])
         shard = self._shard(int(self.shard_of[index]))
         if inner >= len(shard.samples):
@@ -349,6 +413,16 @@ class ShardFiles:
             raise BadImageError(f"{path}:{names}", "the sample has no image member")
         name, offset, length = images[0]
         where = f"{path}:{name}"
+        numbers = shard.samples[inner]
+        cls = [
+            m for m, (n, _, _) in zip(numbers, members, strict=True) if _member_suffix(n) == ".cls"
+        ]
+        label = _label(shard, cls[0], where) if cls else -1
+        if label != self.labels[index]:
+            raise StaleIndexError(
+                f"{path}:{_key(name)}: the shard labels it {label}, its index {self.where} "
+                f"{self.labels[index]}: {self._stale}"
+            )
         if offset + 512 + length > size:
             raise BadImageError(where, "the shard ends inside it (a truncated shard)")
         return (
@@ -427,10 +501,10 @@ def shard_split(
 
     def files(where: str) -> ShardFiles:
         shards = find_shards(where)
-        index = _index(shards, index_dir, skip_bad)
+        index, place = _index(shards, index_dir, skip_bad)
         names = _names(shards)
         return ShardFiles(
-            [s for s, n in zip(shards, names, strict=True) if n in index["shards"]], index
+            [s for s, n in zip(shards, names, strict=True) if n in index["shards"]], index, place
         )
 
     train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")

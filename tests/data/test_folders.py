@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import struct
@@ -22,7 +23,14 @@ from ssl_toolkit.data import (
     build_loader,
     find_images,
 )
-from ssl_toolkit.data.folders import IMAGE_SUFFIXES, ImageFiles, ImageFolderCenter
+from ssl_toolkit.data.folders import (
+    IMAGE_SUFFIXES,
+    ImageFiles,
+    ImageFolderCenter,
+    ImageFolderViews,
+    StaleIndexError,
+)
+from ssl_toolkit.data.loader import WorkerBatchLoader
 
 
 def _pixels(height: int, width: int, seed: int) -> np.ndarray:
@@ -174,6 +182,25 @@ def test_train_without_val_is_split_80_20_inside_train(tmp_path: Path) -> None:
             assert dataset.classes[label] == Path(path).parent.name
 
 
+def test_an_image_outside_its_label_s_class_folder_is_a_stale_listing(tmp_path: Path) -> None:
+    """A label is its class folder's name: read against a listing that says otherwise, an
+    image is one error naming it (not skipped as a bad image), in a worker as in the main
+    process."""
+    _class_folders(tmp_path, {"cat": 2, "dog": 2})
+    files = find_images(tmp_path)
+    assert files.labels == [0, 0, 1, 1]
+    ImageFolderCenter(files, 8)[0]
+    stale = dataclasses.replace(files, labels=[0, 1, 1, 1])
+    expected = f"{tmp_path / 'cat' / '1.jpg'} is listed in the class 'dog', but it is not in "
+    with pytest.raises(StaleIndexError, match=re.escape(expected)):
+        ImageFolderCenter(stale, 8)[1]
+    views = ImageFolderViews(stale, CropViews(size=8))
+    loader = WorkerBatchLoader(views, 4, shuffle=False, num_workers=1, skip_bad=True)
+    with pytest.raises(StaleIndexError, match=re.escape(expected)) as info:
+        list(loader)
+    assert "\n" not in str(info.value) and str(info.value).endswith("is stale")
+
+
 def test_val_without_train_is_an_error_naming_what_is_missing(tmp_path: Path) -> None:
     _class_folders(tmp_path / "val", {"cat": 2, "dog": 2})
     for train in (True, False):
@@ -238,7 +265,7 @@ def test_a_symbolic_link_to_a_folder_is_followed(tmp_path: Path) -> None:
 
 def _center(path: Path, size: int = 28) -> torch.Tensor:
     """The evaluation crop of the one image ``path``."""
-    return ImageFolderCenter(ImageFiles([path], [-1], []), size)[0][0]
+    return ImageFolderCenter(ImageFiles([str(path)], [-1], [], str(path.parent)), size)[0][0]
 
 
 def _expected_center(pixels: np.ndarray, size: int = 28) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 from scripts.make_shards import main as make_shards
 from ssl_toolkit.cli import main
 from ssl_toolkit.data import BadImageError, CropViews, DatasetNotFoundError, build_dataset
+from ssl_toolkit.data.indexes import cache_dir
 from ssl_toolkit.data.loader import ShardBatchSampler, WorkerBatchLoader
 from ssl_toolkit.data.shards import SHARD_INDEX, find_shards
 from tests.data.test_folders import _class_folders, unlabelled_folder
@@ -84,7 +85,8 @@ def test_a_brace_pattern_names_the_shards_and_a_missing_one_is_an_error(tmp_path
 
 
 def test_foreign_shards_are_indexed_once_and_the_index_kept(tmp_path: Path) -> None:
-    """Shards written by other tools, without an index: read, then indexed beside them."""
+    """Shards written by other tools, without an index: read, then indexed into the per-user
+    cache, never beside them (a folder the user did not name)."""
     (tmp_path / "wds").mkdir()
     image = (sharded(tmp_path, {"a": 1, "b": 1}, 5) / "train").glob("*.tar")
     with tarfile.open(next(image)) as tar:
@@ -96,7 +98,8 @@ def test_foreign_shards_are_indexed_once_and_the_index_kept(tmp_path: Path) -> N
     _tar(tmp_path / "wds" / "part-1.tar", {"y1.jpg": jpeg, "y1.cls": b"1"})
     dataset = build_dataset("shards", root=tmp_path / "wds", train=True, image_size=8)
     assert dataset.classes == ["0", "1"] and len(dataset) == 1 + 2  # 80% of 1 and of 2
-    assert (tmp_path / "wds" / SHARD_INDEX).is_file()
+    assert sorted(os.listdir(tmp_path / "wds")) == ["part-0.tar", "part-1.tar"]
+    assert len(list(cache_dir().glob("shards-*.ssl-toolkit-index.json"))) == 1
 
 
 def _sampler(groups, rank: int, world: int, readers: int, batch: int = 4) -> ShardBatchSampler:
