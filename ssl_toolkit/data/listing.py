@@ -210,13 +210,6 @@ def _sorted_listing(folder: str, tree: _Tree) -> ImageFiles:
     return ImageFiles(paths, labels, classes, folder)
 
 
-def _list(folder: str) -> tuple[ImageFiles, dict[str, int]]:
-    """The images of ``folder``, listed afresh, and the count of files in each unsupported
-    image format."""
-    tree = _walk_tree(folder)
-    return _sorted_listing(folder, tree), tree.unsupported()
-
-
 def _index_path(folder: str, index_dir: str | Path | None) -> Path:
     """Where the index of ``folder`` is kept: named by a digest of its real path."""
     digest = hashlib.sha256(os.path.realpath(folder).encode()).hexdigest()[:16]
