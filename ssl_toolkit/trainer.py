@@ -13,7 +13,6 @@ generator) is saved in the checkpoint, so a resumed run on CPU continues bit for
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -35,7 +34,7 @@ from optim import (
     set_lr,
     warmup_cosine,
 )
-from optim.errors import one_line, short_repr
+from optim.errors import short_repr
 from ssl_toolkit.accumulation import accumulate
 from ssl_toolkit.checkpoint import (
     Checkpointer,
@@ -43,7 +42,6 @@ from ssl_toolkit.checkpoint import (
     atomic_write,
     load_latest,
     mismatch,
-    save_checkpoint,
     step_checkpoints,
 )
 from ssl_toolkit.config import ExperimentConfig
@@ -63,25 +61,17 @@ from ssl_toolkit.distributed import (
     gather_objects,
     setup_distributed,
 )
-from ssl_toolkit.evaluation import Evaluator, Probes
+from ssl_toolkit.evaluation import Evaluator
 from ssl_toolkit.export import BACKBONE_FILE
 from ssl_toolkit.health import Diverged, TrainingHealth
-from ssl_toolkit.html_report import HEATMAP_FILE, REPORT_FILE, write_report
 from ssl_toolkit.methods import Method, build_method
 from ssl_toolkit.metric_logger import FanOut, MetricLogger
 from ssl_toolkit.metrics_file import MetricsFile
 from ssl_toolkit.parallel import ModelState, OptimizerState, full_model_state, parallelize
 from ssl_toolkit.preemption import Preempted, PreemptionGuard
 from ssl_toolkit.preflight import check_accumulation, check_batch_fits, dry_forward
-from ssl_toolkit.report import (
-    SUMMARY_FILE,
-    TrainingProgress,
-    TrainResult,
-    kept_probes,
-    print_summary,
-    summary_of_step,
-    write_summary,
-)
+from ssl_toolkit.report import SUMMARY_FILE, TrainingProgress, TrainResult, print_summary
+from ssl_toolkit.run_end import RunEnd
 from ssl_toolkit.run_lock import RunDirectoryError, RunLock
 from ssl_toolkit.runtime import (
     LossScaler,
@@ -277,7 +267,19 @@ class Trainer:
             max_skipped_steps=cfg.trainer.max_skipped_steps,
         )
         self.preemption = PreemptionGuard(distributed=self.ctx.is_distributed)
-        self.best_knn = float("-inf")
+        self.run_end = RunEnd(
+            self.run_dir,
+            self.evaluator,
+            features=self.method.features,
+            random_features=self._random_features if cfg.eval.baseline else None,
+            backbone_state=lambda: full_model_state(self.method.evaluated_backbone()),
+            logger=lambda: self.logger,
+            link_best=self.checkpointer.link_best,
+            stop_if_requested=self._stop_if_requested,
+            console=self.console,
+            is_main=self.ctx.is_main,
+        )
+        """The end of the run, and the best kNN top-1 so far (in :meth:`state_dict`)."""
         self.resumed_run_id: str | None = None
         """The W&B run id of the checkpoint resumed from (``None`` for a fresh run)."""
         self.saved_config: dict[str, Any] | None = None
@@ -368,7 +370,7 @@ class Trainer:
 
         ``stop_at_step`` ends the run early after saving a checkpoint, as a preemption would:
         ``--resume`` then continues it exactly. At the end of the run the final checkpoint and
-        ``backbone.pt`` are written before any probe runs (:meth:`finish_run`). The run
+        ``backbone.pt`` are written before any probe runs (:meth:`RunEnd.finish`). The run
         directory's lock is held throughout and released on return.
         """
         try:
@@ -405,22 +407,15 @@ class Trainer:
                 loss = logged if logged is not None else loss
                 top1, best = self._evaluate_if_due()
                 knn = top1 if top1 is not None else knn
+                if self.step == self.total_steps:  # the final checkpoint carries them
+                    self.run_end.record_training(self._result(loss, knn, images, start))
                 self._save_if_due(end, best)
-            seconds = time.perf_counter() - start
-            result = TrainResult(
-                steps=self.step,
-                epochs=self.step / self.steps_per_epoch,
-                final_loss=loss,
-                knn_top1=knn,
-                images_per_s=images / max(seconds, 1e-9),
-                seconds=seconds,
-                run_dir=self.run_dir,
-            )
+            result = self._result(loss, knn, images, start)
             if self.step == self.total_steps:
-                result = self.finish_run(result, resumed_at_end=first > self.total_steps)
+                result = self.run_end.finish(result, resumed_at_end=first > self.total_steps)
         if self.step < self.total_steps:
-            self._write_summary(result)
-        self._write_report()
+            self.run_end.write_summary(result)
+        self.run_end.write_report(self.step)
         self.logger.finish()
         if self.ctx.is_main:
             print_summary(
@@ -432,6 +427,20 @@ class Trainer:
                 },
             )
         return result
+
+    def _result(self, loss: float, knn: float | None, images: int, start: float) -> TrainResult:
+        """This session's training so far: its last logged loss and kNN, and ``images``
+        images since ``start`` (``time.perf_counter()``)."""
+        seconds = time.perf_counter() - start
+        return TrainResult(
+            steps=self.step,
+            epochs=self.step / self.steps_per_epoch,
+            final_loss=loss,
+            knn_top1=knn,
+            images_per_s=images / max(seconds, 1e-9),
+            seconds=seconds,
+            run_dir=self.run_dir,
+        )
 
     def _optimizer_step(self, batches: Iterator[Any], window: _LogWindow) -> int:
         """Step ``self.step + 1``: its lr and scheduled hyperparameters, its micro-batches, the
@@ -475,9 +484,7 @@ class Trainer:
         if step == self.total_steps or not self.evaluator.should_evaluate(step):
             return None, False
         top1 = self._evaluate_saving_first_on_failure(step)
-        best = top1 > self.best_knn
-        self._record_best_knn(top1, step)
-        return top1, best
+        return top1, self.run_end.record_best_knn(top1, step)
 
     def _save_if_due(self, end: int, best: bool) -> None:
         """A checkpoint when due, at the end of this ``fit`` and on a stop signal, after
@@ -486,107 +493,6 @@ class Trainer:
         self.checkpointer.save(self.step, last_step=self.step == end or bool(signum), best=best)
         if signum:
             self._stop(signum, self.step)
-
-    def finish_run(self, result: TrainResult, *, resumed_at_end: bool = False) -> TrainResult:
-        """The end of a finished run, in the order that loses nothing: ``backbone.pt``, a
-        ``summary.json`` of the training, then the probes, whose failure is reported in
-        ``summary.json`` instead of failing the run. The final checkpoint is already saved.
-
-        A run resumed at its end (``resumed_at_end``) keeps what an earlier session wrote and
-        computes only what is missing: the backbone file, the probes, the baseline. A stop
-        signal between these parts stops the run as during training (the checkpoint is whole,
-        and ``--resume auto`` completes the rest).
-        """
-        main = self.ctx.is_main
-        summary = self.run_dir / SUMMARY_FILE
-        previous = summary_of_step(summary, self.step) if main and resumed_at_end else None
-        previous = gather_objects(previous)[0]
-        if previous is not None:
-            result = result.with_training_of(previous)
-        has_backbone = gather_objects(main and (self.run_dir / BACKBONE_FILE).is_file())[0]
-        if previous is None or not has_backbone:
-            self.export_backbone()
-        self._write_summary(result)
-        self._stop_if_requested()
-        if not self.evaluator.enabled:
-            return result
-        kept = previous or {}
-        probes, error = self._kept_or_run(kept.get("probes"), self.final_probes)
-        if probes is not None:
-            best = probes.knn_top1 > self.best_knn
-            self._record_best_knn(probes.knn_top1, self.step)
-            if best:
-                self.checkpointer.link_best(self.step)
-        result = dataclasses.replace(
-            result,
-            knn_top1=probes.knn_top1 if probes is not None else None,
-            probes=probes,
-            probe_error=error,
-        )
-        self._write_summary(result)
-        self._stop_if_requested()
-        if probes is None or not self.cfg.eval.baseline:
-            return result
-        baseline, baseline_error = self._kept_or_run(kept.get("baseline"), self.baseline_probes)
-        result = dataclasses.replace(result, baseline=baseline, baseline_error=baseline_error)
-        self._write_summary(result)
-        return result
-
-    def _write_report(self) -> None:
-        """``report.html`` and the trust-ratio heatmap, which W&B gets as an image (main
-        process). A report that cannot be drawn is warned about; the run is whole without it."""
-        if not self.ctx.is_main:
-            return
-        try:
-            write_report(self.run_dir)
-        except Exception as error:
-            warnings.warn(
-                f"{self.run_dir / REPORT_FILE} could not be written "
-                f"({type(error).__name__}: {error}); scripts/report.py draws it later",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            return
-        heatmap = self.run_dir / HEATMAP_FILE
-        if heatmap.is_file():
-            self.logger.log_image("lars/trust_ratio_heatmap", heatmap, step=self.step)
-
-    def _write_summary(self, result: TrainResult) -> None:
-        """``summary.json`` as it stands (written by the main process)."""
-        if self.ctx.is_main:
-            write_summary(self.run_dir / SUMMARY_FILE, result)
-
-    def _kept_or_run(
-        self, kept: Any, probe: Callable[[int], Probes | None]
-    ) -> tuple[Probes | None, str | None]:
-        """Probes an earlier session of this run recorded whole, or ``probe(step)`` run now."""
-        probes = kept_probes(kept)
-        if probes is not None:
-            return probes, None
-        return self._guarded(lambda: probe(self.step))
-
-    def _guarded(self, probe: Callable[[], Probes | None]) -> tuple[Probes | None, str | None]:
-        """Run an end-of-run probe; a failure is printed and returned as one line, since the
-        trained model is already saved and must not be lost to an evaluation error."""
-        try:
-            return probe(), None
-        except Exception as error:
-            message = f"{type(error).__name__}: {one_line(error)}"
-            if self.ctx.is_main:
-                self.console.print(
-                    f"warning: the end-of-run probes failed ({message}); the checkpoint and "
-                    f"{BACKBONE_FILE} are saved, and summary.json records the error",
-                    markup=False,
-                    highlight=False,
-                    soft_wrap=True,
-                )
-            return None, message
-
-    def _record_best_knn(self, knn: float, step: int) -> None:
-        """Keep the best kNN top-1 so far (carried by checkpoints: right across resumed
-        sessions, where W&B's per-session summary max of ``knn/top1`` is not) and log it."""
-        self.best_knn = max(self.best_knn, knn)
-        self.logger.log({"knn/best": self.best_knn}, step=step)
 
     def _stop_if_requested(self) -> None:
         """After the last step: stop on a signal that came during the end-of-run work."""
@@ -700,17 +606,6 @@ class Trainer:
         """``train/skipped_steps`` with fp16 (steps the scaler skipped on overflow)."""
         return {"train/skipped_steps": self.health.skipped_steps} if self.health.fp16 else {}
 
-    def export_backbone(self) -> Path | None:
-        """Write ``backbone.pt`` (the backbone's weights as a plain state dict) in the run
-        directory and log it as an artifact; every rank calls it, the main one writes."""
-        state = full_model_state(self.method.evaluated_backbone())  # gathers it alone
-        if not self.ctx.is_main:
-            return None
-        path = self.run_dir / BACKBONE_FILE
-        save_checkpoint(path, state)
-        self.logger.log_artifact(path, name=f"backbone-{self.run_dir.name}", kind="model")
-        return path
-
     def _method_metrics(self) -> dict[str, Any]:
         """The method's ``method/*`` metrics, tensors averaged over ranks."""
         return {
@@ -734,32 +629,20 @@ class Trainer:
             self.console.print(f"step {step}: kNN top-1 {100 * top1:.2f}%")
         return top1
 
-    def final_probes(self, step: int) -> Probes:
-        """kNN and linear probes of the trained features at the end; logs ``knn/top1`` and
-        ``probe/*``."""
-        probes = self.evaluator.probes(self.method.features)
-        self.logger.log({"knn/top1": probes.knn_top1, **_probe_metrics(probes, "")}, step=step)
-        if self.ctx.is_main:
-            self.console.print(f"step {step}: kNN top-1 {100 * probes.knn_top1:.2f}%")
-        return probes
-
-    def baseline_probes(self, step: int) -> Probes | None:
-        """The same probes for a randomly initialised encoder of this config (``eval.baseline``),
-        logged as ``probe/baseline_*``; ``None`` when switched off."""
-        if not self.cfg.eval.baseline:
-            return None
-        method = self.initial_method().to(self.device)
-        probes = self.evaluator.probes(method.features)
-        self.logger.log(_probe_metrics(probes, "baseline_"), step=step)
-        return probes
+    def _random_features(self) -> Callable[[Tensor], Tensor]:
+        """The features of a new, randomly initialised method of this config (the baseline of
+        the end-of-run probes)."""
+        return self.initial_method().to(self.device).features
 
     def state_dict(self) -> dict[str, Any]:
         """The trainer's own part of a checkpoint: the steps done, the best kNN so far, the
+        training figures (once at the run's last step: :meth:`RunEnd.record_training`), the
         W&B run id, the config it ran and the data it trained on (the other components save
         themselves)."""
         return {
             "step": self.step,
-            "best_knn": self.best_knn,
+            "best_knn": self.run_end.best_knn,
+            "training": self.run_end.training,
             "wandb_run_id": getattr(self.logger, "run_id", None),
             "config": self.cfg.to_dict(),
             "data": self.data_record,
@@ -771,7 +654,8 @@ class Trainer:
         :attr:`saved_config`, :attr:`saved_data`; a checkpoint of an earlier version has no
         data record)."""
         self.step = int(state["step"])
-        self.best_knn = float(state["best_knn"])
+        self.run_end.best_knn = float(state["best_knn"])
+        self.run_end.training = state.get("training")  # the training figures, once finished
         self.resumed_run_id = state["wandb_run_id"]
         self.saved_config = state["config"]
         self.saved_data = state.get("data")
@@ -913,14 +797,6 @@ class _LogWindow:
         self.loss_sum.zero_()
         self.steps, self.images, self.since = 0, 0, now
         return loss, speed
-
-
-def _probe_metrics(probes: Probes, prefix: str) -> dict[str, float]:
-    return {
-        f"probe/{prefix}knn_top1": probes.knn_top1,
-        f"probe/{prefix}linear_top1": probes.linear_top1,
-        f"probe/{prefix}linear_top1_few_labels": probes.linear_top1_few_labels,
-    }
 
 
 def config_changes(saved: Any, current: dict[str, Any], limit: int = 8) -> list[str]:
