@@ -15,8 +15,9 @@ index made here for other shards is kept in ``data.index_dir``, else the per-use
 (:mod:`~ssl_toolkit.data.indexes`), never beside them. An index is a hint: it is read only
 when its checksum matches its content (else refused with one warning naming it, and the
 shards indexed afresh) and it lists exactly these shards, each of the size and modification
-time it had; every shard opened must then hold as many samples as the index says, and every
-sample read must carry the label the index gives it, else :class:`StaleIndexError` names the
+time it had; every shard opened must then hold the samples the index says (their number
+and a digest of their keys), and every sample read must carry the label the index gives it,
+else :class:`StaleIndexError` names the
 shard, the sample and the index, as a shard rewritten with the same size and time would
 otherwise train mislabelled.
 """
@@ -56,7 +57,7 @@ __all__ = [
 
 SHARD_INDEX = ".ssl-toolkit-shards.json"
 """The name of the shard index in a folder of shards."""
-_INDEX_VERSION = 2
+_INDEX_VERSION = 3
 _OPEN_SHARDS = 4  # per process: a reader's current shard and the few before it
 
 
@@ -126,10 +127,11 @@ def _shard_entry(path: str) -> dict[str, Any]:
     stat = os.stat(path)
     shard = _open(path)
     try:
-        labels, seen = [], set()
+        labels, keys, seen = [], [], set()
         for members in shard.samples:
             names = [shard.reader.by_index[member][0] for member in members]
             key = _key(names[0])
+            keys.append(key)
             where = f"{path}:{key}"
             if key in seen:
                 raise DatasetNotFoundError(
@@ -151,7 +153,24 @@ def _shard_entry(path: str) -> dict[str, Any]:
             labels.append(_label(shard, classes[0], where) if classes else -1)
     finally:
         shard.close()
-    return {"size": stat.st_size, "mtime": stat.st_mtime_ns, "labels": labels}
+    return {
+        "size": stat.st_size,
+        "mtime": stat.st_mtime_ns,
+        "labels": labels,
+        "keys": _keys_digest(keys),
+    }
+
+
+def _keys_digest(keys: Sequence[str]) -> str:
+    """A digest of a shard's sample keys in order: what the index keeps of them, as a key per
+    sample would cost more memory than the samples' labels, and is checked when the shard is
+    opened."""
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()
+
+
+def _shard_keys(shard: IndexedTarSamples) -> list[str]:
+    """The sample keys of an open shard, in order."""
+    return [_key(shard.reader.by_index[members[0]][0]) for members in shard.samples]
 
 
 def _index_places(shards: Sequence[str], index_dir: str | Path | None) -> list[Path]:
@@ -196,6 +215,8 @@ def _check_entries(index: dict[str, Any], names: list[str]) -> None:
             type(entry.get(key)) is int for key in ("size", "mtime")
         ):
             raise IndexRefused(f"its entry of {name} has no size and time")
+        if not isinstance(entry.get("keys"), str):
+            raise IndexRefused(f"its entry of {name} has no digest of the sample keys")
         labels = entry.get("labels")
         if not isinstance(labels, list) or not all(
             type(label) is int and label >= -1 for label in labels
@@ -312,7 +333,9 @@ class ShardFiles:
     def __init__(self, shards: list[str], index: dict[str, Any], where: Path | None) -> None:
         self.shards = shards
         self.where = where
-        labels = [index["shards"][name]["labels"] for name in _names(shards)]
+        entries = [index["shards"][name] for name in _names(shards)]
+        labels = [entry["labels"] for entry in entries]
+        self.keys = [entry["keys"] for entry in entries]  # a digest per shard
         sizes = np.array([len(shard_labels) for shard_labels in labels], dtype=np.int64)
         self.counts = sizes  # samples per shard, as indexed
         shard_of = np.repeat(np.arange(len(shards), dtype=np.int32), sizes)
@@ -341,7 +364,7 @@ class ShardFiles:
         """The samples at the sorted positions ``keep`` of these."""
         other = object.__new__(ShardFiles)
         other.shards, other.classes = self.shards, self.classes
-        other.where, other.counts = self.where, self.counts
+        other.where, other.counts, other.keys = self.where, self.counts, self.keys
         keep = np.asarray(keep, dtype=np.int64)
         other.shard_of, other.inner = self.shard_of[keep], self.inner[keep]
         other.labels = [self.labels[i] for i in keep.tolist()]
@@ -375,6 +398,14 @@ class ShardFiles:
                 shard = StaleIndexError(
                     f"{path} holds {len(shard.samples)} samples, but its index {self.where} "
                     f"lists {self.counts[number]}: {self._stale}"
+                )
+            elif not isinstance(shard, Exception) and (
+                _keys_digest(_shard_keys(shard)) != self.keys[number]
+            ):
+                shard.close()
+                shard = StaleIndexError(
+                    f"{path}: its samples' keys are not the ones its index {self.where} "
+                    f"lists: {self._stale}"
                 )
             self._open[number] = shard
             if len(self._open) > _OPEN_SHARDS:

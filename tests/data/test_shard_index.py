@@ -150,3 +150,48 @@ def test_an_index_for_other_shards_goes_to_index_dir_and_is_read_back(
     _cut(kept, lambda index: index.__setitem__("classes", ["b", "a"]))
     with pytest.warns(RuntimeWarning, match=f"ignoring the index {kept}: its checksum"):
         build_dataset("shards", root=foreign, image_size=8, index_dir=chosen)
+
+
+def _rename_keys_in_place(shard: Path) -> None:
+    """Rewrite ``shard`` with each sample's key reversed, byte for byte in place (the names in
+    the tar and PAX headers, their checksums recomputed; the size unchanged) and its
+    modification time put back: the members and labels stay as they were."""
+    stat = os.stat(shard)
+    data = bytearray(shard.read_bytes())
+    with tarfile.open(shard) as tar:
+        members = list(tar)
+    for key in {member.name.partition(".")[0] for member in members}:
+        data = data.replace(f"{key}.".encode(), f"{key[::-1]}.".encode())
+    for header in {m.offset for m in members} | {m.offset_data - 512 for m in members}:
+        data[header + 148 : header + 156] = b" " * 8
+        data[header + 148 : header + 156] = b"%06o\0 " % sum(data[header : header + 512])
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.stat(shard).st_size == stat.st_size
+    with tarfile.open(shard) as tar:
+        assert sorted(m.name for m in tar) != sorted(m.name for m in members)
+
+
+def test_a_shard_whose_keys_changed_with_the_same_size_and_time_is_a_stale_index(
+    tmp_path: Path,
+) -> None:
+    root = sharded(tmp_path, {"cat": 20, "dog": 20}, shard_size=8)
+    train = root / "train"
+    build_dataset("shards", root=root, image_size=8)
+    shard = train / "train-000002.tar"
+    _rename_keys_in_place(shard)
+    # Labels and sample counts still agree with the index: only the keys tell.
+    assert _fresh_labels(train) == [
+        label
+        for name in sorted(os.listdir(train))
+        if name.endswith(".tar")
+        for label in index_shards([str(train / name)])["shards"][name]["labels"]
+    ]
+    dataset = build_dataset("shards", root=root, image_size=8)
+    stale = re.escape(
+        f"{shard}: its samples' keys are not the ones its index {train / SHARD_INDEX}"
+    )
+    with pytest.raises(DatasetNotFoundError, match=stale + r".*the index is stale") as info:
+        for i in range(len(dataset)):
+            dataset[i]
+    assert "\n" not in str(info.value)
