@@ -252,6 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     except Refused as error:
         print(f"make_shards: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a folder that cannot be listed or written, a full disk
+        where = f"{error.filename}: " if error.filename else ""
+        print(
+            f"make_shards: cannot write the shards: {where}{error.strerror or error}",
+            file=sys.stderr,
+        )
+        return 2
     return 0
 
 

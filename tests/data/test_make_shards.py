@@ -167,3 +167,13 @@ def test_an_unreadable_image_is_named_or_skipped_with_skip_bad(
     assert "1 image that cannot be read skipped" in out and str(bad) in out
     sizes = [len(build_dataset("shards", root=tmp_path / "out", train=t)) for t in (True, False)]
     assert sum(sizes) == 19
+
+
+def test_an_output_that_cannot_be_written_is_one_line(tmp_path: Path, capsys) -> None:
+    _class_folders(tmp_path / "data", {"cat": 5, "dog": 5})
+    (tmp_path / "file").write_text("not a folder")
+    assert make_shards([str(tmp_path / "data"), str(tmp_path / "file" / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("make_shards: ") and str(tmp_path / "file") in err
+    assert (tmp_path / "file").read_text() == "not a folder"
