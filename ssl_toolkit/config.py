@@ -10,6 +10,7 @@ distributed helpers, W&B modes from the logger, lr-scaling rules from ``optim``)
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -189,17 +190,17 @@ class DataConfig(ConfigSection):
         description="image folders and shards: put the next image in the place of one that "
         "does not decode, and list it, instead of stopping",
     )
-    num_classes: int | None = Field(
-        None,
-        gt=0,
-        description="shards whose index names no classes: their labels are 0..num_classes-1 "
-        "(some may not occur); null: one class per distinct label, which must be 0..K-1",
-    )
     allow_changed: bool = Field(
         False,
         description="a resume on data other than the checkpoint's (images or shards added "
         "or removed) goes on, with a warning: the interrupted epoch continues from the same "
         "point in the order drawn for it over the data as it is now; false: an error",
+    )
+    num_classes: int | None = Field(
+        None,
+        gt=0,
+        description="shards whose index names no classes: their labels are 0..num_classes-1 "
+        "(some may not occur); null: one class per distinct label, which must be 0..K-1",
     )
     decode: DecodeDevice = Field(
         "cpu",
@@ -484,6 +485,20 @@ class ExperimentConfig(ConfigSection):
     @classmethod
     def _registered_optimizer(cls, value: Any) -> OptimizerConfig:
         return parse_optimizer_config(value, prefix="optim")
+
+    @model_validator(mode="after")
+    def _run_beside_the_data(self) -> ExperimentConfig:
+        """The run directory is never the data folder itself: its pictures and checkpoints
+        would sit among the images (a run directory inside it is left out of the listing)."""
+        root = self.data.root
+        if root is not None and os.path.realpath(self.trainer.output_dir) == os.path.realpath(root):
+            raise ConfigError(
+                [
+                    f"trainer.output_dir: {self.trainer.output_dir!r} is data.root, whose "
+                    "images the run's files would join; name a run directory outside it"
+                ]
+            )
+        return self
 
     @model_validator(mode="after")
     def _schedulable(self) -> ExperimentConfig:

@@ -362,9 +362,9 @@ def find_images(folder: str | Path, *, index_dir: str | Path | None = None) -> I
 
 
 def warn_if_run_inside(run_dir: str | Path, root: str | Path | None) -> None:
-    """One warning when the run directory ``run_dir`` is ``root`` (``data.root``) or inside it
-    (real paths): listings leave run directories out, but other tools would take its
-    checkpoints and pictures for data."""
+    """One warning when the run directory ``run_dir`` is inside ``root`` (``data.root``; the
+    config refuses the two the same), real paths: listings leave run directories out, but
+    other tools would take its checkpoints and pictures for data."""
     if root is None:
         return
     run, data = os.path.realpath(run_dir), os.path.realpath(root)

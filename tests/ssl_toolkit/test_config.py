@@ -291,3 +291,26 @@ def test_an_empty_output_dir_is_refused(output_dir: str) -> None:
         "trainer.output_dir: empty, which is the working directory, whose files a run "
         "replaces; name a run directory"
     ]
+
+
+def test_a_run_directory_that_is_the_data_folder_is_refused(tmp_path: Path) -> None:
+    """Its report picture and checkpoints would lie among the images of an unlabelled folder."""
+    data = tmp_path / "images"
+    data.mkdir()
+    for output_dir in (str(data), f"{data}/", str(tmp_path / "link")):
+        (tmp_path / "link").unlink(missing_ok=True)
+        (tmp_path / "link").symlink_to(data)
+        with pytest.raises(ConfigError) as info:
+            load_config(
+                "simclr_lars",
+                ["data.name=imagefolder", f"data.root={data}", f"trainer.output_dir={output_dir}"],
+            )
+        assert info.value.problems == [
+            f"trainer.output_dir: {output_dir!r} is data.root, whose images the run's files "
+            "would join; name a run directory outside it"
+        ]
+    inside = load_config(
+        "simclr_lars",
+        ["data.name=imagefolder", f"data.root={data}", f"trainer.output_dir={data}/run"],
+    )
+    assert inside.trainer.output_dir == f"{data}/run"
