@@ -5,7 +5,8 @@ another listing (images added to a folder, a shard added to a set) the same stat
 order of other images, and the run would go on without a word. :func:`data_record` describes
 the training set cheaply, from what is listed rather than from the image bytes: an image
 folder by the paths (relative to the folder, so that the data may move) and labels of its
-images, shards by the names, sizes and sample counts of the shards, an in-memory dataset by
+images, shards by the names, sizes, sample counts and key digests of the shards and the
+samples' labels, an in-memory dataset by
 its shape and labels. :func:`data_changes` says what differs between two records.
 """
 
@@ -24,7 +25,7 @@ __all__ = ["data_changes", "data_record"]
 
 _WHAT = {
     "images": "paths or labels",
-    "shards": "shard names, sizes or sample counts",
+    "shards": "shard names, sizes, sample counts, keys or labels",
     "tensors": "labels or image shapes",
 }
 """What the digest of each kind of record covers, to say what changed when only it differs."""
@@ -38,8 +39,10 @@ def data_record(dataset: Any) -> dict[str, Any]:
     digest = hashlib.sha256()
     if isinstance(files, ShardFiles):
         samples = np.bincount(files.shard_of, minlength=len(files.shards)).tolist()
-        for path, count in zip(files.shards, samples, strict=True):
-            digest.update(f"{os.path.basename(path)}\t{os.path.getsize(path)}\t{count}\n".encode())
+        for path, count, keys in zip(files.shards, samples, files.keys, strict=True):
+            name, size = os.path.basename(path), os.path.getsize(path)
+            digest.update(f"{name}\t{size}\t{count}\t{keys}\n".encode())
+        digest.update(np.asarray(files.labels, dtype=np.int64).tobytes())
         return {
             "kind": "shards",
             "shards": sum(1 for count in samples if count),
@@ -47,7 +50,7 @@ def data_record(dataset: Any) -> dict[str, Any]:
             "digest": digest.hexdigest(),
         }
     if isinstance(files, ImageFiles):
-        start = _common_folder_length(files.paths)
+        start = len(os.path.join(files.root, ""))
         for path, label in zip(files.paths, files.labels, strict=True):
             digest.update(f"{path[start:]}\t{label}\n".encode())
         return {
@@ -60,15 +63,6 @@ def data_record(dataset: Any) -> dict[str, Any]:
     digest.update(repr(tuple(images.shape)).encode())
     digest.update(targets.detach().cpu().numpy().astype(np.int64).tobytes())
     return {"kind": "tensors", "count": int(images.shape[0]), "digest": digest.hexdigest()}
-
-
-def _common_folder_length(paths: list[str]) -> int:
-    """The length of the folder that holds all of ``paths``, with its separator: that of
-    the first and last path in string order, whose common prefix every path has."""
-    if not paths:
-        return 0
-    folder = os.path.commonpath([os.path.dirname(min(paths)), os.path.dirname(max(paths))])
-    return len(os.path.join(folder, "")) if folder else 0
 
 
 def data_changes(saved: dict[str, Any], current: dict[str, Any]) -> str | None:

@@ -3,6 +3,7 @@ and a change named in counts where counts differ."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -46,3 +47,28 @@ def test_in_memory_datasets_are_recorded_by_their_shape_and_labels(tmp_path: Pat
     assert data_changes(digits, _folder_record(tmp_path)) == (
         "1438 images in memory -> 16 images in a folder"
     )
+
+
+def test_shards_relabelled_or_with_other_keys_at_the_same_sizes_are_other_data(
+    tmp_path: Path,
+) -> None:
+    """Names, sizes and counts alike: the labels and the keys' digests tell."""
+    from tests.data.test_shard_index import _flip_labels_in_place, _rename_keys_in_place
+    from tests.data.test_shards import sharded
+
+    root = sharded(tmp_path, {"cat": 20, "dog": 20}, shard_size=8)
+    before = data_record(build_dataset("shards", root=root, image_size=8))
+    assert (before["kind"], before["count"], before["shards"]) == ("shards", 32, 4)
+    shard = root / "train" / "train-000001.tar"
+    _flip_labels_in_place(shard)
+    os.utime(shard)  # a rewrite with a new time: indexed afresh
+    relabelled = data_record(build_dataset("shards", root=root, image_size=8))
+    assert data_changes(before, relabelled) == (
+        "the same 32 images, other shard names, sizes, sample counts, keys or labels"
+    )
+    _flip_labels_in_place(shard)
+    os.utime(shard)
+    assert data_record(build_dataset("shards", root=root, image_size=8)) == before
+    _rename_keys_in_place(shard)
+    os.utime(shard)
+    assert data_record(build_dataset("shards", root=root, image_size=8)) != before
