@@ -799,13 +799,21 @@ class _LogWindow:
         return loss, speed
 
 
+# Keys that say how to resume, not what is trained: set for one resume, they are no change.
+_RESUME_SWITCHES = frozenset({"data.allow_changed"})
+
+
 def config_changes(saved: Any, current: dict[str, Any], limit: int = 8) -> list[str]:
     """``key: saved -> current`` for each dotted key whose value differs between a
     checkpoint's config and this run's (at most ``limit``, then a count of the rest)."""
     if not isinstance(saved, dict):
         return []
     old, new = _flatten(saved), _flatten(current)
-    changed = [key for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
+    changed = [
+        key
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key) and key not in _RESUME_SWITCHES
+    ]
     lines = [
         f"{key}: {short_repr(old.get(key))} -> {short_repr(new.get(key))}"
         for key in changed[:limit]

@@ -6,6 +6,7 @@ with a note."""
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -82,11 +83,15 @@ def test_with_allow_changed_the_resume_warns_and_continues_on_the_new_data(
         resumed = _trainer(run, "imagefolder", folder, "data.allow_changed=true", resume="auto")
     assert len([w for w in caught if "data changed" in str(w.message)]) == 1
     assert "the interrupted epoch continues from the same point" in str(caught[0].message)
+    assert not [w for w in caught if "another config" in str(w.message)]  # a resume switch
     assert (resumed.steps_per_epoch, resumed.total_steps, resumed.step) == (4, 8, 5)
     assert (resumed.loader.epoch, resumed.loader.position) == (1, 1)
     resumed.fit(stop_at_step=6)
     assert load_checkpoint(run / "checkpoints" / "last.pt")["trainer"]["data"]["count"] == 32
-    again = _trainer(run, "imagefolder", folder, resume="auto")  # the new data is the record
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = _trainer(run, "imagefolder", folder, resume="auto")  # the new data: the record
+    assert not [w for w in caught if "another config" in str(w.message)]
     assert again.step == 6
 
 
