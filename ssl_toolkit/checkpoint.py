@@ -163,8 +163,8 @@ def remove_partial_writes(directory: Path) -> None:
 
 
 def atomic_write_first(paths: Sequence[Path], data: bytes) -> Path | None:
-    """Write ``data`` atomically at the first of ``paths`` that can be written (an index
-    beside read-only data goes to the run directory instead); where, or ``None``."""
+    """Write ``data`` atomically at the first of ``paths`` that can be written (an index goes
+    to the next place where one cannot be written); where, or ``None``."""
     for path in paths:
         with contextlib.suppress(OSError):
             atomic_write(path, lambda file: file.write(data))

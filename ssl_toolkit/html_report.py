@@ -191,8 +191,11 @@ def _probe_table(summary: dict[str, Any] | None) -> str:
         return "<p>No end-of-run probes (the run has not finished, or has no labels).</p>"
     baseline = (summary or {}).get("baseline")
     baseline = baseline if isinstance(baseline, dict) else {}
-    few = probes.get("labels_per_class", "?")
-    few = few if isinstance(few, int) and not isinstance(few, bool) else short_repr(few)
+    few = probes.get("labels_per_class")
+    if few is None:
+        few = "?"
+    elif not isinstance(few, int) or isinstance(few, bool):
+        few = short_repr(few)
     rows = [
         ("kNN", "knn_top1"),
         ("linear, all labels", "linear_top1"),

@@ -465,7 +465,7 @@ class ShardFiles:
 
 def _sample_name(files: ShardFiles, position: int) -> str:
     """``SHARD:KEY`` of the sample at ``position`` of ``files``, for an error (the index keeps
-    no keys: the shard is opened again to read it)."""
+    only a digest of the keys: the shard is opened again to read it)."""
     path, inner = files.shards[int(files.shard_of[position])], int(files.inner[position])
     try:
         shard = _open(path)
