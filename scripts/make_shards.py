@@ -34,13 +34,13 @@ import webdataset as wds
 from rich.progress import Progress
 
 from ssl_toolkit.data import DatasetNotFoundError, build_dataset
-from ssl_toolkit.data.listing import ImageFiles
+from ssl_toolkit.data.listing import INDEX_SUFFIX, ImageFiles
 from ssl_toolkit.data.shards import SHARD_INDEX, index_shards, keep_shard_index
 
 # The files of ours in a split's folder: its shards, the index written with them, the index
 # of a subset of them that earlier versions of the shard reader kept beside them, and
 # atomic_write's temporary files.
-_OWN_INDEXES = rf"{re.escape(SHARD_INDEX)}|\.shards-[0-9a-f]{{16}}\.ssl-toolkit-index\.json"
+_OWN_INDEXES = rf"{re.escape(SHARD_INDEX)}|\.shards-[0-9a-f]{{16}}{re.escape(INDEX_SUFFIX)}"
 
 
 class Refused(Exception):

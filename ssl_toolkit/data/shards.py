@@ -41,7 +41,7 @@ from wids.wids import IndexedTarSamples
 
 from ssl_toolkit.data.folders import BadImageError, DatasetNotFoundError, StaleIndexError
 from ssl_toolkit.data.indexes import IndexRefused, index_folder, keep_index, open_index, refused
-from ssl_toolkit.data.listing import IMAGE_SUFFIXES
+from ssl_toolkit.data.listing import IMAGE_SUFFIXES, INDEX_SUFFIX
 from ssl_toolkit.data.splits import fixed_split
 
 __all__ = [
@@ -181,7 +181,7 @@ def _index_places(shards: Sequence[str], index_dir: str | Path | None) -> list[P
     real = [os.path.realpath(shard) for shard in shards]
     folder = os.path.dirname(real[0])
     digest = hashlib.sha256("\n".join(real).encode()).hexdigest()[:16]
-    kept = index_folder(index_dir) / f"shards-{digest}.ssl-toolkit-index.json"
+    kept = index_folder(index_dir) / f"shards-{digest}{INDEX_SUFFIX}"
     whole = sorted(real) == sorted(
         os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".tar")
     )
